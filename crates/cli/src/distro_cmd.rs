@@ -1,0 +1,329 @@
+//! `starling distro …`: DisTrO's byte budget and its compression of real tensors.
+
+use std::fs::File;
+use std::io::{BufReader, Write};
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, Result, bail};
+use clap::{Args, Subcommand, ValueEnum};
+use starling_distro::sparse_file::{self, NamedSparse, NamedTensor};
+use starling_distro::{DEFAULT_CHUNK, TensorBudget, ValueEncoding, compress, decompress};
+
+/// Home upload speed the estimate quotes, in bits per second.
+const HOME_UPLINK_BPS: f64 = 10e6;
+
+#[derive(Subcommand, Debug)]
+pub enum DistroCommand {
+    /// Exact wire bytes per step of a model's update, per tensor and in total.
+    Estimate(EstimateArgs),
+    /// Compress dense tensors (e.g. a gradient) to DisTrO's sparse coefficients.
+    Compress(CompressArgs),
+    /// Decode one or more peers' sparse files to dense tensors (scatter-mean over peers).
+    Decompress(DecompressArgs),
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
+pub enum Values {
+    /// One sign bit per value.
+    Sign,
+    /// bfloat16.
+    Bf16,
+    /// f32.
+    F32,
+}
+
+impl From<Values> for ValueEncoding {
+    fn from(v: Values) -> Self {
+        match v {
+            Values::Sign => ValueEncoding::Sign,
+            Values::Bf16 => ValueEncoding::Bf16,
+            Values::F32 => ValueEncoding::F32,
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
+pub enum LlamaPreset {
+    /// ~0.9 M parameters (vocab 256, dim 128, 4 layers).
+    Nano,
+    /// ~20 M parameters (vocab 8192, dim 384, 8 layers).
+    Small,
+    /// ~134 M parameters (vocab 32000, dim 768, 12 layers).
+    #[value(name = "125m")]
+    M125,
+    /// ~1.2 B parameters, the DisTrO report's Llama-2 shape (dim 2048, 16 layers).
+    #[value(name = "1b")]
+    B1,
+}
+
+#[derive(Args, Debug)]
+pub struct CodecArgs {
+    /// Coefficients sent per chunk (clamped to the chunk's size).
+    #[arg(long, default_value_t = 32)]
+    pub topk: usize,
+    /// Chunk edge target: each dimension uses its largest divisor not above it.
+    #[arg(long, default_value_t = DEFAULT_CHUNK)]
+    pub chunk: usize,
+    /// How values travel.
+    #[arg(long, value_enum, default_value_t = Values::Sign)]
+    pub values: Values,
+}
+
+#[derive(Args, Debug)]
+pub struct EstimateArgs {
+    /// A safetensors file whose tensor shapes define the model (only its header is read).
+    #[arg(long, conflicts_with = "llama", required_unless_present = "llama")]
+    pub model: Option<PathBuf>,
+    /// Instead of a file, a Llama-shaped model of this size.
+    #[arg(long, value_enum)]
+    pub llama: Option<LlamaPreset>,
+    #[command(flatten)]
+    pub codec: CodecArgs,
+    /// Print every tensor, not only the total.
+    #[arg(long)]
+    pub per_tensor: bool,
+}
+
+#[derive(Args, Debug)]
+pub struct CompressArgs {
+    /// Dense safetensors input (F32, F64, F16 or BF16 tensors).
+    #[arg(long)]
+    pub input: PathBuf,
+    /// Sparse safetensors output.
+    #[arg(long)]
+    pub output: PathBuf,
+    #[command(flatten)]
+    pub codec: CodecArgs,
+}
+
+#[derive(Args, Debug)]
+pub struct DecompressArgs {
+    /// Sparse files, one per peer, comma separated.
+    #[arg(long, value_delimiter = ',', required = true)]
+    pub input: Vec<PathBuf>,
+    /// Dense safetensors output (F32, original tensor names).
+    #[arg(long)]
+    pub output: PathBuf,
+}
+
+pub fn run(cmd: DistroCommand) -> Result<()> {
+    match cmd {
+        DistroCommand::Estimate(a) => estimate(&a),
+        DistroCommand::Compress(a) => compress_file(&a),
+        DistroCommand::Decompress(a) => decompress_files(&a),
+    }
+}
+
+/// Names and shapes of a Llama-style decoder (untied head, no biases).
+pub fn llama_shapes(preset: LlamaPreset) -> Vec<(String, Vec<usize>)> {
+    let (vocab, dim, layers, ffn) = match preset {
+        LlamaPreset::Nano => (256, 128, 4, 512),
+        LlamaPreset::Small => (8192, 384, 8, 1024),
+        LlamaPreset::M125 => (32000, 768, 12, 2048),
+        LlamaPreset::B1 => (32000, 2048, 16, 8192),
+    };
+    let mut out = vec![("model.embed_tokens.weight".to_string(), vec![vocab, dim])];
+    for l in 0..layers {
+        let p = format!("model.layers.{l}");
+        for proj in ["q_proj", "k_proj", "v_proj", "o_proj"] {
+            out.push((format!("{p}.self_attn.{proj}.weight"), vec![dim, dim]));
+        }
+        out.push((format!("{p}.mlp.gate_proj.weight"), vec![ffn, dim]));
+        out.push((format!("{p}.mlp.up_proj.weight"), vec![ffn, dim]));
+        out.push((format!("{p}.mlp.down_proj.weight"), vec![dim, ffn]));
+        out.push((format!("{p}.input_layernorm.weight"), vec![dim]));
+        out.push((format!("{p}.post_attention_layernorm.weight"), vec![dim]));
+    }
+    out.push(("model.norm.weight".to_string(), vec![dim]));
+    out.push(("lm_head.weight".to_string(), vec![vocab, dim]));
+    out
+}
+
+fn estimate(a: &EstimateArgs) -> Result<()> {
+    let shapes = match (&a.model, a.llama) {
+        (Some(path), _) => {
+            let file =
+                File::open(path).with_context(|| format!("cannot open {}", path.display()))?;
+            sparse_file::read_shapes(BufReader::new(file)).with_context(|| {
+                format!("cannot read the safetensors header of {}", path.display())
+            })?
+        }
+        (None, Some(preset)) => llama_shapes(preset),
+        (None, None) => bail!("give --model FILE or --llama SIZE"),
+    };
+    print!("{}", estimate_table(&shapes, &a.codec, a.per_tensor));
+    Ok(())
+}
+
+/// The estimate as printed.
+pub fn estimate_table(
+    shapes: &[(String, Vec<usize>)],
+    codec: &CodecArgs,
+    per_tensor: bool,
+) -> String {
+    let values: ValueEncoding = codec.values.into();
+    let mut s = String::new();
+    let mut params: u64 = 0;
+    let budgets: Vec<TensorBudget> = shapes
+        .iter()
+        .map(|(_, sh)| TensorBudget::for_shape(sh, codec.chunk))
+        .collect();
+    if per_tensor {
+        s += &format!(
+            "{:<48} {:>14} {:>9} {:>5} {:>12} {:>9}\n",
+            "tensor", "shape", "chunk", "k", "wire bytes", "ratio"
+        );
+    }
+    for ((name, shape), b) in shapes.iter().zip(&budgets) {
+        let n = b.grid.numel() as u64;
+        params += n;
+        if per_tensor {
+            let bytes = b.wire_bytes(codec.topk, values);
+            s += &format!(
+                "{:<48} {:>14} {:>9} {:>5} {:>12} {:>8.1}x\n",
+                name,
+                format!("{shape:?}"),
+                format!("{}x{}", b.grid.chunk_rows, b.grid.chunk_cols),
+                b.grid.clamp_topk(codec.topk),
+                bytes,
+                (4 * n) as f64 / bytes as f64
+            );
+        }
+    }
+    let total = starling_distro::update_wire_bytes(&budgets, codec.topk, values);
+    let fp32 = 4 * params;
+    s += &format!(
+        "model: {} tensors, {} parameters; top-k {} per chunk (target {}), values {}\n",
+        shapes.len(),
+        params,
+        codec.topk,
+        codec.chunk,
+        values.name()
+    );
+    s += &format!(
+        "wire bytes per step: {total} ({:.4} bytes/parameter)\n",
+        total as f64 / params.max(1) as f64
+    );
+    s += &format!(
+        "full fp32 gradient:  {fp32} bytes; ratio {:.1}x (4 bytes x parameters / this peer's wire bytes)\n",
+        fp32 as f64 / total as f64
+    );
+    s += &format!(
+        "upload at 10 Mbit/s: {:.3} s per step (fp32 gradient: {:.1} s)\n",
+        total as f64 * 8.0 / HOME_UPLINK_BPS,
+        fp32 as f64 * 8.0 / HOME_UPLINK_BPS
+    );
+    s
+}
+
+fn compress_file(a: &CompressArgs) -> Result<()> {
+    let bytes =
+        std::fs::read(&a.input).with_context(|| format!("cannot read {}", a.input.display()))?;
+    let dense = sparse_file::read_dense(&bytes)
+        .with_context(|| format!("cannot parse {}", a.input.display()))?;
+    let values: ValueEncoding = a.codec.values.into();
+    let mut out = Vec::with_capacity(dense.len());
+    for t in &dense {
+        let s = compress(&t.data, &t.shape, a.codec.topk, a.codec.chunk)
+            .with_context(|| format!("cannot compress tensor {}", t.name))?;
+        out.push(NamedSparse {
+            name: t.name.clone(),
+            tensor: s.quantized(values),
+        });
+    }
+    let file = sparse_file::write_sparse(&out, values)?;
+    write_atomic(&a.output, &file)?;
+    let nnz: usize = out.iter().map(|t| t.tensor.nnz()).sum();
+    let params: usize = dense.iter().map(|t| t.data.len()).sum();
+    println!(
+        "compressed {} tensors, {} parameters -> {} coefficients ({} values) into {}",
+        out.len(),
+        params,
+        nnz,
+        values.name(),
+        a.output.display()
+    );
+    Ok(())
+}
+
+fn decompress_files(a: &DecompressArgs) -> Result<()> {
+    let mut peers = Vec::with_capacity(a.input.len());
+    for path in &a.input {
+        let bytes =
+            std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))?;
+        let (_, tensors) = sparse_file::read_sparse(&bytes)
+            .with_context(|| format!("cannot parse {}", path.display()))?;
+        peers.push((path, tensors));
+    }
+    let (first_path, first) = &peers[0];
+    let mut out = Vec::with_capacity(first.len());
+    for (i, t) in first.iter().enumerate() {
+        let mut parts = vec![&t.tensor];
+        for (path, other) in &peers[1..] {
+            let o = other.get(i).filter(|o| o.name == t.name).with_context(|| {
+                format!(
+                    "{} has no tensor {} (unlike {})",
+                    path.display(),
+                    t.name,
+                    first_path.display()
+                )
+            })?;
+            parts.push(&o.tensor);
+        }
+        let data =
+            decompress(&parts).with_context(|| format!("cannot decode tensor {}", t.name))?;
+        out.push(NamedTensor {
+            name: t.name.clone(),
+            shape: t.tensor.shape.clone(),
+            data,
+        });
+    }
+    for (path, other) in &peers[1..] {
+        if other.len() != first.len() {
+            bail!(
+                "{} has {} tensors, {} has {}",
+                path.display(),
+                other.len(),
+                first_path.display(),
+                first.len()
+            );
+        }
+    }
+    write_atomic(&a.output, &sparse_file::write_dense(&out)?)?;
+    println!(
+        "decoded {} tensors from {} peer file(s) into {}",
+        out.len(),
+        peers.len(),
+        a.output.display()
+    );
+    Ok(())
+}
+
+/// Writes `bytes` to `path` through a temporary file and a rename, so a crash
+/// or a full disk never leaves a half-written file under the final name.
+pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
+    let dir = path
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    let name = path.file_name().context("output path has no file name")?;
+    let tmp = dir.join(format!(
+        ".{}.tmp{}",
+        name.to_string_lossy(),
+        std::process::id()
+    ));
+    let result = (|| -> Result<()> {
+        let mut f =
+            File::create(&tmp).with_context(|| format!("cannot create {}", tmp.display()))?;
+        f.write_all(bytes)
+            .with_context(|| format!("cannot write {}", tmp.display()))?;
+        f.sync_all()
+            .with_context(|| format!("cannot flush {}", tmp.display()))?;
+        std::fs::rename(&tmp, path)
+            .with_context(|| format!("cannot move {} to {}", tmp.display(), path.display()))
+    })();
+    if result.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    result
+}

@@ -1,0 +1,55 @@
+//! DisTrO in its published form, DeMo (Peng, Quesnelle, Kingma 2024): each peer
+//! keeps its own momentum and sends only the few largest DCT coefficients of
+//! it; everyone applies the sign of the average of what was sent.
+//!
+//! This crate is the math and the bytes, and nothing else: no network, no GUI.
+//! Its CPU path is the reference semantics (checked against the public DeMo
+//! code in `reference_tests`) and is deterministic to the bit, so every peer of
+//! a run holds identical weights after each round. The GPU paths in [`gpu`]
+//! compute the same step on Burn tensors and end in the same certified,
+//! deterministic apply (see [`sign`]).
+//!
+//! The pieces, in the order a round uses them:
+//! - [`chunk_size`] / [`ChunkGrid`]: how a tensor is cut into DCT chunks;
+//! - [`dct_basis`]: the orthonormal DCT-II, `[position][frequency]`;
+//! - [`compress`] / [`decompress`]: one tensor to sparse coefficients and back;
+//! - [`DistroOptimizer`]: momentum, `step` (what to send), `apply` (the round's update);
+//! - [`wire`]: the compact, checked byte format of an update;
+//! - [`budget`]: bytes per step, and the top-k that fits a bandwidth budget;
+//! - [`sparse_file`]: sparse and dense tensors in safetensors files.
+
+pub mod budget;
+pub mod chunk;
+pub mod compress;
+pub mod dct;
+pub mod optimizer;
+pub mod sign;
+pub mod sparse;
+pub mod sparse_file;
+pub mod wire;
+
+#[cfg(test)]
+mod reference_tests;
+
+pub use budget::{TensorBudget, budget_topk, update_wire_bytes};
+pub use chunk::{ChunkGrid, DEFAULT_CHUNK, chunk_size};
+pub use compress::{CompressError, DecompressError, aggregate, compress, decompress};
+pub use dct::dct_basis;
+pub use optimizer::{
+    ApplyError, ApplyReport, DistroConfig, DistroOptimizer, IncomingUpdate, OutgoingUpdate, PeerId,
+    StepError,
+};
+pub use sparse::{SparseError, SparseTensor, ValueEncoding};
+
+/// BLAKE3 digest of a model's weights (each tensor's little-endian f32 bytes, in
+/// order): what peers compare to prove their replicas are bit-identical.
+pub fn weights_digest<'a>(tensors: impl IntoIterator<Item = &'a [f32]>) -> blake3::Hash {
+    let mut h = blake3::Hasher::new();
+    for t in tensors {
+        h.update(&(t.len() as u64).to_le_bytes());
+        for v in t {
+            h.update(&v.to_le_bytes());
+        }
+    }
+    h.finalize()
+}

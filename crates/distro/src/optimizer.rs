@@ -1,0 +1,539 @@
+//! The DisTrO/DeMo optimizer for a whole model, as a state machine a peer
+//! drives once per round: [`DistroOptimizer::step`] turns this peer's gradients
+//! into the update it sends, [`DistroOptimizer::apply`] applies the round's
+//! accepted updates to the weights.
+//!
+//! `step` and `apply` are split because the network sits between them: the
+//! peer sends its update, waits for the round to close, and applies exactly
+//! the set of updates the round accepted, its own included.
+
+use rayon::prelude::*;
+
+use crate::chunk::{ChunkGrid, DEFAULT_CHUNK};
+use crate::compress::{
+    CompressError, DecompressError, aggregate, check_dense, compress_in_place, decode_dense,
+};
+use crate::dct::{BasisCache, BlockTransform};
+use crate::sign::{apply_signs, certify_signs, sign_thresholds};
+use crate::sparse::{SparseTensor, ValueEncoding};
+
+/// A peer's identity as it appears in updates: its ed25519 public key.
+pub type PeerId = [u8; 32];
+
+/// DeMo's hyper-parameters (learning rate excepted: it follows a schedule and
+/// is passed to every call).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct DistroConfig {
+    /// Coefficients sent per chunk (clamped to the chunk's size). DeMo: 32; Psyche: 4.
+    pub topk: usize,
+    /// Chunk edge target. DeMo: 64.
+    pub chunk: usize,
+    /// Momentum decay. DeMo: 0.999; Psyche: 0.995.
+    pub decay: f32,
+    /// Decoupled weight decay. DeMo: 0.0.
+    pub weight_decay: f32,
+    /// How values travel: 1 sign bit by default.
+    pub values: ValueEncoding,
+}
+
+impl Default for DistroConfig {
+    fn default() -> Self {
+        Self {
+            topk: 32,
+            chunk: DEFAULT_CHUNK,
+            decay: 0.999,
+            weight_decay: 0.0,
+            values: ValueEncoding::Sign,
+        }
+    }
+}
+
+/// What this peer sends for one round: one sparse tensor per model tensor,
+/// values already as the receivers will read them.
+#[derive(Clone, Debug, PartialEq)]
+pub struct OutgoingUpdate {
+    /// How the values were quantised.
+    pub values: ValueEncoding,
+    /// One entry per model tensor, in model order.
+    pub tensors: Vec<SparseTensor>,
+}
+
+impl OutgoingUpdate {
+    /// The same update as a receiver holds it.
+    pub fn into_incoming(self, sender: PeerId) -> IncomingUpdate {
+        IncomingUpdate {
+            sender,
+            tensors: self.tensors,
+        }
+    }
+}
+
+/// An update received from a peer (or this peer's own), ready to apply.
+#[derive(Clone, Debug, PartialEq)]
+pub struct IncomingUpdate {
+    /// Who sent it; fixes its place in the canonical order.
+    pub sender: PeerId,
+    /// One entry per model tensor, in model order.
+    pub tensors: Vec<SparseTensor>,
+}
+
+/// Why a step failed. The momentum is unchanged when it does.
+#[derive(Debug, thiserror::Error, PartialEq)]
+#[non_exhaustive]
+pub enum StepError {
+    /// The number of gradients differs from the number of model tensors.
+    #[error("{got} gradients for a model of {expected} tensors")]
+    TensorCount {
+        /// Tensors in the model.
+        expected: usize,
+        /// Gradients given.
+        got: usize,
+    },
+    /// A gradient is malformed.
+    #[error("gradient {tensor}: {source}")]
+    Gradient {
+        /// Model tensor index.
+        tensor: usize,
+        /// What is wrong.
+        source: CompressError,
+    },
+    /// The learning rate is not a finite non-negative number.
+    #[error("learning rate {0} is not finite and non-negative")]
+    LearningRate(f32),
+}
+
+/// Why updates could not be applied. The weights are unchanged when they cannot.
+#[derive(Debug, thiserror::Error, PartialEq)]
+#[non_exhaustive]
+pub enum ApplyError {
+    /// No update to apply.
+    #[error("no updates to apply")]
+    NoUpdates,
+    /// Two updates claim the same sender.
+    #[error("two updates from the same sender {0:02x?}")]
+    DuplicateSender(PeerId),
+    /// An update does not carry one tensor per model tensor.
+    #[error("update from {sender:02x?} has {got} tensors, the model {expected}")]
+    TensorCount {
+        /// The sender.
+        sender: PeerId,
+        /// Tensors in the model.
+        expected: usize,
+        /// Tensors in the update.
+        got: usize,
+    },
+    /// A tensor's shape or chunking differs from the model's.
+    #[error("update from {sender:02x?}: tensor {tensor} does not match the model")]
+    ShapeMismatch {
+        /// The sender.
+        sender: PeerId,
+        /// Model tensor index.
+        tensor: usize,
+    },
+    /// A tensor is malformed.
+    #[error("tensor {tensor}: {source}")]
+    Invalid {
+        /// Model tensor index.
+        tensor: usize,
+        /// What is wrong.
+        source: DecompressError,
+    },
+    /// The number of parameter tensors differs from the model's.
+    #[error("{got} parameter tensors for a model of {expected}")]
+    ParamCount {
+        /// Tensors in the model.
+        expected: usize,
+        /// Tensors given.
+        got: usize,
+    },
+    /// A parameter tensor's size differs from the model's.
+    #[error("parameter {tensor} has {got} values, the model {expected}")]
+    ParamShape {
+        /// Model tensor index.
+        tensor: usize,
+        /// Values expected.
+        expected: usize,
+        /// Values given.
+        got: usize,
+    },
+    /// The learning rate is not a finite non-negative number.
+    #[error("learning rate {0} is not finite and non-negative")]
+    LearningRate(f32),
+}
+
+/// What an apply did, for logs and metrics.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ApplyReport {
+    /// Updates applied.
+    pub updates: usize,
+    /// Elements whose sign needed the f64 tie-breaker.
+    pub tie_breaks: usize,
+}
+
+/// Per-tensor state: shape, chunking and the decoupled momentum `delta`.
+#[derive(Clone, Debug)]
+struct TensorState {
+    shape: Vec<usize>,
+    grid: ChunkGrid,
+    transform: BlockTransform,
+    delta: Vec<f32>,
+}
+
+/// DeMo for one model: holds each tensor's momentum.
+#[derive(Clone, Debug)]
+pub struct DistroOptimizer {
+    config: DistroConfig,
+    tensors: Vec<TensorState>,
+}
+
+impl DistroOptimizer {
+    /// An optimizer with zero momentum for tensors of the given shapes.
+    pub fn new(shapes: &[Vec<usize>], config: DistroConfig) -> Self {
+        let cache = BasisCache::default();
+        let tensors = shapes
+            .iter()
+            .map(|shape| {
+                let grid = ChunkGrid::for_shape(shape, config.chunk);
+                TensorState {
+                    shape: shape.clone(),
+                    grid,
+                    transform: BlockTransform::new(&cache, grid.chunk_rows, grid.chunk_cols),
+                    delta: vec![0.0; grid.numel()],
+                }
+            })
+            .collect();
+        Self { config, tensors }
+    }
+
+    /// The configuration.
+    pub fn config(&self) -> &DistroConfig {
+        &self.config
+    }
+
+    /// Changes the top-k from the next step on (e.g. to fit a new bandwidth cap).
+    pub fn set_topk(&mut self, topk: usize) {
+        self.config.topk = topk;
+    }
+
+    /// Chunk grids of the model's tensors, in order.
+    pub fn grids(&self) -> impl Iterator<Item = &ChunkGrid> {
+        self.tensors.iter().map(|t| &t.grid)
+    }
+
+    /// Shapes of the model's tensors, in order.
+    pub fn shapes(&self) -> impl Iterator<Item = &[usize]> {
+        self.tensors.iter().map(|t| t.shape.as_slice())
+    }
+
+    /// The momentum of tensor `i` (for checkpoints).
+    pub fn momentum(&self, i: usize) -> Option<&[f32]> {
+        self.tensors.get(i).map(|t| t.delta.as_slice())
+    }
+
+    /// Restores the momentum of tensor `i` from a checkpoint.
+    pub fn set_momentum(&mut self, i: usize, delta: &[f32]) -> Result<(), StepError> {
+        let count = self.tensors.len();
+        let t = self.tensors.get_mut(i).ok_or(StepError::TensorCount {
+            expected: count,
+            got: i + 1,
+        })?;
+        check_dense(delta, &t.shape, &t.grid)
+            .map_err(|source| StepError::Gradient { tensor: i, source })?;
+        t.delta.copy_from_slice(delta);
+        Ok(())
+    }
+
+    /// One DeMo step on this peer's gradients: `delta = decay*delta + lr*grad`,
+    /// top-k of the chunked DCT of `delta`, error feedback `delta -= IDCT(sent)`.
+    /// Returns what to send. Error feedback removes the full-precision selected
+    /// coefficients, as DeMo and Psyche do, whatever the value encoding.
+    pub fn step(&mut self, grads: &[&[f32]], lr: f32) -> Result<OutgoingUpdate, StepError> {
+        if !(lr.is_finite() && lr >= 0.0) {
+            return Err(StepError::LearningRate(lr));
+        }
+        if grads.len() != self.tensors.len() {
+            return Err(StepError::TensorCount {
+                expected: self.tensors.len(),
+                got: grads.len(),
+            });
+        }
+        // Validate everything first so a bad gradient leaves the momentum untouched.
+        for (tensor, (t, g)) in self.tensors.iter().zip(grads).enumerate() {
+            check_dense(g, &t.shape, &t.grid)
+                .map_err(|source| StepError::Gradient { tensor, source })?;
+        }
+        let DistroConfig {
+            topk,
+            decay,
+            values,
+            ..
+        } = self.config;
+        let tensors = self
+            .tensors
+            .iter_mut()
+            .zip(grads)
+            .map(|(t, g)| {
+                t.delta
+                    .par_iter_mut()
+                    .zip(g.par_iter())
+                    .for_each(|(d, &g)| {
+                        *d = decay * *d + lr * g;
+                    });
+                let sent =
+                    compress_in_place(&mut t.delta, &t.shape, &t.grid, &t.transform, topk, true);
+                sent.quantized(values)
+            })
+            .collect();
+        Ok(OutgoingUpdate { values, tensors })
+    }
+
+    /// Applies the round's accepted updates to `params` (one slice per model
+    /// tensor): per tensor, scatter-mean over senders in ascending sender order,
+    /// inverse DCT, certified sign, then the deterministic
+    /// `p = p*(1 - lr*wd) - lr*sign`. The result is bit-identical whatever the
+    /// order of `updates` and whatever machine runs it.
+    pub fn apply(
+        &self,
+        params: &mut [&mut [f32]],
+        updates: &[IncomingUpdate],
+        lr: f32,
+    ) -> Result<ApplyReport, ApplyError> {
+        let merged = self.merge(updates, lr)?;
+        if params.len() != self.tensors.len() {
+            return Err(ApplyError::ParamCount {
+                expected: self.tensors.len(),
+                got: params.len(),
+            });
+        }
+        for (tensor, (t, p)) in self.tensors.iter().zip(params.iter()).enumerate() {
+            if p.len() != t.grid.numel() {
+                return Err(ApplyError::ParamShape {
+                    tensor,
+                    expected: t.grid.numel(),
+                    got: p.len(),
+                });
+            }
+        }
+        let mut tie_breaks = 0;
+        for ((t, p), m) in self.tensors.iter().zip(params.iter_mut()).zip(&merged) {
+            let mut signs = decode_dense(m, &t.transform);
+            let thresholds = sign_thresholds(m, &t.transform);
+            tie_breaks += certify_signs(m, &t.transform, &thresholds, &mut signs);
+            apply_signs(p, &signs, lr, self.config.weight_decay);
+        }
+        Ok(ApplyReport {
+            updates: updates.len(),
+            tie_breaks,
+        })
+    }
+
+    /// Validates `updates` against the model and merges them per tensor in
+    /// canonical (ascending sender) order. Shared by the CPU and GPU applies.
+    pub fn merge(
+        &self,
+        updates: &[IncomingUpdate],
+        lr: f32,
+    ) -> Result<Vec<SparseTensor>, ApplyError> {
+        if !(lr.is_finite() && lr >= 0.0) {
+            return Err(ApplyError::LearningRate(lr));
+        }
+        if updates.is_empty() {
+            return Err(ApplyError::NoUpdates);
+        }
+        let mut ordered: Vec<&IncomingUpdate> = updates.iter().collect();
+        ordered.sort_by_key(|u| u.sender);
+        for w in ordered.windows(2) {
+            if w[0].sender == w[1].sender {
+                return Err(ApplyError::DuplicateSender(w[0].sender));
+            }
+        }
+        for u in &ordered {
+            if u.tensors.len() != self.tensors.len() {
+                return Err(ApplyError::TensorCount {
+                    sender: u.sender,
+                    expected: self.tensors.len(),
+                    got: u.tensors.len(),
+                });
+            }
+            for (tensor, (t, s)) in self.tensors.iter().zip(&u.tensors).enumerate() {
+                if s.shape != t.shape || s.grid != t.grid {
+                    return Err(ApplyError::ShapeMismatch {
+                        sender: u.sender,
+                        tensor,
+                    });
+                }
+            }
+        }
+        (0..self.tensors.len())
+            .into_par_iter()
+            .map(|tensor| {
+                let parts: Vec<&SparseTensor> =
+                    ordered.iter().map(|u| &u.tensors[tensor]).collect();
+                aggregate(&parts).map_err(|source| ApplyError::Invalid { tensor, source })
+            })
+            .collect()
+    }
+
+    /// The chunk transform of tensor `i` (shared with the GPU paths).
+    pub fn transform(&self, i: usize) -> Option<&BlockTransform> {
+        self.tensors.get(i).map(|t| &t.transform)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rand::seq::SliceRandom;
+    use rand::{Rng, SeedableRng, rngs::StdRng};
+
+    fn shapes() -> Vec<Vec<usize>> {
+        vec![vec![128, 192], vec![96], vec![4, 6, 64], vec![67, 5]]
+    }
+
+    fn random(rng: &mut StdRng, n: usize) -> Vec<f32> {
+        (0..n).map(|_| rng.random_range(-1.0f32..1.0)).collect()
+    }
+
+    fn digest(params: &[Vec<f32>]) -> blake3::Hash {
+        crate::weights_digest(params.iter().map(Vec::as_slice))
+    }
+
+    /// Runs `rounds` rounds of `peers` peers and returns each peer's final weights.
+    fn simulate(
+        peers: usize,
+        rounds: usize,
+        config: DistroConfig,
+        shuffle_seed: u64,
+    ) -> Vec<Vec<Vec<f32>>> {
+        let mut rng = StdRng::seed_from_u64(7);
+        let init: Vec<Vec<f32>> = shapes()
+            .iter()
+            .map(|s| random(&mut rng, s.iter().product()))
+            .collect();
+        let mut opts: Vec<DistroOptimizer> = (0..peers)
+            .map(|_| DistroOptimizer::new(&shapes(), config))
+            .collect();
+        let mut weights = vec![init; peers];
+        let mut order_rng = StdRng::seed_from_u64(shuffle_seed);
+        for round in 0..rounds {
+            let updates: Vec<IncomingUpdate> = opts
+                .iter_mut()
+                .enumerate()
+                .map(|(peer, opt)| {
+                    let mut g = StdRng::seed_from_u64((round * 100 + peer) as u64);
+                    let grads: Vec<Vec<f32>> = shapes()
+                        .iter()
+                        .map(|s| random(&mut g, s.iter().product()))
+                        .collect();
+                    let refs: Vec<&[f32]> = grads.iter().map(Vec::as_slice).collect();
+                    let mut id = [0u8; 32];
+                    id[0] = (peer * 37 % 256) as u8;
+                    opt.step(&refs, 0.01).expect("step").into_incoming(id)
+                })
+                .collect();
+            for (peer, w) in weights.iter_mut().enumerate() {
+                let mut arrived = updates.clone();
+                arrived.shuffle(&mut order_rng);
+                let mut refs: Vec<&mut [f32]> = w.iter_mut().map(Vec::as_mut_slice).collect();
+                opts[peer].apply(&mut refs, &arrived, 0.01).expect("apply");
+            }
+        }
+        weights
+    }
+
+    #[test]
+    fn replicas_stay_bit_identical_under_any_arrival_order() {
+        for values in [ValueEncoding::Sign, ValueEncoding::Bf16, ValueEncoding::F32] {
+            let config = DistroConfig {
+                values,
+                weight_decay: 0.1,
+                ..DistroConfig::default()
+            };
+            let a = simulate(4, 3, config, 1);
+            let b = simulate(4, 3, config, 2);
+            let d0 = digest(&a[0]);
+            for w in a.iter().chain(&b) {
+                assert_eq!(digest(w), d0, "{values:?}");
+            }
+        }
+    }
+
+    #[test]
+    fn step_matches_reference_momentum_rule() {
+        let shapes = vec![vec![8, 8]];
+        let config = DistroConfig {
+            topk: 3,
+            decay: 0.5,
+            values: ValueEncoding::F32,
+            ..DistroConfig::default()
+        };
+        let mut opt = DistroOptimizer::new(&shapes, config);
+        let g: Vec<f32> = (0..64).map(|i| (i as f32 * 0.37).sin()).collect();
+        let sent = opt.step(&[&g], 0.1).expect("step");
+        // delta after = 0.1*g - IDCT(sent); so delta + IDCT(sent) == 0.1*g.
+        let decoded = crate::decompress(&[&sent.tensors[0]]).expect("decode");
+        let delta = opt.momentum(0).expect("m");
+        for i in 0..64 {
+            assert!((delta[i] + decoded[i] - 0.1 * g[i]).abs() < 1e-6);
+        }
+        // Top-k of the residual excludes what was already sent.
+        let second = opt.step(&[&vec![0.0; 64]], 0.1).expect("step");
+        let first_idx = &sent.tensors[0].indices;
+        assert!(
+            second.tensors[0]
+                .indices
+                .iter()
+                .all(|i| !first_idx.contains(i))
+        );
+    }
+
+    #[test]
+    fn bad_inputs_leave_state_untouched() {
+        let mut opt = DistroOptimizer::new(&[vec![4]], DistroConfig::default());
+        assert!(matches!(
+            opt.step(&[&[1.0, 2.0]], 0.1),
+            Err(StepError::Gradient { .. })
+        ));
+        assert!(matches!(
+            opt.step(&[&[1.0, f32::INFINITY, 0.0, 0.0]], 0.1),
+            Err(StepError::Gradient { .. })
+        ));
+        assert!(matches!(
+            opt.step(&[], 0.1),
+            Err(StepError::TensorCount { .. })
+        ));
+        assert!(matches!(
+            opt.step(&[&[0.0; 4]], f32::NAN),
+            Err(StepError::LearningRate(_))
+        ));
+        assert_eq!(opt.momentum(0), Some(&[0.0f32; 4][..]));
+
+        let up = opt
+            .step(&[&[1.0, 2.0, 3.0, 4.0]], 0.1)
+            .expect("step")
+            .into_incoming([1; 32]);
+        let mut p = vec![0.5f32; 4];
+        let before = p.clone();
+        let dup = [up.clone(), up.clone()];
+        assert!(matches!(
+            opt.apply(&mut [&mut p], &dup, 0.1),
+            Err(ApplyError::DuplicateSender(_))
+        ));
+        let mut bad = up.clone();
+        bad.tensors[0].indices[0] = 99;
+        assert!(matches!(
+            opt.apply(&mut [&mut p], &[bad], 0.1),
+            Err(ApplyError::Invalid { .. })
+        ));
+        assert!(matches!(
+            opt.apply(&mut [&mut p], &[], 0.1),
+            Err(ApplyError::NoUpdates)
+        ));
+        let mut short = vec![0.0f32; 3];
+        assert!(matches!(
+            opt.apply(&mut [&mut short], &[up], 0.1),
+            Err(ApplyError::ParamShape { .. })
+        ));
+        assert_eq!(p, before);
+    }
+}

@@ -1,0 +1,24 @@
+#!/usr/bin/env bash
+# The project's test command (README): installs what the tests need on a fresh
+# Debian/Ubuntu machine, then checks formatting and lints and runs every test.
+# The wgpu tests run on Mesa's lavapipe (Vulkan on the CPU) when no GPU exists.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+need=()
+for pkg in mesa-vulkan-drivers libvulkan1; do
+  dpkg -s "$pkg" >/dev/null 2>&1 || need+=("$pkg")
+done
+if [ ${#need[@]} -gt 0 ]; then
+  sudo=""; [ "$(id -u)" -eq 0 ] || sudo="sudo"
+  $sudo apt-get update -q
+  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -q --no-install-recommends "${need[@]}"
+fi
+
+# lavapipe complains without a runtime dir; its shader cache makes reruns fast.
+export XDG_RUNTIME_DIR="${XDG_RUNTIME_DIR:-/tmp/xdg-runtime-$(id -u)}"
+mkdir -p "$XDG_RUNTIME_DIR" && chmod 700 "$XDG_RUNTIME_DIR"
+
+cargo fmt --all --check
+cargo clippy --workspace --all-targets -- -D warnings
+cargo test --workspace

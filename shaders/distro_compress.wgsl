@@ -1,0 +1,238 @@
+// DeMo compression of one tensor, fused: one workgroup per chunk does
+//   delta = decay*delta + lr*grad          (momentum, written to a new buffer)
+//   C     = Mr^T X Mc                      (orthonormal 2-D DCT-II of the chunk)
+//   top-k of |C|, ties to the lower index  (radix select on the float bits)
+//   write (index, value) ascending         (compaction by workgroup prefix sums)
+//   delta -= Mr Csel Mc^T                  (error feedback)
+//
+// Template constants: CR, CC (chunk rows / cols), E = CR*CC <= 4096, WG = 256
+// threads, PER = ceil(E / WG) elements per thread. Thread `lid` owns the
+// contiguous elements [lid*PER, lid*PER + PER) of the chunk (row-major), so
+// prefix sums in index order need one workgroup scan.
+
+struct Params {
+    cols: u32,           // columns of the tensor's matrix view
+    chunks_across: u32,  // chunks per band of CR rows
+    num_chunks: u32,
+    k: u32,              // entries per chunk, 1..=E
+    decay: f32,
+    lr: f32,
+    _pad0: u32,
+    _pad1: u32,
+}
+
+@group(0) @binding(0) var<storage, read> delta_in: array<f32>;
+@group(0) @binding(1) var<storage, read> grad: array<f32>;
+@group(0) @binding(2) var<storage, read> basis_r: array<f32>;   // CR x CR, [position][frequency]
+@group(0) @binding(3) var<storage, read> basis_c: array<f32>;   // CC x CC
+@group(0) @binding(4) var<storage, read_write> delta_out: array<f32>;
+@group(0) @binding(5) var<storage, read_write> out_idx: array<u32>;
+@group(0) @binding(6) var<storage, read_write> out_val: array<f32>;
+@group(0) @binding(7) var<uniform> params: Params;
+
+const CR: u32 = {{ cr }}u;
+const CC: u32 = {{ cc }}u;
+const E: u32 = {{ e }}u;
+const WG: u32 = 256u;
+const PER: u32 = {{ per }}u;
+
+var<workgroup> blk: array<f32, {{ e }}>;
+var<workgroup> scan: array<u32, 256>;
+var<workgroup> counter: atomic<u32>;
+
+// Exclusive prefix sum of `v` over the workgroup; also returns the total.
+fn exclusive_scan(lid: u32, v: u32) -> vec2<u32> {
+    scan[lid] = v;
+    workgroupBarrier();
+    for (var off = 1u; off < WG; off = off * 2u) {
+        var add = 0u;
+        if (lid >= off) {
+            add = scan[lid - off];
+        }
+        workgroupBarrier();
+        scan[lid] = scan[lid] + add;
+        workgroupBarrier();
+    }
+    let inclusive = scan[lid];
+    let total = scan[WG - 1u];
+    workgroupBarrier();
+    return vec2<u32>(inclusive - v, total);
+}
+
+fn offset_of(chunk: u32, e: u32) -> u32 {
+    let by = chunk / params.chunks_across;
+    let bx = chunk % params.chunks_across;
+    return (by * CR + e / CC) * params.cols + bx * CC + e % CC;
+}
+
+@compute @workgroup_size(256, 1, 1)
+fn main(
+    @builtin(workgroup_id) wid: vec3<u32>,
+    @builtin(num_workgroups) nwg: vec3<u32>,
+    @builtin(local_invocation_index) lid: u32,
+) {
+    let chunk = wid.x + wid.y * nwg.x;
+    if (chunk >= params.num_chunks) {
+        return;
+    }
+    let first = lid * PER;
+    var x: array<f32, {{ per }}>;   // updated momentum of my elements
+    var c: array<f32, {{ per }}>;   // work registers
+
+    // 1. Momentum update, into registers and shared memory.
+    for (var t = 0u; t < PER; t = t + 1u) {
+        let e = first + t;
+        if (e < E) {
+            let g = offset_of(chunk, e);
+            let d = params.decay * delta_in[g] + params.lr * grad[g];
+            x[t] = d;
+            blk[e] = d;
+        }
+    }
+    workgroupBarrier();
+
+    // 2. T = X Mc.
+    for (var t = 0u; t < PER; t = t + 1u) {
+        let e = first + t;
+        if (e < E) {
+            let i = e / CC;
+            let b = e % CC;
+            var acc = 0.0;
+            for (var j = 0u; j < CC; j = j + 1u) {
+                acc = acc + blk[i * CC + j] * basis_c[j * CC + b];
+            }
+            c[t] = acc;
+        }
+    }
+    workgroupBarrier();
+    for (var t = 0u; t < PER; t = t + 1u) {
+        let e = first + t;
+        if (e < E) {
+            blk[e] = c[t];
+        }
+    }
+    workgroupBarrier();
+
+    // 3. C = Mr^T T, kept in registers.
+    for (var t = 0u; t < PER; t = t + 1u) {
+        let e = first + t;
+        if (e < E) {
+            let a = e / CC;
+            let b = e % CC;
+            var acc = 0.0;
+            for (var i = 0u; i < CR; i = i + 1u) {
+                acc = acc + basis_r[i * CR + a] * blk[i * CC + b];
+            }
+            c[t] = acc;
+        }
+    }
+
+    // 4. Radix select: tau = the k-th largest key, keys = bits of |C|
+    //    (non-negative floats order like their bit patterns).
+    let k = params.k;
+    var tau = 0u;
+    for (var bit = 31i; bit >= 0i; bit = bit - 1i) {
+        let cand = tau | (1u << u32(bit));
+        if (lid == 0u) {
+            atomicStore(&counter, 0u);
+        }
+        workgroupBarrier();
+        var mine = 0u;
+        for (var t = 0u; t < PER; t = t + 1u) {
+            if (first + t < E && bitcast<u32>(abs(c[t])) >= cand) {
+                mine = mine + 1u;
+            }
+        }
+        if (mine > 0u) {
+            atomicAdd(&counter, mine);
+        }
+        workgroupBarrier();
+        let n = atomicLoad(&counter);
+        workgroupBarrier();
+        if (n >= k) {
+            tau = cand;
+        }
+    }
+
+    // 5. Keys above tau are in; of the keys equal to tau, the lowest indices fill up to k.
+    var above = 0u;
+    var equal = 0u;
+    for (var t = 0u; t < PER; t = t + 1u) {
+        if (first + t < E) {
+            let key = bitcast<u32>(abs(c[t]));
+            above = above + select(0u, 1u, key > tau);
+            equal = equal + select(0u, 1u, key == tau);
+        }
+    }
+    let above_scan = exclusive_scan(lid, above);
+    let equal_scan = exclusive_scan(lid, equal);
+    let need = k - above_scan.y;
+    var tie_rank = equal_scan.x;
+    var selected = 0u;
+    var flags = 0u;   // bit t: element first+t is selected (PER <= 16)
+    for (var t = 0u; t < PER; t = t + 1u) {
+        if (first + t < E) {
+            let key = bitcast<u32>(abs(c[t]));
+            var take = key > tau;
+            if (key == tau) {
+                take = tie_rank < need;
+                tie_rank = tie_rank + 1u;
+            }
+            if (take) {
+                flags = flags | (1u << t);
+                selected = selected + 1u;
+            }
+        }
+    }
+    var pos = exclusive_scan(lid, selected).x;
+
+    // 6. Write the selected entries in index order and keep only them in shared memory.
+    for (var t = 0u; t < PER; t = t + 1u) {
+        let e = first + t;
+        if (e < E) {
+            if ((flags & (1u << t)) != 0u) {
+                out_idx[chunk * k + pos] = e;
+                out_val[chunk * k + pos] = c[t];
+                pos = pos + 1u;
+                blk[e] = c[t];
+            } else {
+                blk[e] = 0.0;
+            }
+        }
+    }
+    workgroupBarrier();
+
+    // 7. Error feedback: U = Csel Mc^T, then X' = Mr U, delta = x - X'.
+    for (var t = 0u; t < PER; t = t + 1u) {
+        let e = first + t;
+        if (e < E) {
+            let a = e / CC;
+            let j = e % CC;
+            var acc = 0.0;
+            for (var b = 0u; b < CC; b = b + 1u) {
+                acc = acc + blk[a * CC + b] * basis_c[j * CC + b];
+            }
+            c[t] = acc;
+        }
+    }
+    workgroupBarrier();
+    for (var t = 0u; t < PER; t = t + 1u) {
+        let e = first + t;
+        if (e < E) {
+            blk[e] = c[t];
+        }
+    }
+    workgroupBarrier();
+    for (var t = 0u; t < PER; t = t + 1u) {
+        let e = first + t;
+        if (e < E) {
+            let i = e / CC;
+            let j = e % CC;
+            var acc = 0.0;
+            for (var a = 0u; a < CR; a = a + 1u) {
+                acc = acc + basis_r[i * CR + a] * blk[a * CC + j];
+            }
+            delta_out[offset_of(chunk, e)] = x[t] - acc;
+        }
+    }
+}

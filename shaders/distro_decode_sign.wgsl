@@ -1,0 +1,110 @@
+// Decode of a round's merged update and certified sign, one workgroup per chunk:
+//   X = Mr A Mc^T                (inverse 2-D DCT of the chunk's merged coefficients)
+//   s = sign(X) where |X| > T    (T: the chunk's certification threshold, from the host)
+//   otherwise s = 0 and the element's offset is appended to a list the host
+//   resolves exactly (see crates/distro/src/sign.rs for why this makes every
+//   peer agree to the bit).
+//
+// Template constants as in distro_compress.wgsl.
+
+struct Params {
+    cols: u32,
+    chunks_across: u32,
+    num_chunks: u32,
+    capacity: u32,      // length of `unsure`
+}
+
+@group(0) @binding(0) var<storage, read> offsets: array<u32>;     // num_chunks + 1
+@group(0) @binding(1) var<storage, read> idx: array<u32>;
+@group(0) @binding(2) var<storage, read> val: array<f32>;
+@group(0) @binding(3) var<storage, read> threshold: array<f32>;   // per chunk, rounded up
+@group(0) @binding(4) var<storage, read> basis_r: array<f32>;
+@group(0) @binding(5) var<storage, read> basis_c: array<f32>;
+@group(0) @binding(6) var<storage, read_write> signs: array<f32>;
+@group(0) @binding(7) var<storage, read_write> unsure_count: array<atomic<u32>>;
+@group(0) @binding(8) var<storage, read_write> unsure: array<u32>;
+@group(0) @binding(9) var<uniform> params: Params;
+
+const CR: u32 = {{ cr }}u;
+const CC: u32 = {{ cc }}u;
+const E: u32 = {{ e }}u;
+const PER: u32 = {{ per }}u;
+
+var<workgroup> blk: array<f32, {{ e }}>;
+
+fn offset_of(chunk: u32, e: u32) -> u32 {
+    let by = chunk / params.chunks_across;
+    let bx = chunk % params.chunks_across;
+    return (by * CR + e / CC) * params.cols + bx * CC + e % CC;
+}
+
+@compute @workgroup_size(256, 1, 1)
+fn main(
+    @builtin(workgroup_id) wid: vec3<u32>,
+    @builtin(num_workgroups) nwg: vec3<u32>,
+    @builtin(local_invocation_index) lid: u32,
+) {
+    let chunk = wid.x + wid.y * nwg.x;
+    if (chunk >= params.num_chunks) {
+        return;
+    }
+    let first = lid * PER;
+    var u: array<f32, {{ per }}>;
+    for (var t = 0u; t < PER; t = t + 1u) {
+        if (first + t < E) {
+            blk[first + t] = 0.0;
+        }
+    }
+    workgroupBarrier();
+    let start = offsets[chunk];
+    let end = offsets[chunk + 1u];
+    for (var p = start + lid; p < end; p = p + 256u) {
+        blk[idx[p]] = val[p];
+    }
+    workgroupBarrier();
+    // U = A Mc^T
+    for (var t = 0u; t < PER; t = t + 1u) {
+        let e = first + t;
+        if (e < E) {
+            let a = e / CC;
+            let j = e % CC;
+            var acc = 0.0;
+            for (var b = 0u; b < CC; b = b + 1u) {
+                acc = acc + blk[a * CC + b] * basis_c[j * CC + b];
+            }
+            u[t] = acc;
+        }
+    }
+    workgroupBarrier();
+    for (var t = 0u; t < PER; t = t + 1u) {
+        if (first + t < E) {
+            blk[first + t] = u[t];
+        }
+    }
+    workgroupBarrier();
+    let limit = threshold[chunk];
+    for (var t = 0u; t < PER; t = t + 1u) {
+        let e = first + t;
+        if (e < E) {
+            let i = e / CC;
+            let j = e % CC;
+            var acc = 0.0;
+            for (var a = 0u; a < CR; a = a + 1u) {
+                acc = acc + basis_r[i * CR + a] * blk[a * CC + j];
+            }
+            let g = offset_of(chunk, e);
+            var s = 0.0;
+            if (limit > 0.0) {
+                if (abs(acc) > limit) {
+                    s = sign(acc);
+                } else {
+                    let slot = atomicAdd(&unsure_count[0], 1u);
+                    if (slot < params.capacity) {
+                        unsure[slot] = g;
+                    }
+                }
+            }
+            signs[g] = s;
+        }
+    }
+}
