@@ -10,6 +10,10 @@
 // contiguous elements [lid*PER, lid*PER + PER) of the chunk (row-major), so
 // prefix sums in index order need one workgroup scan.
 
+// Every buffer is declared read_write, even those only read: cubecl sub-allocates
+// tensors from shared wgpu buffers, and wgpu refuses one buffer bound both
+// read-only and read-write in a dispatch.
+
 struct Params {
     cols: u32,           // columns of the tensor's matrix view
     chunks_across: u32,  // chunks per band of CR rows
@@ -21,10 +25,10 @@ struct Params {
     _pad1: u32,
 }
 
-@group(0) @binding(0) var<storage, read> delta_in: array<f32>;
-@group(0) @binding(1) var<storage, read> grad: array<f32>;
-@group(0) @binding(2) var<storage, read> basis_r: array<f32>;   // CR x CR, [position][frequency]
-@group(0) @binding(3) var<storage, read> basis_c: array<f32>;   // CC x CC
+@group(0) @binding(0) var<storage, read_write> delta_in: array<f32>;
+@group(0) @binding(1) var<storage, read_write> grad: array<f32>;
+@group(0) @binding(2) var<storage, read_write> basis_r: array<f32>;   // CR x CR, [position][frequency]
+@group(0) @binding(3) var<storage, read_write> basis_c: array<f32>;   // CC x CC
 @group(0) @binding(4) var<storage, read_write> delta_out: array<f32>;
 @group(0) @binding(5) var<storage, read_write> out_idx: array<u32>;
 @group(0) @binding(6) var<storage, read_write> out_val: array<f32>;

@@ -7,6 +7,10 @@
 //
 // Template constants as in distro_compress.wgsl.
 
+// Every buffer is declared read_write, even those only read: cubecl sub-allocates
+// tensors from shared wgpu buffers, and wgpu refuses one buffer bound both
+// read-only and read-write in a dispatch.
+
 struct Params {
     cols: u32,
     chunks_across: u32,
@@ -14,12 +18,12 @@ struct Params {
     capacity: u32,      // length of `unsure`
 }
 
-@group(0) @binding(0) var<storage, read> offsets: array<u32>;     // num_chunks + 1
-@group(0) @binding(1) var<storage, read> idx: array<u32>;
-@group(0) @binding(2) var<storage, read> val: array<f32>;
-@group(0) @binding(3) var<storage, read> threshold: array<f32>;   // per chunk, rounded up
-@group(0) @binding(4) var<storage, read> basis_r: array<f32>;
-@group(0) @binding(5) var<storage, read> basis_c: array<f32>;
+@group(0) @binding(0) var<storage, read_write> offsets: array<u32>;     // num_chunks + 1
+@group(0) @binding(1) var<storage, read_write> idx: array<u32>;
+@group(0) @binding(2) var<storage, read_write> val: array<f32>;
+@group(0) @binding(3) var<storage, read_write> threshold: array<f32>;   // per chunk, rounded up
+@group(0) @binding(4) var<storage, read_write> basis_r: array<f32>;
+@group(0) @binding(5) var<storage, read_write> basis_c: array<f32>;
 @group(0) @binding(6) var<storage, read_write> signs: array<f32>;
 @group(0) @binding(7) var<storage, read_write> unsure_count: array<atomic<u32>>;
 @group(0) @binding(8) var<storage, read_write> unsure: array<u32>;

@@ -23,7 +23,10 @@ pub fn chunk_size(dim: usize, target: usize) -> usize {
     if dim <= target {
         return dim.max(1);
     }
-    (1..=target).rev().find(|&c| dim.is_multiple_of(c)).unwrap_or(1)
+    (1..=target)
+        .rev()
+        .find(|&c| dim.is_multiple_of(c))
+        .unwrap_or(1)
 }
 
 /// The chunk tiling of one tensor, seen as a `rows x cols` row-major matrix.

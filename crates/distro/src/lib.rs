@@ -22,6 +22,7 @@ pub mod budget;
 pub mod chunk;
 pub mod compress;
 pub mod dct;
+pub mod gpu;
 pub mod optimizer;
 pub mod sign;
 pub mod sparse;
@@ -36,8 +37,8 @@ pub use chunk::{ChunkGrid, DEFAULT_CHUNK, chunk_size};
 pub use compress::{CompressError, DecompressError, aggregate, compress, decompress};
 pub use dct::dct_basis;
 pub use optimizer::{
-    ApplyError, ApplyReport, DistroConfig, DistroOptimizer, IncomingUpdate, OutgoingUpdate, PeerId,
-    StepError,
+    ApplyError, ApplyReport, DistroConfig, DistroOptimizer, IncomingUpdate, ModelLayout,
+    OutgoingUpdate, PeerId, StepError, TensorLayout,
 };
 pub use sparse::{SparseError, SparseTensor, ValueEncoding};
 

@@ -170,42 +170,44 @@ pub struct ApplyReport {
     pub tie_breaks: usize,
 }
 
-/// Per-tensor state: shape, chunking and the decoupled momentum `delta`.
+/// One model tensor as DeMo sees it.
 #[derive(Clone, Debug)]
-struct TensorState {
-    shape: Vec<usize>,
-    grid: ChunkGrid,
-    transform: BlockTransform,
-    delta: Vec<f32>,
+pub struct TensorLayout {
+    /// Dense shape.
+    pub shape: Vec<usize>,
+    /// Its chunking.
+    pub grid: ChunkGrid,
+    /// The chunk DCT.
+    pub transform: BlockTransform,
 }
 
-/// DeMo for one model: holds each tensor's momentum.
+/// The model as DeMo sees it (shapes, chunking, transforms, settings), shared
+/// by the CPU optimizer and the GPU paths: everything but the momentum.
 #[derive(Clone, Debug)]
-pub struct DistroOptimizer {
+pub struct ModelLayout {
     config: DistroConfig,
-    tensors: Vec<TensorState>,
+    tensors: Vec<TensorLayout>,
 }
 
-impl DistroOptimizer {
-    /// An optimizer with zero momentum for tensors of the given shapes.
+impl ModelLayout {
+    /// The layout of tensors of the given shapes.
     pub fn new(shapes: &[Vec<usize>], config: DistroConfig) -> Self {
         let cache = BasisCache::default();
         let tensors = shapes
             .iter()
             .map(|shape| {
                 let grid = ChunkGrid::for_shape(shape, config.chunk);
-                TensorState {
+                TensorLayout {
                     shape: shape.clone(),
                     grid,
                     transform: BlockTransform::new(&cache, grid.chunk_rows, grid.chunk_cols),
-                    delta: vec![0.0; grid.numel()],
                 }
             })
             .collect();
         Self { config, tensors }
     }
 
-    /// The configuration.
+    /// The settings.
     pub fn config(&self) -> &DistroConfig {
         &self.config
     }
@@ -215,128 +217,35 @@ impl DistroOptimizer {
         self.config.topk = topk;
     }
 
-    /// Chunk grids of the model's tensors, in order.
-    pub fn grids(&self) -> impl Iterator<Item = &ChunkGrid> {
-        self.tensors.iter().map(|t| &t.grid)
+    /// The model's tensors, in order.
+    pub fn tensors(&self) -> &[TensorLayout] {
+        &self.tensors
     }
 
-    /// Shapes of the model's tensors, in order.
-    pub fn shapes(&self) -> impl Iterator<Item = &[usize]> {
-        self.tensors.iter().map(|t| t.shape.as_slice())
-    }
-
-    /// The momentum of tensor `i` (for checkpoints).
-    pub fn momentum(&self, i: usize) -> Option<&[f32]> {
-        self.tensors.get(i).map(|t| t.delta.as_slice())
-    }
-
-    /// Restores the momentum of tensor `i` from a checkpoint.
-    pub fn set_momentum(&mut self, i: usize, delta: &[f32]) -> Result<(), StepError> {
-        let count = self.tensors.len();
-        let t = self.tensors.get_mut(i).ok_or(StepError::TensorCount {
-            expected: count,
-            got: i + 1,
-        })?;
-        check_dense(delta, &t.shape, &t.grid)
-            .map_err(|source| StepError::Gradient { tensor: i, source })?;
-        t.delta.copy_from_slice(delta);
-        Ok(())
-    }
-
-    /// One DeMo step on this peer's gradients: `delta = decay*delta + lr*grad`,
-    /// top-k of the chunked DCT of `delta`, error feedback `delta -= IDCT(sent)`.
-    /// Returns what to send. Error feedback removes the full-precision selected
-    /// coefficients, as DeMo and Psyche do, whatever the value encoding.
-    pub fn step(&mut self, grads: &[&[f32]], lr: f32) -> Result<OutgoingUpdate, StepError> {
-        if !(lr.is_finite() && lr >= 0.0) {
-            return Err(StepError::LearningRate(lr));
-        }
+    /// Checks a gradient count and each gradient's size and finiteness.
+    pub fn check_grads(&self, grads: &[&[f32]], lr: f32) -> Result<(), StepError> {
+        check_lr(lr).map_err(StepError::LearningRate)?;
         if grads.len() != self.tensors.len() {
             return Err(StepError::TensorCount {
                 expected: self.tensors.len(),
                 got: grads.len(),
             });
         }
-        // Validate everything first so a bad gradient leaves the momentum untouched.
         for (tensor, (t, g)) in self.tensors.iter().zip(grads).enumerate() {
             check_dense(g, &t.shape, &t.grid)
                 .map_err(|source| StepError::Gradient { tensor, source })?;
         }
-        let DistroConfig {
-            topk,
-            decay,
-            values,
-            ..
-        } = self.config;
-        let tensors = self
-            .tensors
-            .iter_mut()
-            .zip(grads)
-            .map(|(t, g)| {
-                t.delta
-                    .par_iter_mut()
-                    .zip(g.par_iter())
-                    .for_each(|(d, &g)| {
-                        *d = decay * *d + lr * g;
-                    });
-                let sent =
-                    compress_in_place(&mut t.delta, &t.shape, &t.grid, &t.transform, topk, true);
-                sent.quantized(values)
-            })
-            .collect();
-        Ok(OutgoingUpdate { values, tensors })
-    }
-
-    /// Applies the round's accepted updates to `params` (one slice per model
-    /// tensor): per tensor, scatter-mean over senders in ascending sender order,
-    /// inverse DCT, certified sign, then the deterministic
-    /// `p = p*(1 - lr*wd) - lr*sign`. The result is bit-identical whatever the
-    /// order of `updates` and whatever machine runs it.
-    pub fn apply(
-        &self,
-        params: &mut [&mut [f32]],
-        updates: &[IncomingUpdate],
-        lr: f32,
-    ) -> Result<ApplyReport, ApplyError> {
-        let merged = self.merge(updates, lr)?;
-        if params.len() != self.tensors.len() {
-            return Err(ApplyError::ParamCount {
-                expected: self.tensors.len(),
-                got: params.len(),
-            });
-        }
-        for (tensor, (t, p)) in self.tensors.iter().zip(params.iter()).enumerate() {
-            if p.len() != t.grid.numel() {
-                return Err(ApplyError::ParamShape {
-                    tensor,
-                    expected: t.grid.numel(),
-                    got: p.len(),
-                });
-            }
-        }
-        let mut tie_breaks = 0;
-        for ((t, p), m) in self.tensors.iter().zip(params.iter_mut()).zip(&merged) {
-            let mut signs = decode_dense(m, &t.transform);
-            let thresholds = sign_thresholds(m, &t.transform);
-            tie_breaks += certify_signs(m, &t.transform, &thresholds, &mut signs);
-            apply_signs(p, &signs, lr, self.config.weight_decay);
-        }
-        Ok(ApplyReport {
-            updates: updates.len(),
-            tie_breaks,
-        })
+        Ok(())
     }
 
     /// Validates `updates` against the model and merges them per tensor in
-    /// canonical (ascending sender) order. Shared by the CPU and GPU applies.
+    /// canonical (ascending sender) order: the input of every apply path.
     pub fn merge(
         &self,
         updates: &[IncomingUpdate],
         lr: f32,
     ) -> Result<Vec<SparseTensor>, ApplyError> {
-        if !(lr.is_finite() && lr >= 0.0) {
-            return Err(ApplyError::LearningRate(lr));
-        }
+        check_lr(lr).map_err(ApplyError::LearningRate)?;
         if updates.is_empty() {
             return Err(ApplyError::NoUpdates);
         }
@@ -374,9 +283,147 @@ impl DistroOptimizer {
             .collect()
     }
 
-    /// The chunk transform of tensor `i` (shared with the GPU paths).
-    pub fn transform(&self, i: usize) -> Option<&BlockTransform> {
-        self.tensors.get(i).map(|t| &t.transform)
+    /// Checks that `sizes` (element counts of the parameters) match the model.
+    pub fn check_params(
+        &self,
+        sizes: impl ExactSizeIterator<Item = usize>,
+    ) -> Result<(), ApplyError> {
+        if sizes.len() != self.tensors.len() {
+            return Err(ApplyError::ParamCount {
+                expected: self.tensors.len(),
+                got: sizes.len(),
+            });
+        }
+        for (tensor, (t, got)) in self.tensors.iter().zip(sizes).enumerate() {
+            if got != t.grid.numel() {
+                return Err(ApplyError::ParamShape {
+                    tensor,
+                    expected: t.grid.numel(),
+                    got,
+                });
+            }
+        }
+        Ok(())
+    }
+}
+
+fn check_lr(lr: f32) -> Result<(), f32> {
+    if lr.is_finite() && lr >= 0.0 {
+        Ok(())
+    } else {
+        Err(lr)
+    }
+}
+
+/// DeMo for one model on the CPU: the layout plus each tensor's momentum.
+#[derive(Clone, Debug)]
+pub struct DistroOptimizer {
+    layout: ModelLayout,
+    deltas: Vec<Vec<f32>>,
+}
+
+impl DistroOptimizer {
+    /// An optimizer with zero momentum for tensors of the given shapes.
+    pub fn new(shapes: &[Vec<usize>], config: DistroConfig) -> Self {
+        let layout = ModelLayout::new(shapes, config);
+        let deltas = layout
+            .tensors
+            .iter()
+            .map(|t| vec![0.0; t.grid.numel()])
+            .collect();
+        Self { layout, deltas }
+    }
+
+    /// The model layout and settings.
+    pub fn layout(&self) -> &ModelLayout {
+        &self.layout
+    }
+
+    /// Changes the top-k from the next step on (e.g. to fit a new bandwidth cap).
+    pub fn set_topk(&mut self, topk: usize) {
+        self.layout.set_topk(topk);
+    }
+
+    /// The momentum of tensor `i` (for checkpoints).
+    pub fn momentum(&self, i: usize) -> Option<&[f32]> {
+        self.deltas.get(i).map(Vec::as_slice)
+    }
+
+    /// Restores the momentum of tensor `i` from a checkpoint.
+    pub fn set_momentum(&mut self, i: usize, delta: &[f32]) -> Result<(), StepError> {
+        let expected = self.deltas.len();
+        let (Some(t), Some(d)) = (self.layout.tensors.get(i), self.deltas.get_mut(i)) else {
+            return Err(StepError::TensorCount {
+                expected,
+                got: i + 1,
+            });
+        };
+        check_dense(delta, &t.shape, &t.grid)
+            .map_err(|source| StepError::Gradient { tensor: i, source })?;
+        d.copy_from_slice(delta);
+        Ok(())
+    }
+
+    /// One DeMo step on this peer's gradients: `delta = decay*delta + lr*grad`,
+    /// top-k of the chunked DCT of `delta`, error feedback `delta -= IDCT(sent)`.
+    /// Returns what to send. Error feedback removes the full-precision selected
+    /// coefficients, as DeMo and Psyche do, whatever the value encoding.
+    pub fn step(&mut self, grads: &[&[f32]], lr: f32) -> Result<OutgoingUpdate, StepError> {
+        // Validate everything first so a bad gradient leaves the momentum untouched.
+        self.layout.check_grads(grads, lr)?;
+        let DistroConfig {
+            topk,
+            decay,
+            values,
+            ..
+        } = self.layout.config;
+        let tensors = self
+            .layout
+            .tensors
+            .iter()
+            .zip(&mut self.deltas)
+            .zip(grads)
+            .map(|((t, delta), g)| {
+                delta.par_iter_mut().zip(g.par_iter()).for_each(|(d, &g)| {
+                    *d = decay * *d + lr * g;
+                });
+                compress_in_place(delta, &t.shape, &t.grid, &t.transform, topk, true)
+                    .quantized(values)
+            })
+            .collect();
+        Ok(OutgoingUpdate { values, tensors })
+    }
+
+    /// Applies the round's accepted updates to `params` (one slice per model
+    /// tensor): per tensor, scatter-mean over senders in ascending sender order,
+    /// inverse DCT, certified sign, then the deterministic
+    /// `p = p*(1 - lr*wd) - lr*sign`. The result is bit-identical whatever the
+    /// order of `updates` and whatever machine runs it.
+    pub fn apply(
+        &self,
+        params: &mut [&mut [f32]],
+        updates: &[IncomingUpdate],
+        lr: f32,
+    ) -> Result<ApplyReport, ApplyError> {
+        let merged = self.layout.merge(updates, lr)?;
+        self.layout.check_params(params.iter().map(|p| p.len()))?;
+        let mut tie_breaks = 0;
+        for ((t, p), m) in self
+            .layout
+            .tensors
+            .iter()
+            .zip(params.iter_mut())
+            .zip(&merged)
+        {
+            let mut signs = decode_dense(m, &t.transform);
+            let thresholds = sign_thresholds(m, &t.transform);
+            tie_breaks += certify_signs(m, &t.transform, &thresholds, &mut signs);
+            apply_signs(p, &signs, lr, self.layout.config.weight_decay);
+        }
+        Ok(ApplyReport {
+            updates: updates.len(),
+            tie_breaks,
+        })
     }
 }
 
