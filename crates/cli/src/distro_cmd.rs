@@ -44,7 +44,7 @@ impl From<Values> for ValueEncoding {
 
 #[derive(Clone, Copy, Debug, ValueEnum)]
 pub enum LlamaPreset {
-    /// ~0.9 M parameters (vocab 256, dim 128, 4 layers).
+    /// ~1.1 M parameters (vocab 256, dim 128, 4 layers).
     Nano,
     /// ~20 M parameters (vocab 8192, dim 384, 8 layers).
     Small,
@@ -326,4 +326,145 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
         let _ = std::fs::remove_file(&tmp);
     }
     result
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn scratch_dir(name: &str) -> PathBuf {
+        let dir = std::env::temp_dir().join(format!("starling-cli-{name}-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("scratch dir");
+        dir
+    }
+
+    fn codec(topk: usize, values: Values) -> CodecArgs {
+        CodecArgs {
+            topk,
+            chunk: 64,
+            values,
+        }
+    }
+
+    #[test]
+    fn full_topk_roundtrip_reproduces_the_input() {
+        let dir = scratch_dir("roundtrip");
+        let tensors = vec![
+            NamedTensor {
+                name: "layers.0.mlp.weight".into(),
+                shape: vec![96, 128],
+                data: (0..96 * 128)
+                    .map(|i| ((i * 7919 % 997) as f32 - 498.0) * 0.01)
+                    .collect(),
+            },
+            NamedTensor {
+                name: "norm.weight".into(),
+                shape: vec![96],
+                data: (0..96).map(|i| (i as f32 * 0.3).sin()).collect(),
+            },
+        ];
+        let input = dir.join("grad.safetensors");
+        write_atomic(&input, &sparse_file::write_dense(&tensors).expect("dense")).expect("write");
+        let sparse = dir.join("sparse.safetensors");
+        compress_file(&CompressArgs {
+            input: input.clone(),
+            output: sparse.clone(),
+            codec: codec(4096, Values::F32),
+        })
+        .expect("compress");
+        let dense = dir.join("dense.safetensors");
+        decompress_files(&DecompressArgs {
+            input: vec![sparse],
+            output: dense.clone(),
+        })
+        .expect("decompress");
+        let back = sparse_file::read_dense(&std::fs::read(&dense).expect("read")).expect("parse");
+        assert_eq!(back.len(), 2);
+        for (a, b) in tensors.iter().zip(&back) {
+            assert_eq!((&a.name, &a.shape), (&b.name, &b.shape));
+            for (x, y) in a.data.iter().zip(&b.data) {
+                assert!((x - y).abs() <= 1e-5, "{}: {x} vs {y}", a.name);
+            }
+        }
+        std::fs::remove_dir_all(dir).expect("cleanup");
+    }
+
+    #[test]
+    fn two_peers_decode_to_their_mean() {
+        let dir = scratch_dir("mean");
+        let make = |scale: f32, name: &str| {
+            let t = NamedTensor {
+                name: "w".into(),
+                shape: vec![64],
+                data: (0..64).map(|i| scale * (i as f32 * 0.1).cos()).collect(),
+            };
+            let input = dir.join(format!("{name}.in"));
+            write_atomic(&input, &sparse_file::write_dense(&[t]).expect("dense")).expect("write");
+            let out = dir.join(format!("{name}.sparse"));
+            compress_file(&CompressArgs {
+                input,
+                output: out.clone(),
+                codec: codec(64, Values::F32),
+            })
+            .expect("compress");
+            out
+        };
+        let (a, b) = (make(1.0, "a"), make(3.0, "b"));
+        let dense = dir.join("dense");
+        decompress_files(&DecompressArgs {
+            input: vec![a, b],
+            output: dense.clone(),
+        })
+        .expect("decompress");
+        let back = sparse_file::read_dense(&std::fs::read(&dense).expect("read")).expect("parse");
+        for (i, v) in back[0].data.iter().enumerate() {
+            assert!((v - 2.0 * (i as f32 * 0.1).cos()).abs() < 1e-5);
+        }
+        std::fs::remove_dir_all(dir).expect("cleanup");
+    }
+
+    #[test]
+    fn estimate_reports_exact_bytes_and_ratio() {
+        let shapes = vec![("w".to_string(), vec![2048, 2048])];
+        let table = estimate_table(&shapes, &codec(4, Values::Sign), true);
+        // 1024 chunks x (3 + 4 x 13) bits = 56320 bits = 7040 bytes, plus 25 of
+        // tensor header and 72 of update header and checksum.
+        assert!(table.contains("wire bytes per step: 7137 "), "{table}");
+        assert!(table.contains("ratio 2350.7x"), "{table}");
+        assert!(table.contains("4 bytes x parameters / this peer's wire bytes"));
+    }
+
+    #[test]
+    fn llama_presets_have_the_advertised_sizes() {
+        let count = |p| {
+            llama_shapes(p)
+                .iter()
+                .map(|(_, s)| s.iter().product::<usize>())
+                .sum::<usize>()
+        };
+        assert!((1_000_000..1_200_000).contains(&count(LlamaPreset::Nano)));
+        assert!((1_100_000_000..1_300_000_000).contains(&count(LlamaPreset::B1)));
+    }
+
+    #[test]
+    fn unreadable_inputs_are_clear_errors() {
+        let dir = scratch_dir("errors");
+        let missing = dir.join("missing.safetensors");
+        let err = compress_file(&CompressArgs {
+            input: missing.clone(),
+            output: dir.join("out"),
+            codec: codec(4, Values::Sign),
+        })
+        .expect_err("missing input");
+        assert!(format!("{err:#}").contains("cannot read"));
+        std::fs::write(&missing, b"not safetensors").expect("write");
+        let err = decompress_files(&DecompressArgs {
+            input: vec![missing],
+            output: dir.join("out"),
+        })
+        .expect_err("garbage input");
+        assert!(format!("{err:#}").contains("cannot parse"));
+        assert!(!dir.join("out").exists());
+        std::fs::remove_dir_all(dir).expect("cleanup");
+    }
 }

@@ -45,7 +45,9 @@ pub struct ChunkGrid {
 impl ChunkGrid {
     /// The grid DeMo uses for a tensor of `shape` with chunk target `target`.
     pub fn for_shape(shape: &[usize], target: usize) -> Self {
-        let (rows, cols) = matrix_view(shape);
+        // A shape whose element count overflows cannot hold data; saturate
+        // rather than panic (with_chunks rejects such shapes outright).
+        let (rows, cols) = matrix_view(shape).unwrap_or((usize::MAX, 1));
         let chunk_rows = if shape.len() <= 1 {
             1
         } else {
@@ -59,9 +61,11 @@ impl ChunkGrid {
         }
     }
 
-    /// Builds a grid from explicit chunk dimensions, checking that they tile the matrix.
+    /// Builds a grid from explicit chunk dimensions, checking that they tile
+    /// the matrix and that the element count fits `usize`.
     pub fn with_chunks(shape: &[usize], chunk_rows: usize, chunk_cols: usize) -> Option<Self> {
-        let (rows, cols) = matrix_view(shape);
+        let (rows, cols) = matrix_view(shape)?;
+        rows.checked_mul(cols)?;
         let tiles = |n: usize, c: usize| c >= 1 && c <= n.max(1) && n.is_multiple_of(c);
         (tiles(rows, chunk_rows) && tiles(cols, chunk_cols)).then_some(Self {
             rows,
@@ -120,12 +124,15 @@ impl ChunkGrid {
     }
 }
 
-/// `(rows, cols)` of the matrix view of `shape`.
-fn matrix_view(shape: &[usize]) -> (usize, usize) {
+/// `(rows, cols)` of the matrix view of `shape`; `None` if the row count overflows.
+fn matrix_view(shape: &[usize]) -> Option<(usize, usize)> {
     match shape {
-        [] => (1, 1),
-        [n] => (1, *n),
-        [lead @ .., last] => (lead.iter().product(), *last),
+        [] => Some((1, 1)),
+        [n] => Some((1, *n)),
+        [lead @ .., last] => Some((
+            lead.iter().try_fold(1usize, |a, &d| a.checked_mul(d))?,
+            *last,
+        )),
     }
 }
 
@@ -157,6 +164,9 @@ mod tests {
         assert_eq!((g.rows, g.cols, g.chunk_rows, g.chunk_cols), (6, 64, 6, 64));
         let g = ChunkGrid::for_shape(&[], 64);
         assert_eq!(g.numel(), 1);
+        // Found by fuzzing: leading dimensions whose product overflows, with a zero last one.
+        let huge = u32::MAX as usize;
+        assert_eq!(ChunkGrid::with_chunks(&[huge, huge, huge, 0], 1, 1), None);
     }
 
     proptest! {

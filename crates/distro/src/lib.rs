@@ -22,6 +22,7 @@ pub mod budget;
 pub mod chunk;
 pub mod compress;
 pub mod dct;
+#[cfg(feature = "gpu")]
 pub mod gpu;
 pub mod optimizer;
 pub mod sign;

@@ -836,6 +836,17 @@ mod tests {
     }
 
     #[test]
+    fn fuzz_regressions_are_errors() {
+        // A fuzz find: a zero last dimension under leading dimensions whose product
+        // overflows usize. The file holds the fuzz target's mode byte, then the
+        // update without its checksum.
+        let raw = include_bytes!("../testdata/fuzz-wire-overflow.bin");
+        let mut bytes = raw[1..].to_vec();
+        bytes.extend_from_slice(&crc32fast::hash(&raw[1..]).to_le_bytes());
+        assert!(decode(&bytes, &DecodeLimits::default()).is_err());
+    }
+
+    #[test]
     fn unquantized_values_are_not_encoded() {
         let mut u = update(ValueEncoding::Sign);
         u.tensors[1].values[0] = 0.5;
