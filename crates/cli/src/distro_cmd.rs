@@ -201,7 +201,7 @@ pub fn estimate_table(
         values.name()
     );
     s += &format!(
-        "wire bytes per step: {total} ({:.4} bytes/parameter)\n",
+        "wire bytes per step: {total} ({:.6} bytes/parameter)\n",
         total as f64 / params.max(1) as f64
     );
     s += &format!(

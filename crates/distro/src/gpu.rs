@@ -33,8 +33,9 @@ pub use probe::{AdapterSummary, GpuInitError, is_wgpu, list_adapters, wgpu_devic
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 #[non_exhaustive]
 pub enum KernelPath {
-    /// Fused WGSL kernels where the device is wgpu and a chunk fits a
-    /// workgroup's shared memory, Burn tensor operations otherwise.
+    /// Fused WGSL kernels where the device is wgpu, a chunk fits a
+    /// workgroup's shared memory and a one-time timing on this adapter shows
+    /// them faster than the Burn operations; Burn operations otherwise.
     #[default]
     Auto,
     /// Burn tensor operations only (any backend).
@@ -129,7 +130,9 @@ impl GpuDistro {
             .iter()
             .map(|t| match path {
                 KernelPath::BurnOps => Ok(false),
-                KernelPath::Auto => Ok(is_wgpu(device) && wgsl::fits(device, &t.grid)),
+                KernelPath::Auto => Ok(is_wgpu(device)
+                    && wgsl::fits(device, &t.grid)
+                    && wgsl_is_faster(device, &t.grid)),
                 KernelPath::Wgsl if wgsl::fits(device, &t.grid) => Ok(true),
                 KernelPath::Wgsl => Err(GpuError::WgslUnavailable(format!(
                     "chunks of {}x{} do not fit a workgroup here",
@@ -270,6 +273,69 @@ impl GpuDistro {
             tie_breaks,
         })
     }
+}
+
+/// Times both step implementations once per chunk shape on this device (a
+/// 64-chunk probe, second run of each so shader compilation is excluded) and
+/// remembers whether the fused kernel won. Which is faster depends on the
+/// adapter: on Mesa's lavapipe Burn's tuned matmuls beat the fused kernel.
+fn wgsl_is_faster(device: &Device, grid: &crate::ChunkGrid) -> bool {
+    use std::collections::HashMap;
+    use std::sync::Mutex;
+    use std::time::{Duration, Instant};
+    static CHOICES: Mutex<Option<HashMap<(usize, usize), bool>>> = Mutex::new(None);
+    let key = (grid.chunk_rows, grid.chunk_cols);
+    let mut choices = CHOICES
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    if let Some(&wgsl) = choices.get_or_insert_with(HashMap::new).get(&key) {
+        return wgsl;
+    }
+    let probe = crate::ChunkGrid::with_chunks(&[8 * key.0, 8 * key.1], key.0, key.1);
+    let Some(probe) = probe else { return false };
+    let shape = [probe.rows, probe.cols];
+    let t = TensorLayout {
+        shape: shape.to_vec(),
+        grid: probe,
+        transform: crate::dct::BlockTransform::new(
+            &crate::dct::BasisCache::default(),
+            key.0,
+            key.1,
+        ),
+    };
+    let basis = |b: &crate::dct::DctBasis| {
+        Tensor::<2>::from_data(TensorData::new(b.forward.clone(), [b.n, b.n]), device)
+    };
+    let (mr, mc) = (
+        basis(t.transform.row_basis()),
+        basis(t.transform.col_basis()),
+    );
+    let grad: Vec<f32> = (0..probe.numel())
+        .map(|i| ((i * 7919 % 1013) as f32 - 506.0) * 1e-3)
+        .collect();
+    let grad = Tensor::<2>::from_data(TensorData::new(grad, shape), device);
+    let delta = Tensor::<2>::zeros(shape, device);
+    let k = probe.clamp_topk(32);
+    let time = |fused: bool| -> Option<Duration> {
+        let mut best = None;
+        for _ in 0..2 {
+            let start = Instant::now();
+            let out = if fused {
+                wgsl::compress_step(&delta, &grad, &mr, &mc, &probe, k, 0.9, 1e-3).ok()?
+            } else {
+                burn_ops::compress_step(&delta, &grad, &mr, &mc, &probe, k, 0.9, 1e-3)
+            };
+            out.read(&t, k).ok()?;
+            best = Some(start.elapsed());
+        }
+        best
+    };
+    let wgsl = match (time(true), time(false)) {
+        (Some(fused), Some(ops)) => fused < ops,
+        _ => false,
+    };
+    choices.get_or_insert_with(HashMap::new).insert(key, wgsl);
+    wgsl
 }
 
 /// What a compress kernel leaves on the device.
@@ -606,6 +672,44 @@ mod tests {
             apply_matches_cpu(&device, path, ValueEncoding::Sign);
             apply_matches_cpu(&device, path, ValueEncoding::F32);
         }
+        // Auto times both on this adapter and must still match the reference.
+        step_matches_cpu(&device, KernelPath::Auto);
+    }
+
+    /// Runs in a child process whose graphics drivers are hidden (see below).
+    #[test]
+    #[ignore = "run by no_adapter_is_a_clear_error_not_a_crash in a child process"]
+    fn child_without_adapters() {
+        let err = wgpu_device().expect_err("the drivers are hidden, so no adapter should open");
+        let msg = err.to_string();
+        assert!(
+            msg.contains("no usable GPU adapter") && msg.contains("mesa-vulkan-drivers"),
+            "{msg}"
+        );
+        // The CPU optimizer needs no adapter.
+        let mut opt = DistroOptimizer::new(&[vec![64, 64]], DistroConfig::default());
+        opt.step(&[&[0.5; 4096]], 0.01).expect("cpu step");
+    }
+
+    #[test]
+    fn no_adapter_is_a_clear_error_not_a_crash() {
+        // Hide the Vulkan ICDs and the EGL vendors (GL) from a child test process.
+        let out = std::process::Command::new(std::env::current_exe().expect("test binary"))
+            .args([
+                "--ignored",
+                "--exact",
+                "gpu::tests::child_without_adapters",
+                "--nocapture",
+            ])
+            .env("VK_ICD_FILENAMES", "/nonexistent.json")
+            .env("VK_DRIVER_FILES", "/nonexistent.json")
+            .env("__EGL_VENDOR_LIBRARY_FILENAMES", "/nonexistent.json")
+            .env("LIBGL_ALWAYS_SOFTWARE", "0")
+            .output()
+            .expect("run child");
+        let text = String::from_utf8_lossy(&out.stdout).to_string()
+            + &String::from_utf8_lossy(&out.stderr);
+        assert!(out.status.success() && text.contains("1 passed"), "{text}");
     }
 
     #[test]
