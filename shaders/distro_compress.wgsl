@@ -1,7 +1,7 @@
 // DeMo compression of one tensor, fused: one workgroup per chunk does
 //   delta = decay*delta + lr*grad          (momentum, written to a new buffer)
 //   C     = Mr^T X Mc                      (orthonormal 2-D DCT-II of the chunk)
-//   top-k of |C|, ties to the lower index  (radix select on the float bits)
+//   top-k of |C|, ties to the lower index  (4-bit radix select on the float bits)
 //   write (index, value) ascending         (compaction by workgroup prefix sums)
 //   delta -= Mr Csel Mc^T                  (error feedback)
 //
@@ -42,7 +42,7 @@ const PER: u32 = {{ per }}u;
 
 var<workgroup> blk: array<f32, {{ e }}>;
 var<workgroup> scan: array<u32, 256>;
-var<workgroup> counter: atomic<u32>;
+var<workgroup> hist: array<atomic<u32>, 16>;
 
 // Exclusive prefix sum of `v` over the workgroup; also returns the total.
 fn exclusive_scan(lid: u32, v: u32) -> vec2<u32> {
@@ -131,34 +131,50 @@ fn main(
         }
     }
 
-    // 4. Radix select: tau = the k-th largest key, keys = bits of |C|
-    //    (non-negative floats order like their bit patterns).
+    // 4. Radix select, 4 bits a pass from the top: tau = the k-th largest key,
+    //    keys = bits of |C| (non-negative floats order like their bit patterns).
+    //    Every thread reads the 16-bin histogram and makes the same choice, so a
+    //    pass costs three barriers.
     let k = params.k;
-    var tau = 0u;
-    for (var bit = 31i; bit >= 0i; bit = bit - 1i) {
-        let cand = tau | (1u << u32(bit));
-        if (lid == 0u) {
-            atomicStore(&counter, 0u);
+    var tau = 0u;        // the high bits decided so far
+    var decided = 0u;    // mask of those bits
+    var remaining = k;   // how many of the keys matching `tau` on `decided` are still to take
+    for (var shift = 28i; shift >= 0i; shift = shift - 4i) {
+        let s = u32(shift);
+        if (lid < 16u) {
+            atomicStore(&hist[lid], 0u);
         }
         workgroupBarrier();
-        var mine = 0u;
         for (var t = 0u; t < PER; t = t + 1u) {
-            if (first + t < E && bitcast<u32>(abs(c[t])) >= cand) {
-                mine = mine + 1u;
+            if (first + t < E) {
+                let key = bitcast<u32>(abs(c[t]));
+                if ((key & decided) == tau) {
+                    atomicAdd(&hist[(key >> s) & 15u], 1u);
+                }
             }
         }
-        if (mine > 0u) {
-            atomicAdd(&counter, mine);
-        }
         workgroupBarrier();
-        let n = atomicLoad(&counter);
-        workgroupBarrier();
-        if (n >= k) {
-            tau = cand;
+        var seen = 0u;
+        var digit = 0u;
+        var before = 0u;
+        var found = false;
+        for (var b = 15i; b >= 0i; b = b - 1i) {
+            let h = atomicLoad(&hist[b]);
+            if (!found && seen + h >= remaining) {
+                digit = u32(b);
+                before = seen;
+                found = true;
+            }
+            seen = seen + h;
         }
+        remaining = remaining - before;
+        tau = tau | (digit << s);
+        decided = decided | (15u << s);
+        workgroupBarrier();
     }
 
-    // 5. Keys above tau are in; of the keys equal to tau, the lowest indices fill up to k.
+    // 5. Keys above tau are in; of the keys equal to tau, the lowest indices
+    //    fill up to k. One scan carries both counts (above: low 16 bits).
     var above = 0u;
     var equal = 0u;
     for (var t = 0u; t < PER; t = t + 1u) {
@@ -168,10 +184,9 @@ fn main(
             equal = equal + select(0u, 1u, key == tau);
         }
     }
-    let above_scan = exclusive_scan(lid, above);
-    let equal_scan = exclusive_scan(lid, equal);
-    let need = k - above_scan.y;
-    var tie_rank = equal_scan.x;
+    let counts = exclusive_scan(lid, above | (equal << 16u));
+    let need = k - (counts.y & 0xFFFFu);
+    var tie_rank = counts.x >> 16u;
     var selected = 0u;
     var flags = 0u;   // bit t: element first+t is selected (PER <= 16)
     for (var t = 0u; t < PER; t = t + 1u) {

@@ -674,6 +674,17 @@ mod tests {
         }
         // Auto times both on this adapter and must still match the reference.
         step_matches_cpu(&device, KernelPath::Auto);
+        // All-zero chunks tie everywhere: the fused kernel must take the lowest indices, as the CPU does.
+        let config = DistroConfig {
+            topk: 5,
+            values: ValueEncoding::F32,
+            ..DistroConfig::default()
+        };
+        let mut fused =
+            GpuDistro::new(&[vec![64, 128]], config, &device, KernelPath::Wgsl).expect("wgsl");
+        let zeros = Tensor::<2>::zeros([64, 128], &device);
+        let sent = fused.step(&[zeros], 0.01).expect("step");
+        assert_eq!(sent.tensors[0].indices, vec![0, 1, 2, 3, 4, 0, 1, 2, 3, 4]);
     }
 
     /// Runs in a child process whose graphics drivers are hidden (see below).

@@ -57,7 +57,7 @@ impl KernelSource for ChunkKernel {
 
 /// Shared memory the kernels need for chunks of `grid`, in bytes.
 fn shared_bytes(grid: &ChunkGrid) -> usize {
-    grid.chunk_elems() * 4 + WORKGROUP as usize * 4 + 4
+    grid.chunk_elems() * 4 + WORKGROUP as usize * 4 + 16 * 4
 }
 
 /// Whether the fused kernels can run chunks of `grid` on `device`.
