@@ -23,16 +23,16 @@ pub struct DemoArgs {
     #[arg(long, default_value_t = 4)]
     pub peers: usize,
     /// Rounds to train.
-    #[arg(long, default_value_t = 60)]
+    #[arg(long, default_value_t = 300)]
     pub rounds: usize,
     /// Coefficients each peer sends per 64x64 chunk.
-    #[arg(long, default_value_t = 8)]
+    #[arg(long, default_value_t = 16)]
     pub topk: usize,
     /// How values travel.
     #[arg(long, value_enum, default_value_t = Values::Sign)]
     pub values: Values,
     /// Peak learning rate (sign descent: the step every weight may take per round).
-    #[arg(long, default_value_t = 2e-3)]
+    #[arg(long, default_value_t = 4e-3)]
     pub lr: f32,
 }
 
@@ -163,19 +163,24 @@ pub fn run(a: &DemoArgs) -> Result<()> {
         .collect();
     let (mut gw, mut gb) = (vec![0.0; OUT * IN], vec![0.0; OUT]);
 
-    println!(
+    say!(
         "starling demo: {} peers train a {}-parameter linear model with DisTrO (top-{} per 64x64 chunk, {} values)",
         a.peers,
         params,
         a.topk,
         values.name()
     );
-    println!(
+    say!(
         "{:>5} {:>10} {:>14} {:>14} {:>16} {:>9}",
-        "round", "eval loss", "sent/peer B", "recv/peer B", "fp32 grad B", "ratio"
+        "round",
+        "eval loss",
+        "sent/peer B",
+        "recv/peer B",
+        "fp32 grad B",
+        "ratio"
     );
     let initial = loss_and_grad(&weights[0][0], &weights[0][1], &eval_x, &eval_y, None);
-    println!("{:>5} {:>10.4}", 0, initial);
+    say!("{:>5} {:>10.4}", 0, initial);
     let mut total_sent = 0u64;
     for round in 0..a.rounds {
         // Cosine decay from the peak to a tenth of it.
@@ -221,7 +226,7 @@ pub fn run(a: &DemoArgs) -> Result<()> {
         if round % report_every == 0 || round + 1 == a.rounds {
             let loss = loss_and_grad(&weights[0][0], &weights[0][1], &eval_x, &eval_y, None);
             let per_peer = all / a.peers as u64;
-            println!(
+            say!(
                 "{:>5} {:>10.4} {:>14} {:>14} {:>16} {:>8.0}x",
                 round + 1,
                 loss,
@@ -237,13 +242,13 @@ pub fn run(a: &DemoArgs) -> Result<()> {
         .map(|[w, b]| weights_digest([w.as_slice(), b.as_slice()]))
         .collect();
     let same = digests.iter().all(|d| *d == digests[0]);
-    println!(
+    say!(
         "sent {} bytes in all ({} per peer per round on average); fp32 all-reduce would send {} per peer per round",
         total_sent,
         total_sent / (a.peers * a.rounds) as u64,
         4 * params
     );
-    println!(
+    say!(
         "replicas: {} peers, weights digest {} — {}",
         a.peers,
         &digests[0].to_hex()[..16],

@@ -151,7 +151,10 @@ fn estimate(a: &EstimateArgs) -> Result<()> {
         (None, Some(preset)) => llama_shapes(preset),
         (None, None) => bail!("give --model FILE or --llama SIZE"),
     };
-    print!("{}", estimate_table(&shapes, &a.codec, a.per_tensor));
+    say!(
+        "{}",
+        estimate_table(&shapes, &a.codec, a.per_tensor).trim_end()
+    );
     Ok(())
 }
 
@@ -235,7 +238,7 @@ fn compress_file(a: &CompressArgs) -> Result<()> {
     write_atomic(&a.output, &file)?;
     let nnz: usize = out.iter().map(|t| t.tensor.nnz()).sum();
     let params: usize = dense.iter().map(|t| t.data.len()).sum();
-    println!(
+    say!(
         "compressed {} tensors, {} parameters -> {} coefficients ({} values) into {}",
         out.len(),
         params,
@@ -290,7 +293,7 @@ fn decompress_files(a: &DecompressArgs) -> Result<()> {
         }
     }
     write_atomic(&a.output, &sparse_file::write_dense(&out)?)?;
-    println!(
+    say!(
         "decoded {} tensors from {} peer file(s) into {}",
         out.len(),
         peers.len(),

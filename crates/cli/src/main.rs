@@ -4,6 +4,14 @@
 //! computes lives in the library crates, so the desktop app can call the same
 //! code.
 
+/// `println!` for command output: fails with an error instead of panicking,
+/// and ends the process quietly when the reader has gone (`starling … | head`).
+macro_rules! say {
+    ($($arg:tt)*) => {
+        $crate::write_stdout(format_args!($($arg)*))?
+    };
+}
+
 mod demo;
 mod distro_cmd;
 
@@ -25,6 +33,15 @@ enum Command {
     /// Inspect DisTrO: byte budgets, compress and decompress real tensors.
     #[command(subcommand)]
     Distro(distro_cmd::DistroCommand),
+}
+
+fn write_stdout(args: std::fmt::Arguments<'_>) -> Result<()> {
+    use std::io::Write;
+    let mut out = std::io::stdout().lock();
+    match out.write_fmt(args).and_then(|()| out.write_all(b"\n")) {
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => std::process::exit(0),
+        result => Ok(result?),
+    }
 }
 
 fn main() -> Result<()> {
