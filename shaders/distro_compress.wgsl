@@ -5,7 +5,8 @@
 //   write (index, value) ascending         (compaction by workgroup prefix sums)
 //   delta -= Mr Csel Mc^T                  (error feedback)
 //
-// Template constants: CR, CC (chunk rows / cols), E = CR*CC <= 4096, WG = 256
+// Chunk constants CR, CC (chunk rows / cols), E = CR*CC <= 4096 and PER, and
+// offset_of, come from distro_common.wgsl. WG = 256
 // threads, PER = ceil(E / WG) elements per thread. Thread `lid` owns the
 // contiguous elements [lid*PER, lid*PER + PER) of the chunk (row-major), so
 // prefix sums in index order need one workgroup scan.
@@ -34,11 +35,7 @@ struct Params {
 @group(0) @binding(6) var<storage, read_write> out_val: array<f32>;
 @group(0) @binding(7) var<uniform> params: Params;
 
-const CR: u32 = {{ cr }}u;
-const CC: u32 = {{ cc }}u;
-const E: u32 = {{ e }}u;
 const WG: u32 = 256u;
-const PER: u32 = {{ per }}u;
 
 var<workgroup> blk: array<f32, {{ e }}>;
 var<workgroup> scan: array<u32, 256>;
@@ -61,12 +58,6 @@ fn exclusive_scan(lid: u32, v: u32) -> vec2<u32> {
     let total = scan[WG - 1u];
     workgroupBarrier();
     return vec2<u32>(inclusive - v, total);
-}
-
-fn offset_of(chunk: u32, e: u32) -> u32 {
-    let by = chunk / params.chunks_across;
-    let bx = chunk % params.chunks_across;
-    return (by * CR + e / CC) * params.cols + bx * CC + e % CC;
 }
 
 @compute @workgroup_size(256, 1, 1)
@@ -99,13 +90,7 @@ fn main(
     for (var t = 0u; t < PER; t = t + 1u) {
         let e = first + t;
         if (e < E) {
-            let i = e / CC;
-            let b = e % CC;
-            var acc = 0.0;
-            for (var j = 0u; j < CC; j = j + 1u) {
-                acc = acc + blk[i * CC + j] * basis_c[j * CC + b];
-            }
-            c[t] = acc;
+            c[t] = times_mc(e);
         }
     }
     workgroupBarrier();
@@ -121,13 +106,7 @@ fn main(
     for (var t = 0u; t < PER; t = t + 1u) {
         let e = first + t;
         if (e < E) {
-            let a = e / CC;
-            let b = e % CC;
-            var acc = 0.0;
-            for (var i = 0u; i < CR; i = i + 1u) {
-                acc = acc + basis_r[i * CR + a] * blk[i * CC + b];
-            }
-            c[t] = acc;
+            c[t] = mr_t_times(e);
         }
     }
 
@@ -225,13 +204,7 @@ fn main(
     for (var t = 0u; t < PER; t = t + 1u) {
         let e = first + t;
         if (e < E) {
-            let a = e / CC;
-            let j = e % CC;
-            var acc = 0.0;
-            for (var b = 0u; b < CC; b = b + 1u) {
-                acc = acc + blk[a * CC + b] * basis_c[j * CC + b];
-            }
-            c[t] = acc;
+            c[t] = times_mc_t(e);
         }
     }
     workgroupBarrier();
@@ -245,13 +218,7 @@ fn main(
     for (var t = 0u; t < PER; t = t + 1u) {
         let e = first + t;
         if (e < E) {
-            let i = e / CC;
-            let j = e % CC;
-            var acc = 0.0;
-            for (var a = 0u; a < CR; a = a + 1u) {
-                acc = acc + basis_r[i * CR + a] * blk[a * CC + j];
-            }
-            delta_out[offset_of(chunk, e)] = x[t] - acc;
+            delta_out[offset_of(chunk, e)] = x[t] - mr_times(e);
         }
     }
 }

@@ -5,7 +5,7 @@
 //   resolves exactly (see crates/distro/src/sign.rs for why this makes every
 //   peer agree to the bit).
 //
-// Template constants as in distro_compress.wgsl.
+// Chunk constants and offset_of: distro_common.wgsl.
 
 // Every buffer is declared read_write, even those only read: cubecl sub-allocates
 // tensors from shared wgpu buffers, and wgpu refuses one buffer bound both
@@ -29,18 +29,7 @@ struct Params {
 @group(0) @binding(8) var<storage, read_write> unsure: array<u32>;
 @group(0) @binding(9) var<uniform> params: Params;
 
-const CR: u32 = {{ cr }}u;
-const CC: u32 = {{ cc }}u;
-const E: u32 = {{ e }}u;
-const PER: u32 = {{ per }}u;
-
 var<workgroup> blk: array<f32, {{ e }}>;
-
-fn offset_of(chunk: u32, e: u32) -> u32 {
-    let by = chunk / params.chunks_across;
-    let bx = chunk % params.chunks_across;
-    return (by * CR + e / CC) * params.cols + bx * CC + e % CC;
-}
 
 @compute @workgroup_size(256, 1, 1)
 fn main(
@@ -70,13 +59,7 @@ fn main(
     for (var t = 0u; t < PER; t = t + 1u) {
         let e = first + t;
         if (e < E) {
-            let a = e / CC;
-            let j = e % CC;
-            var acc = 0.0;
-            for (var b = 0u; b < CC; b = b + 1u) {
-                acc = acc + blk[a * CC + b] * basis_c[j * CC + b];
-            }
-            u[t] = acc;
+            u[t] = times_mc_t(e);
         }
     }
     workgroupBarrier();
@@ -90,12 +73,7 @@ fn main(
     for (var t = 0u; t < PER; t = t + 1u) {
         let e = first + t;
         if (e < E) {
-            let i = e / CC;
-            let j = e % CC;
-            var acc = 0.0;
-            for (var a = 0u; a < CR; a = a + 1u) {
-                acc = acc + basis_r[i * CR + a] * blk[a * CC + j];
-            }
+            let acc = mr_times(e);
             let g = offset_of(chunk, e);
             var s = 0.0;
             if (limit > 0.0) {

@@ -22,6 +22,7 @@ use super::{GpuError, StepOutput};
 use crate::ChunkGrid;
 use crate::sparse::SparseTensor;
 
+const COMMON_WGSL: &str = include_str!("../../../../shaders/distro_common.wgsl");
 const COMPRESS_WGSL: &str = include_str!("../../../../shaders/distro_compress.wgsl");
 const DECODE_WGSL: &str = include_str!("../../../../shaders/distro_decode_sign.wgsl");
 const WORKGROUP: u32 = 256;
@@ -40,6 +41,7 @@ impl KernelSource for ChunkKernel {
     fn source(&self) -> SourceTemplate {
         let e = self.rows * self.cols;
         SourceTemplate::new(self.source)
+            .add_template(COMMON_WGSL)
             .register("cr", self.rows.to_string())
             .register("cc", self.cols.to_string())
             .register("e", e.to_string())
@@ -120,6 +122,33 @@ fn u32_of(v: usize, what: &str) -> Result<u32, GpuError> {
         .map_err(|_| GpuError::WgslUnavailable(format!("{what} {v} does not fit 32 bits")))
 }
 
+/// Launches `source` (specialised for `grid`'s chunk shape) with one
+/// workgroup per chunk, `buffers` bound in order and `params` as the uniform.
+fn launch(
+    on: &CubeTensor,
+    source: &'static str,
+    name: &'static str,
+    grid: &ChunkGrid,
+    buffers: &[&CubeTensor],
+    params: Vec<u64>,
+) -> Result<(), GpuError> {
+    let kernel = ChunkKernel {
+        source,
+        name,
+        rows: u32_of(grid.chunk_rows, "chunk rows")?,
+        cols: u32_of(grid.chunk_cols, "chunk cols")?,
+    };
+    let args = KernelArguments::new()
+        .with_buffers(buffers.iter().map(|b| b.handle.clone().binding()).collect())
+        .with_info(MetadataBindingInfo::custom(params));
+    on.client.launch(
+        Box::new(SourceKernel::new(kernel, CubeDim::new_1d(WORKGROUP))),
+        grid_of(grid.num_chunks()),
+        args,
+    );
+    Ok(())
+}
+
 /// The fused DeMo step of one tensor (see `shaders/distro_compress.wgsl`).
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn compress_step(
@@ -153,28 +182,14 @@ pub(crate) fn compress_step(
             0,
             0,
         ]);
-        let args = KernelArguments::new()
-            .with_buffers(vec![
-                d.handle.clone().binding(),
-                gr.handle.clone().binding(),
-                mr.handle.clone().binding(),
-                mc.handle.clone().binding(),
-                new_delta.handle.clone().binding(),
-                idx.handle.clone().binding(),
-                val.handle.clone().binding(),
-            ])
-            .with_info(MetadataBindingInfo::custom(params));
-        let kernel = ChunkKernel {
-            source: COMPRESS_WGSL,
-            name: "compress",
-            rows: u32_of(g.chunk_rows, "chunk rows")?,
-            cols: u32_of(g.chunk_cols, "chunk cols")?,
-        };
-        d.client.launch(
-            Box::new(SourceKernel::new(kernel, CubeDim::new_1d(WORKGROUP))),
-            grid_of(n),
-            args,
-        );
+        launch(
+            &d,
+            COMPRESS_WGSL,
+            "compress",
+            g,
+            &[&d, &gr, &mr, &mc, &new_delta, &idx, &val],
+            params,
+        )?;
     }
     Ok(StepOutput {
         delta: Tensor::from_primitive::<Wgpu>(new_delta),
@@ -228,30 +243,16 @@ pub(crate) fn decode_signs(
             u32_of(n, "chunks")?,
             u32_of(capacity, "capacity")?,
         ]);
-        let args = KernelArguments::new()
-            .with_buffers(vec![
-                offsets.handle.clone().binding(),
-                idx.handle.clone().binding(),
-                val.handle.clone().binding(),
-                limits.handle.clone().binding(),
-                mr.handle.clone().binding(),
-                mc.handle.clone().binding(),
-                signs.handle.clone().binding(),
-                counter.handle.clone().binding(),
-                unsure.handle.clone().binding(),
-            ])
-            .with_info(MetadataBindingInfo::custom(params));
-        let kernel = ChunkKernel {
-            source: DECODE_WGSL,
-            name: "decode_sign",
-            rows: u32_of(g.chunk_rows, "chunk rows")?,
-            cols: u32_of(g.chunk_cols, "chunk cols")?,
-        };
-        mr.client.launch(
-            Box::new(SourceKernel::new(kernel, CubeDim::new_1d(WORKGROUP))),
-            grid_of(n),
-            args,
-        );
+        launch(
+            &mr,
+            DECODE_WGSL,
+            "decode_sign",
+            &g,
+            &[
+                &offsets, &idx, &val, &limits, &mr, &mc, &signs, &counter, &unsure,
+            ],
+            params,
+        )?;
     }
     let read_err = |e: burn::tensor::TensorReadError| GpuError::Read(e.to_string());
     let count = Tensor::<1, Int>::from_primitive::<Wgpu>(counter)
