@@ -594,18 +594,24 @@ impl<'a> BitReader<'a> {
     }
 
     fn read(&mut self, bits: u32) -> Option<u64> {
+        if bits > 56 {
+            let low = self.read(32)?;
+            return Some(low | (self.read(bits - 32)? << 32));
+        }
         if bits == 0 {
             return Some(0);
         }
         if self.bit + u64::from(bits) > self.bytes.len() as u64 * 8 {
             return None;
         }
-        let mut v = 0u64;
-        for n in 0..bits {
-            let b = self.bit + u64::from(n);
-            let byte = *self.bytes.get((b / 8) as usize)?;
-            v |= u64::from((byte >> (b % 8)) & 1) << n;
-        }
+        // One little-endian load of the 8 bytes from the current byte covers
+        // the field: at most 7 bits of offset plus 56 bits.
+        let start = (self.bit / 8) as usize;
+        let tail = self.bytes.get(start..)?;
+        let mut word = [0u8; 8];
+        let n = tail.len().min(8);
+        word[..n].copy_from_slice(&tail[..n]);
+        let v = (u64::from_le_bytes(word) >> (self.bit % 8)) & ((1u64 << bits) - 1);
         self.bit += u64::from(bits);
         Some(v)
     }
