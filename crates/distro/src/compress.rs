@@ -382,6 +382,42 @@ mod tests {
         ));
     }
 
+    proptest::proptest! {
+        /// With every coefficient kept, compress then decompress is the identity
+        /// (up to f32 rounding), for any shape and chunk target.
+        #[test]
+        fn full_k_roundtrip_any_shape(
+            dims in proptest::collection::vec(1usize..40, 1..4),
+            chunk in 1usize..70,
+            seed in proptest::prelude::any::<u64>(),
+        ) {
+            let n: usize = dims.iter().product();
+            let x: Vec<f32> = (0..n as u64)
+                .map(|i| ((i.wrapping_mul(seed | 1) >> 9) % 2001) as f32 * 1e-3 - 1.0)
+                .collect();
+            let s = compress(&x, &dims, usize::MAX, chunk).expect("compress");
+            proptest::prop_assert_eq!(s.nnz(), n);
+            let back = decompress(&[&s]).expect("decompress");
+            for (a, b) in x.iter().zip(&back) {
+                proptest::prop_assert!((a - b).abs() < 1e-5, "{} vs {}", a, b);
+            }
+        }
+
+        /// Keeping k coefficients keeps the k largest: the energy left out is
+        /// never more than what any other choice of k would leave out.
+        #[test]
+        fn top_k_keeps_the_most_energy(k in 1usize..64, seed in proptest::prelude::any::<u64>()) {
+            let x: Vec<f32> = (0..64u64).map(|i| ((i.wrapping_mul(seed | 1) >> 7) % 997) as f32 - 498.0).collect();
+            let s = compress(&x, &[64], k, 64).expect("compress");
+            let all = compress(&x, &[64], 64, 64).expect("all");
+            let mut mags: Vec<f32> = all.values.iter().map(|v| v.abs()).collect();
+            mags.sort_by(|a, b| b.total_cmp(a));
+            let kept: f32 = s.values.iter().map(|v| v.abs()).sum();
+            let best: f32 = mags[..k].iter().sum();
+            proptest::prop_assert!((kept - best).abs() <= 1e-3 * best.max(1.0));
+        }
+    }
+
     #[test]
     fn empty_tensor_compresses() {
         let s = compress(&[], &[0, 5], 4, 64).expect("compress");

@@ -116,9 +116,9 @@ pub fn certify_signs(
     resolved
 }
 
-/// Lists the elements of a decoded tensor that need the tie-breaker, as flat
-/// tensor offsets with their chunk and in-chunk position. Used by GPU paths
-/// that certify on the device and fix only these on the host.
+/// The exact signs (the f64 tie-breaker) of the elements at `offsets` (flat
+/// offsets into the tensor). Used by the GPU paths, which certify on the
+/// device and send only the uncertain elements here.
 pub fn resolve_offsets(
     merged: &SparseTensor,
     transform: &BlockTransform,
