@@ -112,8 +112,16 @@ impl GpuDistro {
             .iter()
             .map(|t| Tensor::zeros(matrix_shape(t), device))
             .collect();
-        let upload = |b: &crate::dct::DctBasis| {
-            Tensor::<2>::from_data(TensorData::new(b.forward.clone(), [b.n, b.n]), device)
+        // One device copy per chunk size, shared by every tensor that uses it.
+        let mut uploaded: std::collections::HashMap<usize, Tensor<2>> =
+            std::collections::HashMap::new();
+        let mut upload = |b: &crate::dct::DctBasis| {
+            uploaded
+                .entry(b.n)
+                .or_insert_with(|| {
+                    Tensor::<2>::from_data(TensorData::new(b.forward.clone(), [b.n, b.n]), device)
+                })
+                .clone()
         };
         let bases = layout
             .tensors()
