@@ -64,6 +64,12 @@ pub enum GpuError {
         /// Given shape.
         got: Vec<usize>,
     },
+    /// A tensor lives on another device than the optimizer's momentum.
+    #[error("tensor {tensor} is on another device than the optimizer")]
+    WrongDevice {
+        /// Model tensor index.
+        tensor: usize,
+    },
     /// Reading a result back from the device failed.
     #[error("reading a result from the device failed: {0}")]
     Read(String),
@@ -177,6 +183,21 @@ impl GpuDistro {
         self.deltas.get(i)
     }
 
+    /// A gradient or parameter must have the tensor's matrix shape and live on our device.
+    fn check_tensor(&self, tensor: usize, t: &TensorLayout, x: &Tensor<2>) -> Result<(), GpuError> {
+        if x.dims() != matrix_shape(t) {
+            return Err(GpuError::Shape {
+                tensor,
+                expected: matrix_shape(t),
+                got: x.dims().to_vec(),
+            });
+        }
+        if x.device() != self.device {
+            return Err(GpuError::WrongDevice { tensor });
+        }
+        Ok(())
+    }
+
     /// Whether tensor `i`'s step runs the fused WGSL kernel.
     pub fn uses_wgsl(&self, i: usize) -> bool {
         self.wgsl.get(i).copied().unwrap_or(false)
@@ -198,13 +219,7 @@ impl GpuDistro {
             .into());
         }
         for (tensor, (t, g)) in tensors.iter().zip(grads).enumerate() {
-            if g.dims() != matrix_shape(t) {
-                return Err(GpuError::Shape {
-                    tensor,
-                    expected: matrix_shape(t),
-                    got: g.dims().to_vec(),
-                });
-            }
+            self.check_tensor(tensor, t, g)?;
         }
         let DistroConfig {
             topk,
@@ -249,13 +264,7 @@ impl GpuDistro {
         self.layout
             .check_params(params.iter().map(|p| p.shape().num_elements()))?;
         for (tensor, (t, p)) in self.layout.tensors().iter().zip(params.iter()).enumerate() {
-            if p.dims() != matrix_shape(t) {
-                return Err(GpuError::Shape {
-                    tensor,
-                    expected: matrix_shape(t),
-                    got: p.dims().to_vec(),
-                });
-            }
+            self.check_tensor(tensor, t, p)?;
         }
         let keep = decay_factor(lr, self.layout.config().weight_decay);
         let mut updated = Vec::with_capacity(params.len());
