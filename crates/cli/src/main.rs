@@ -12,6 +12,7 @@ macro_rules! say {
     };
 }
 
+mod data_cmd;
 mod demo;
 mod distro_cmd;
 
@@ -33,6 +34,9 @@ enum Command {
     /// Inspect DisTrO: byte budgets, compress and decompress real tensors.
     #[command(subcommand)]
     Distro(distro_cmd::DistroCommand),
+    /// Prepare training data: tokenize text into shards.
+    #[command(subcommand)]
+    Data(data_cmd::DataCommand),
 }
 
 fn write_stdout(args: std::fmt::Arguments<'_>) -> Result<()> {
@@ -48,5 +52,6 @@ fn main() -> Result<()> {
     match Cli::parse().command {
         Command::Demo(args) => demo::run(&args),
         Command::Distro(cmd) => distro_cmd::run(cmd),
+        Command::Data(cmd) => data_cmd::run(cmd),
     }
 }

@@ -1,0 +1,410 @@
+//! Pre-tokenized shards: flat little-endian token files plus a JSON index.
+//!
+//! Tokenizing once, ahead of training, keeps text handling off the training
+//! path, and fixed-width ids let a peer fetch exactly the byte range of the
+//! windows it was assigned. The index is written last, so a directory with an
+//! index is complete; every file is written through a temporary name and a
+//! rename, so an interrupted `prepare` leaves nothing half-written.
+
+use std::fs;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use super::tokenizer::ByteTokenizer;
+
+/// Name of the index file in a shard directory.
+pub const INDEX_FILE: &str = "index.json";
+/// `format` value of this version.
+pub const FORMAT: &str = "starling-tokens-v1";
+
+/// Width of the stored token ids.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum TokenDtype {
+    /// Two bytes per token (vocabularies up to 65,536).
+    U16,
+    /// Four bytes per token.
+    U32,
+}
+
+impl TokenDtype {
+    /// The narrowest width that holds ids below `vocab`.
+    pub fn for_vocab(vocab: usize) -> Self {
+        if vocab <= 1 << 16 {
+            Self::U16
+        } else {
+            Self::U32
+        }
+    }
+
+    /// Bytes per token.
+    pub fn bytes(self) -> usize {
+        match self {
+            Self::U16 => 2,
+            Self::U32 => 4,
+        }
+    }
+}
+
+/// One shard file.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ShardEntry {
+    /// File name inside the directory.
+    pub file: String,
+    /// Tokens in it.
+    pub tokens: u64,
+}
+
+/// The JSON index of a shard directory.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ShardIndex {
+    /// Always [`FORMAT`].
+    pub format: String,
+    /// Tokenizer name (`bytes`).
+    pub tokenizer: String,
+    /// Vocabulary size: every id is below it.
+    pub vocab_size: usize,
+    /// Stored width.
+    pub dtype: TokenDtype,
+    /// The shards, in stream order.
+    pub shards: Vec<ShardEntry>,
+}
+
+impl ShardIndex {
+    /// Tokens in all shards.
+    pub fn total_tokens(&self) -> u64 {
+        self.shards.iter().map(|s| s.tokens).sum()
+    }
+}
+
+/// Why shards could not be prepared or loaded.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ShardError {
+    /// Reading or writing a file failed (missing input, full disk, ...).
+    #[error("{path}: {source}")]
+    Io {
+        /// The file.
+        path: PathBuf,
+        /// What the OS said.
+        source: std::io::Error,
+    },
+    /// A JSONL line is not an object with a string `text` field.
+    #[error("{path} line {line}: expected a JSON object with a string \"text\" field")]
+    Jsonl {
+        /// The file.
+        path: PathBuf,
+        /// 1-based line number.
+        line: usize,
+    },
+    /// The index is missing, malformed or of another format.
+    #[error("{path}: not a valid shard index: {reason}")]
+    Index {
+        /// The index file.
+        path: PathBuf,
+        /// What is wrong.
+        reason: String,
+    },
+    /// A shard disagrees with its index (size, or an id outside the vocabulary).
+    #[error("{path}: {reason}")]
+    Shard {
+        /// The shard file.
+        path: PathBuf,
+        /// What is wrong.
+        reason: String,
+    },
+    /// Nothing to tokenize.
+    #[error("the inputs hold no text")]
+    Empty,
+}
+
+fn io(path: &Path) -> impl FnOnce(std::io::Error) -> ShardError + '_ {
+    move |source| ShardError::Io {
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
+/// Writes `bytes` to `path` through a temporary file and a rename.
+fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), ShardError> {
+    let tmp = path.with_extension("tmp");
+    let result = (|| {
+        let mut f = fs::File::create(&tmp)?;
+        f.write_all(bytes)?;
+        f.sync_all()?;
+        fs::rename(&tmp, path)
+    })();
+    if result.is_err() {
+        let _ = fs::remove_file(&tmp);
+    }
+    result.map_err(io(path))
+}
+
+/// Reads the documents of one input: a `.jsonl` file gives each line's `text`
+/// field; any other file is one plain-text document.
+pub fn read_documents(path: &Path) -> Result<Vec<String>, ShardError> {
+    let text = fs::read_to_string(path).map_err(io(path))?;
+    if path.extension().and_then(|e| e.to_str()) != Some("jsonl") {
+        return Ok(vec![text]);
+    }
+    let mut docs = Vec::new();
+    for (i, line) in text.lines().enumerate() {
+        if line.trim().is_empty() {
+            continue;
+        }
+        let bad = || ShardError::Jsonl {
+            path: path.to_path_buf(),
+            line: i + 1,
+        };
+        let value: serde_json::Value = serde_json::from_str(line).map_err(|_| bad())?;
+        docs.push(
+            value
+                .get("text")
+                .and_then(|t| t.as_str())
+                .ok_or_else(bad)?
+                .to_string(),
+        );
+    }
+    Ok(docs)
+}
+
+/// Tokenizes `documents` (joined by newlines) with the byte tokenizer into
+/// shards of at most `shard_tokens` tokens in `out_dir`, index last.
+pub fn prepare(
+    documents: &[String],
+    out_dir: &Path,
+    shard_tokens: usize,
+) -> Result<ShardIndex, ShardError> {
+    let tokenizer = ByteTokenizer;
+    let mut tokens: Vec<u32> = Vec::new();
+    for doc in documents {
+        if !tokens.is_empty() {
+            tokens.push(u32::from(b'\n'));
+        }
+        tokens.extend(tokenizer.encode(doc));
+    }
+    if tokens.is_empty() {
+        return Err(ShardError::Empty);
+    }
+    fs::create_dir_all(out_dir).map_err(io(out_dir))?;
+    let dtype = TokenDtype::for_vocab(ByteTokenizer::VOCAB);
+    let mut shards = Vec::new();
+    for (n, part) in tokens.chunks(shard_tokens.max(1)).enumerate() {
+        let file = format!("shard-{n:05}.bin");
+        let bytes: Vec<u8> = match dtype {
+            TokenDtype::U16 => part
+                .iter()
+                .flat_map(|&t| (t as u16).to_le_bytes())
+                .collect(),
+            TokenDtype::U32 => part.iter().flat_map(|&t| t.to_le_bytes()).collect(),
+        };
+        write_atomic(&out_dir.join(&file), &bytes)?;
+        shards.push(ShardEntry {
+            file,
+            tokens: part.len() as u64,
+        });
+    }
+    let index = ShardIndex {
+        format: FORMAT.into(),
+        tokenizer: "bytes".into(),
+        vocab_size: ByteTokenizer::VOCAB,
+        dtype,
+        shards,
+    };
+    let json = serde_json::to_vec_pretty(&index).map_err(|e| ShardError::Index {
+        path: out_dir.join(INDEX_FILE),
+        reason: e.to_string(),
+    })?;
+    write_atomic(&out_dir.join(INDEX_FILE), &json)?;
+    Ok(index)
+}
+
+/// A shard directory's tokens, loaded and checked.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TokenStore {
+    /// The index it was loaded from.
+    pub index: ShardIndex,
+    tokens: Vec<u32>,
+}
+
+impl TokenStore {
+    /// Loads every shard of `dir`, checking sizes against the index and every
+    /// id against the vocabulary.
+    pub fn load(dir: &Path) -> Result<Self, ShardError> {
+        let index_path = dir.join(INDEX_FILE);
+        let bad_index = |reason: String| ShardError::Index {
+            path: index_path.clone(),
+            reason,
+        };
+        let text = fs::read(&index_path).map_err(io(&index_path))?;
+        let index: ShardIndex =
+            serde_json::from_slice(&text).map_err(|e| bad_index(e.to_string()))?;
+        if index.format != FORMAT {
+            return Err(bad_index(format!(
+                "format is {:?}, expected {FORMAT:?}",
+                index.format
+            )));
+        }
+        let mut tokens = Vec::new();
+        for shard in &index.shards {
+            if shard.file.contains(['/', '\\']) || shard.file.starts_with('.') {
+                return Err(bad_index(format!(
+                    "shard name {:?} leaves the directory",
+                    shard.file
+                )));
+            }
+            let path = dir.join(&shard.file);
+            let bytes = fs::read(&path).map_err(io(&path))?;
+            let width = index.dtype.bytes();
+            if bytes.len() as u64 != shard.tokens.saturating_mul(width as u64) {
+                return Err(ShardError::Shard {
+                    path,
+                    reason: format!(
+                        "{} bytes, the index says {} tokens of {width} bytes",
+                        bytes.len(),
+                        shard.tokens
+                    ),
+                });
+            }
+            let start = tokens.len();
+            match index.dtype {
+                TokenDtype::U16 => tokens.extend(
+                    bytes
+                        .chunks_exact(2)
+                        .map(|b| u32::from(u16::from_le_bytes([b[0], b[1]]))),
+                ),
+                TokenDtype::U32 => tokens.extend(
+                    bytes
+                        .chunks_exact(4)
+                        .map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]])),
+                ),
+            }
+            if let Some(bad) = tokens[start..]
+                .iter()
+                .find(|&&t| t as usize >= index.vocab_size)
+            {
+                return Err(ShardError::Shard {
+                    path,
+                    reason: format!(
+                        "token id {bad} is outside the vocabulary of {}",
+                        index.vocab_size
+                    ),
+                });
+            }
+        }
+        Ok(Self { index, tokens })
+    }
+
+    /// All tokens, in stream order.
+    pub fn tokens(&self) -> &[u32] {
+        &self.tokens
+    }
+
+    /// The `len` tokens from `offset`, or `None` past the end.
+    pub fn window(&self, offset: u64, len: u64) -> Option<&[u32]> {
+        let start = usize::try_from(offset).ok()?;
+        let end = start.checked_add(usize::try_from(len).ok()?)?;
+        self.tokens.get(start..end)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn scratch(name: &str) -> PathBuf {
+        let d = std::env::temp_dir().join(format!("starling-shards-{name}-{}", std::process::id()));
+        let _ = fs::remove_dir_all(&d);
+        d
+    }
+
+    #[test]
+    fn prepare_then_load_roundtrips() {
+        let dir = scratch("roundtrip");
+        let docs = vec!["hello world".to_string(), "é ünïcode".to_string()];
+        let index = prepare(&docs, &dir, 5).expect("prepare");
+        assert_eq!(index.shards.len(), 5);
+        let store = TokenStore::load(&dir).expect("load");
+        assert_eq!(
+            ByteTokenizer.decode(store.tokens()),
+            "hello world\né ünïcode"
+        );
+        assert_eq!(
+            store.window(6, 5).map(|w| ByteTokenizer.decode(w)),
+            Some("world".into())
+        );
+        assert_eq!(store.window(u64::MAX, 2), None);
+        fs::remove_dir_all(dir).expect("cleanup");
+    }
+
+    #[test]
+    fn jsonl_reads_text_fields_and_names_bad_lines() {
+        let dir = scratch("jsonl");
+        fs::create_dir_all(&dir).expect("dir");
+        let good = dir.join("a.jsonl");
+        fs::write(
+            &good,
+            "{\"text\": \"one\"}\n\n{\"text\": \"two\", \"id\": 3}\n",
+        )
+        .expect("write");
+        assert_eq!(read_documents(&good).expect("read"), vec!["one", "two"]);
+        let bad = dir.join("b.jsonl");
+        fs::write(&bad, "{\"text\": \"one\"}\n{\"body\": 1}\n").expect("write");
+        assert!(matches!(
+            read_documents(&bad),
+            Err(ShardError::Jsonl { line: 2, .. })
+        ));
+        assert!(matches!(
+            read_documents(&dir.join("missing.txt")),
+            Err(ShardError::Io { .. })
+        ));
+        fs::remove_dir_all(dir).expect("cleanup");
+    }
+
+    #[test]
+    fn damaged_shards_are_refused() {
+        let dir = scratch("damaged");
+        prepare(&["abcdef".to_string()], &dir, 4).expect("prepare");
+        // A truncated shard.
+        fs::write(dir.join("shard-00001.bin"), [b'e', 0]).expect("write");
+        assert!(matches!(
+            TokenStore::load(&dir),
+            Err(ShardError::Shard { .. })
+        ));
+        // An id outside the vocabulary.
+        fs::write(dir.join("shard-00001.bin"), [0, 1, 0, 0]).expect("write");
+        assert!(matches!(
+            TokenStore::load(&dir),
+            Err(ShardError::Shard { .. })
+        ));
+        // An index naming a file outside the directory.
+        let mut index: ShardIndex =
+            serde_json::from_slice(&fs::read(dir.join(INDEX_FILE)).expect("r")).expect("json");
+        index.shards[0].file = "../etc/passwd".into();
+        fs::write(
+            dir.join(INDEX_FILE),
+            serde_json::to_vec(&index).expect("json"),
+        )
+        .expect("write");
+        assert!(matches!(
+            TokenStore::load(&dir),
+            Err(ShardError::Index { .. })
+        ));
+        fs::write(dir.join(INDEX_FILE), b"{").expect("write");
+        assert!(matches!(
+            TokenStore::load(&dir),
+            Err(ShardError::Index { .. })
+        ));
+        fs::remove_dir_all(dir).expect("cleanup");
+    }
+
+    #[test]
+    fn empty_input_is_an_error() {
+        assert!(matches!(
+            prepare(&[], &scratch("empty"), 10),
+            Err(ShardError::Empty)
+        ));
+    }
+}

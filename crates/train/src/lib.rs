@@ -1,0 +1,13 @@
+//! One volunteer's share of training: the data a peer trains on, and (as the
+//! engine grows) the model and its step.
+//!
+//! Today this crate holds the data pipeline: tokenizers, pre-tokenized shards,
+//! the project's own embedded corpus, and the deterministic assignment of
+//! batches to peers that makes a run reproducible and checkable.
+
+pub mod data;
+
+pub use data::corpus::embedded_corpus;
+pub use data::sampling::{Sampler, Split};
+pub use data::shards::{ShardError, ShardIndex, TokenDtype, TokenStore};
+pub use data::tokenizer::ByteTokenizer;
