@@ -1,12 +1,15 @@
 //! One volunteer's share of training: the data a peer trains on, and (as the
 //! engine grows) the model and its step.
 //!
-//! Today this crate holds the data pipeline: tokenizers, pre-tokenized shards,
-//! the project's own embedded corpus, and the deterministic assignment of
-//! batches to peers that makes a run reproducible and checkable.
+//! Today this crate holds the model sizes (shared with DisTrO's chunking and
+//! the Hugging Face export) and the data pipeline: tokenizers, pre-tokenized
+//! shards, the project's own embedded corpus, and the deterministic assignment
+//! of batches to peers that makes a run reproducible and checkable.
 
+pub mod config;
 pub mod data;
 
+pub use config::{ConfigError, ModelConfig};
 pub use data::corpus::embedded_corpus;
 pub use data::sampling::{Sampler, Split};
 pub use data::shards::{ShardError, ShardIndex, TokenDtype, TokenStore};
