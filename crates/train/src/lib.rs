@@ -8,9 +8,11 @@
 
 pub mod config;
 pub mod data;
+pub mod model;
 
 pub use config::{ConfigError, ModelConfig};
 pub use data::corpus::embedded_corpus;
 pub use data::sampling::{Sampler, Split};
 pub use data::shards::{ShardError, ShardIndex, TokenDtype, TokenStore};
 pub use data::tokenizer::ByteTokenizer;
+pub use model::Llama;
