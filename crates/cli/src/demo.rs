@@ -15,6 +15,8 @@ use starling_distro::{
     DistroConfig, DistroOptimizer, IncomingUpdate, ValueEncoding, weights_digest,
 };
 
+use starling_train::data::rng::SplitMix64 as Rng;
+
 use crate::distro_cmd::Values;
 
 #[derive(Args, Debug)]
@@ -41,26 +43,6 @@ const OUT: usize = 256;
 const BATCH: usize = 32;
 const EVAL: usize = 256;
 
-/// Deterministic pseudo-random numbers (SplitMix64), so a demo run is reproducible.
-struct Rng(u64);
-
-impl Rng {
-    fn next_u64(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    }
-
-    /// Standard normal (Box-Muller).
-    fn normal(&mut self) -> f32 {
-        let u1 = ((self.next_u64() >> 11) as f64 + 1.0) / (1u64 << 53) as f64;
-        let u2 = (self.next_u64() >> 11) as f64 / (1u64 << 53) as f64;
-        ((-2.0 * u1.ln()).sqrt() * (std::f64::consts::TAU * u2).cos()) as f32
-    }
-}
-
 /// The regression task: `y = W* x + noise`.
 struct Task {
     teacher: Vec<f32>,
@@ -68,7 +50,7 @@ struct Task {
 
 impl Task {
     fn new() -> Self {
-        let mut rng = Rng(1);
+        let mut rng = Rng::new(1);
         let scale = 1.0 / (IN as f32).sqrt();
         Self {
             teacher: (0..OUT * IN).map(|_| rng.normal() * scale).collect(),
@@ -76,7 +58,7 @@ impl Task {
     }
 
     fn batch(&self, seed: u64, n: usize) -> (Vec<f32>, Vec<f32>) {
-        let mut rng = Rng(seed);
+        let mut rng = Rng::new(seed);
         let x: Vec<f32> = (0..n * IN).map(|_| rng.normal()).collect();
         let mut y = vec![0.0; n * OUT];
         for s in 0..n {

@@ -7,6 +7,7 @@
 //! round and the peer's slot ([`sampling`]), never of timing or arrival order.
 
 pub mod corpus;
+pub mod rng;
 pub mod sampling;
 pub mod shards;
 pub mod tokenizer;

@@ -4,25 +4,18 @@
 //! templates), facts (each animal always makes the same sound and lives in the
 //! same place) and arithmetic (sums that are always right).
 
-/// SplitMix64: a tiny, fixed pseudo-random generator (the corpus must never
-/// change between versions or platforms).
-struct Mix(u64);
+use super::rng::SplitMix64;
+
+/// Picks from lists with the corpus's fixed generator.
+struct Mix(SplitMix64);
 
 impl Mix {
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    }
-
     fn pick<'a>(&mut self, items: &[&'a str]) -> &'a str {
-        items[(self.next() % items.len() as u64) as usize]
+        items[self.0.below(items.len() as u64) as usize]
     }
 
     fn below(&mut self, n: u64) -> u64 {
-        self.next() % n
+        self.0.below(n)
     }
 }
 
@@ -53,7 +46,7 @@ const NUMBERS: [&str; 10] = [
 /// About `bytes` bytes of the embedded corpus (whole sentences, one per line),
 /// the same for a given `seed` on every machine and version.
 pub fn embedded_corpus(bytes: usize, seed: u64) -> String {
-    let mut rng = Mix(seed);
+    let mut rng = Mix(SplitMix64::new(seed));
     let mut out = String::with_capacity(bytes + 128);
     while out.len() < bytes {
         let (animal, sound, home) = ANIMALS[rng.below(ANIMALS.len() as u64) as usize];

@@ -5,6 +5,8 @@
 //! what it claims to have trained on. The last part of the token stream is
 //! held out for evaluation and never sampled for training.
 
+use super::rng::splitmix64 as mix;
+
 /// Which part of the stream.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Split {
@@ -40,13 +42,6 @@ pub struct Sampler {
     window: u64,
     train_tokens: u64,
     eval_tokens: u64,
-}
-
-fn mix(mut z: u64) -> u64 {
-    z = z.wrapping_add(0x9E37_79B9_7F4A_7C15);
-    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-    z ^ (z >> 31)
 }
 
 /// A uniform integer below `n` from 64 random bits (multiply-shift, no modulo bias to speak of).
