@@ -139,15 +139,20 @@ impl GpuDistro {
                 )
             })
             .collect();
+        let shared = match path {
+            KernelPath::BurnOps => 0,
+            _ if is_wgpu(device) => wgsl::shared_memory_limit(device),
+            _ => 0,
+        };
         let wgsl = layout
             .tensors()
             .iter()
             .map(|t| match path {
                 KernelPath::BurnOps => Ok(false),
                 KernelPath::Auto => Ok(is_wgpu(device)
-                    && wgsl::fits(device, &t.grid)
+                    && wgsl::fits(shared, &t.grid)
                     && wgsl_is_faster(device, &t.grid)),
-                KernelPath::Wgsl if wgsl::fits(device, &t.grid) => Ok(true),
+                KernelPath::Wgsl if wgsl::fits(shared, &t.grid) => Ok(true),
                 KernelPath::Wgsl => Err(GpuError::WgslUnavailable(format!(
                     "chunks of {}x{} do not fit a workgroup here",
                     t.grid.chunk_rows, t.grid.chunk_cols

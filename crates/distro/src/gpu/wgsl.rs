@@ -63,14 +63,20 @@ fn shared_bytes(grid: &ChunkGrid) -> usize {
 }
 
 /// Whether the fused kernels can run chunks of `grid` on `device`.
-pub fn fits(device: &Device, grid: &ChunkGrid) -> bool {
-    if grid.chunk_elems() > MAX_CHUNK_ELEMS || grid.numel() > u32::MAX as usize {
-        return false;
-    }
-    let Ok(probe) = Tensor::<1>::zeros([1], device).try_into_primitive::<Wgpu>() else {
-        return false;
-    };
-    probe.client.properties().hardware.max_shared_memory_size >= shared_bytes(grid)
+/// `shared_memory` is the adapter's limit from [`shared_memory_limit`].
+pub fn fits(shared_memory: usize, grid: &ChunkGrid) -> bool {
+    grid.chunk_elems() <= MAX_CHUNK_ELEMS
+        && grid.numel() <= u32::MAX as usize
+        && shared_memory >= shared_bytes(grid)
+}
+
+/// Bytes of workgroup shared memory the wgpu adapter behind `device` offers
+/// (0 where `device` is not a wgpu device).
+pub fn shared_memory_limit(device: &Device) -> usize {
+    Tensor::<1>::zeros([1], device)
+        .try_into_primitive::<Wgpu>()
+        .map(|probe| probe.client.properties().hardware.max_shared_memory_size)
+        .unwrap_or(0)
 }
 
 fn primitive<const D: usize>(t: &Tensor<D>) -> Result<CubeTensor, GpuError> {
