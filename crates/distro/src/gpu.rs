@@ -188,6 +188,21 @@ impl GpuDistro {
         self.deltas.get(i)
     }
 
+    /// Restores the momentum of tensor `i` (`[rows, cols]`, on this device) from a checkpoint.
+    pub fn set_momentum(&mut self, i: usize, delta: Tensor<2>) -> Result<(), GpuError> {
+        let expected = self.deltas.len();
+        let Some(t) = self.layout.tensors().get(i) else {
+            return Err(StepError::TensorCount {
+                expected,
+                got: i + 1,
+            }
+            .into());
+        };
+        self.check_tensor(i, t, &delta)?;
+        self.deltas[i] = delta;
+        Ok(())
+    }
+
     /// A gradient or parameter must have the tensor's matrix shape and live on our device.
     fn check_tensor(&self, tensor: usize, t: &TensorLayout, x: &Tensor<2>) -> Result<(), GpuError> {
         if x.dims() != matrix_shape(t) {

@@ -59,6 +59,11 @@ const PRESETS: [(&str, &str); 4] = [
     ("1b", include_str!("../../../assets/models/1b.json")),
 ];
 
+/// True for the tensors `transformers` keeps as `nn.Linear` weights (`[out, in]`).
+pub fn is_projection(hf_name: &str) -> bool {
+    hf_name.ends_with("_proj.weight") || hf_name == "lm_head.weight"
+}
+
 impl ModelConfig {
     /// A built-in size: `nano` (~1.1 M), `small` (~26 M), `125m` (~134 M), `1b` (~1.2 B).
     pub fn preset(name: &str) -> Result<Self, ConfigError> {
@@ -133,6 +138,25 @@ impl ModelConfig {
         out.push(("model.norm.weight".to_string(), vec![d]));
         out.push(("lm_head.weight".to_string(), vec![self.vocab_size, d]));
         out
+    }
+
+    /// Every parameter tensor with the shape Starling trains and checkpoints
+    /// it in: Burn's `Linear` keeps `[in, out]`, so projections and the head
+    /// are the transpose of [`Self::tensor_shapes`]. DisTrO chunks these shapes
+    /// (a transpose selects the same coefficients, transposed, so the bytes
+    /// per step do not change).
+    pub fn stored_shapes(&self) -> Vec<(String, Vec<usize>)> {
+        self.tensor_shapes()
+            .into_iter()
+            .map(|(name, shape)| {
+                let shape = if is_projection(&name) {
+                    shape.into_iter().rev().collect()
+                } else {
+                    shape
+                };
+                (name, shape)
+            })
+            .collect()
     }
 
     /// Number of parameters.

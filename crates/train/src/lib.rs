@@ -9,6 +9,8 @@
 pub mod config;
 pub mod data;
 pub mod model;
+pub mod optim;
+pub mod trainer;
 
 pub use config::{ConfigError, ModelConfig};
 pub use data::corpus::embedded_corpus;
@@ -16,3 +18,5 @@ pub use data::sampling::{Sampler, Split};
 pub use data::shards::{ShardError, ShardIndex, TokenDtype, TokenStore};
 pub use data::tokenizer::ByteTokenizer;
 pub use model::Llama;
+pub use optim::{AdamW, AdamWConfig, AdamWState, DistroPeer, OptimError};
+pub use trainer::{Batch, Schedule, StepGrads, TrainError, Trainer};

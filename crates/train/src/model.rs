@@ -22,17 +22,21 @@ use burn::tensor::{Device, Int, Tensor};
 use crate::config::ModelConfig;
 
 /// One decoder layer: pre-norm attention and pre-norm SwiGLU MLP, no biases.
+///
+/// Field order is parameter order (Burn visits fields in declaration order),
+/// and it is the order of [`ModelConfig::tensor_shapes`]: projections first,
+/// then the two norms, as `transformers` lists a Llama layer.
 #[derive(Module, Debug)]
 pub struct Block {
-    attn_norm: RmsNorm,
     wq: Linear,
     wk: Linear,
     wv: Linear,
     wo: Linear,
-    mlp_norm: RmsNorm,
     gate: Linear,
     up: Linear,
     down: Linear,
+    attn_norm: RmsNorm,
+    mlp_norm: RmsNorm,
     heads: usize,
 }
 
@@ -46,8 +50,17 @@ pub struct Llama {
     rope: RotaryEncoding,
 }
 
+/// Every weight starts as `transformers`' Llama does: normal, std 0.02.
+const INIT: Initializer = Initializer::Normal {
+    mean: 0.0,
+    std: 0.02,
+};
+
 fn linear(d_in: usize, d_out: usize, device: &Device) -> Linear {
-    LinearConfig::new(d_in, d_out).with_bias(false).init(device)
+    LinearConfig::new(d_in, d_out)
+        .with_bias(false)
+        .with_initializer(INIT)
+        .init(device)
 }
 
 impl Block {
@@ -58,15 +71,15 @@ impl Block {
                 .init(device)
         };
         Self {
-            attn_norm: norm(),
             wq: linear(c.dim, c.dim, device),
             wk: linear(c.dim, c.dim, device),
             wv: linear(c.dim, c.dim, device),
             wo: linear(c.dim, c.dim, device),
-            mlp_norm: norm(),
             gate: linear(c.dim, c.ffn_dim, device),
             up: linear(c.dim, c.ffn_dim, device),
             down: linear(c.ffn_dim, c.dim, device),
+            attn_norm: norm(),
+            mlp_norm: norm(),
             heads: c.heads,
         }
     }
@@ -100,10 +113,7 @@ impl Llama {
     pub fn new(c: &ModelConfig, device: &Device) -> Self {
         Self {
             embed: EmbeddingConfig::new(c.vocab_size, c.dim)
-                .with_initializer(Initializer::Normal {
-                    mean: 0.0,
-                    std: 0.02,
-                })
+                .with_initializer(INIT)
                 .init(device),
             layers: (0..c.layers).map(|_| Block::new(c, device)).collect(),
             norm: RmsNormConfig::new(c.dim)
@@ -227,8 +237,17 @@ mod tests {
         let grads = model.loss(x, y).backward();
         let plain = cpu();
         let base = model.valid();
-        // Parameters in visit order: embedding, then the block's norms and projections, ...
-        for (n, i) in [(0usize, 5usize), (1, 3), (2, 7), (5, 2), (9, 11)] {
+        // Parameters in visit order: embedding, the block's projections and
+        // norms, the final norm, the head.
+        for (n, i) in [
+            (0usize, 5usize),
+            (1, 3),
+            (2, 7),
+            (5, 2),
+            (7, 11),
+            (8, 3),
+            (11, 6),
+        ] {
             let mut v = GradOf {
                 grads: &grads,
                 n,
@@ -276,7 +295,7 @@ mod tests {
             "ndarray {a} vs wgpu {b}"
         );
         // And a sanity bound: an untrained model is near uniform over 16 tokens.
-        assert!((a - 16f32.ln()).abs() < 0.5, "initial loss {a}");
+        assert!((a - 16f32.ln()).abs() < 0.05, "initial loss {a}");
     }
 
     #[test]

@@ -297,6 +297,35 @@ impl TokenStore {
         Ok(Self { index, tokens })
     }
 
+    /// A store over tokens already in memory (the embedded corpus, a test),
+    /// checked against `vocab_size` like loaded shards.
+    pub fn from_tokens(
+        tokens: Vec<u32>,
+        tokenizer: &str,
+        vocab_size: usize,
+    ) -> Result<Self, ShardError> {
+        if tokens.is_empty() {
+            return Err(ShardError::Empty);
+        }
+        if let Some(bad) = tokens.iter().find(|&&t| t as usize >= vocab_size) {
+            return Err(ShardError::Shard {
+                path: PathBuf::from("<memory>"),
+                reason: format!("token id {bad} is outside the vocabulary of {vocab_size}"),
+            });
+        }
+        let index = ShardIndex {
+            format: FORMAT.into(),
+            tokenizer: tokenizer.into(),
+            vocab_size,
+            dtype: TokenDtype::for_vocab(vocab_size),
+            shards: vec![ShardEntry {
+                file: "<memory>".into(),
+                tokens: tokens.len() as u64,
+            }],
+        };
+        Ok(Self { index, tokens })
+    }
+
     /// All tokens, in stream order.
     pub fn tokens(&self) -> &[u32] {
         &self.tokens
