@@ -15,6 +15,7 @@ macro_rules! say {
 mod data_cmd;
 mod demo;
 mod distro_cmd;
+mod sim_cmd;
 
 use anyhow::Result;
 use clap::{Parser, Subcommand};
@@ -37,6 +38,11 @@ enum Command {
     /// Prepare training data: tokenize text into shards.
     #[command(subcommand)]
     Data(data_cmd::DataCommand),
+    /// Train several simulated peers in one process (DisTrO or AdamW-DDP), recording every step.
+    Sim(sim_cmd::SimArgs),
+    /// Benchmarks that answer a question with one table.
+    #[command(subcommand)]
+    Bench(sim_cmd::BenchCommand),
 }
 
 fn write_stdout(args: std::fmt::Arguments<'_>) -> Result<()> {
@@ -53,5 +59,7 @@ fn main() -> Result<()> {
         Command::Demo(args) => demo::run(&args),
         Command::Distro(cmd) => distro_cmd::run(cmd),
         Command::Data(cmd) => data_cmd::run(cmd),
+        Command::Sim(args) => sim_cmd::run_sim(&args),
+        Command::Bench(cmd) => sim_cmd::run_bench(cmd),
     }
 }

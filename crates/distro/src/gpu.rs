@@ -27,7 +27,9 @@ use crate::optimizer::{
 use crate::sign::{decay_factor, resolve_offsets, sign_thresholds};
 use crate::sparse::SparseTensor;
 
-pub use probe::{AdapterSummary, GpuInitError, is_wgpu, list_adapters, wgpu_device};
+pub use probe::{
+    AdapterSummary, GpuInitError, is_wgpu, list_adapters, wgpu_device, wgpu_device_at,
+};
 
 /// Which implementation runs the GPU step.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]

@@ -6,17 +6,24 @@
 //! shards, the project's own embedded corpus, and the deterministic assignment
 //! of batches to peers that makes a run reproducible and checkable.
 
+pub mod atomic;
+pub mod checkpoint;
 pub mod config;
 pub mod data;
+pub mod device;
 pub mod model;
 pub mod optim;
+pub mod sim;
 pub mod trainer;
 
+pub use checkpoint::{Checkpoint, CheckpointError, OptimizerSnapshot};
 pub use config::{ConfigError, ModelConfig};
 pub use data::corpus::embedded_corpus;
 pub use data::sampling::{Sampler, Split};
 pub use data::shards::{ShardError, ShardIndex, TokenDtype, TokenStore};
 pub use data::tokenizer::ByteTokenizer;
+pub use device::{DeviceChoice, DeviceError, SelectedDevice, select_device};
 pub use model::Llama;
 pub use optim::{AdamW, AdamWConfig, AdamWState, DistroPeer, OptimError};
-pub use trainer::{Batch, Schedule, StepGrads, TrainError, Trainer};
+pub use sim::{SimConfig, SimError, SimOptimizer, SimSummary, Simulation, StepRecord, simulate};
+pub use trainer::{Batch, Schedule, StepGrads, TrainError, Trainer, initial_params};

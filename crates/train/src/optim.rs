@@ -390,7 +390,7 @@ mod tests {
         mut update: impl FnMut(&mut Trainer, &StepGrads, u64),
     ) -> (f32, f32) {
         let c = tiny();
-        let mut t = Trainer::new(&c, &cpu());
+        let mut t = Trainer::new(&c, &cpu(), 1).unwrap();
         let s = store();
         let batch = Batch::from_store(&s, &[0, 700, 1400, 2100], 12, c.vocab_size).unwrap();
         let first = t.eval_loss(&batch, 4).unwrap();
@@ -404,7 +404,7 @@ mod tests {
     #[test]
     fn adamw_fits_a_batch() {
         let c = tiny();
-        let probe = Trainer::new(&c, &cpu());
+        let probe = Trainer::new(&c, &cpu(), 1).unwrap();
         let mut opt = AdamW::new(&probe, AdamWConfig::default());
         let (before, after) = loss_after(30, |t, g, _| opt.step(t, &g.tensors, 1e-2).unwrap());
         assert!(after < 0.5 * before, "{before} -> {after}");
@@ -414,7 +414,7 @@ mod tests {
     #[test]
     fn distro_fits_a_batch_and_its_momentum_round_trips() {
         let c = tiny();
-        let probe = Trainer::new(&c, &cpu());
+        let probe = Trainer::new(&c, &cpu(), 1).unwrap();
         let config = DistroConfig {
             topk: 8,
             values: ValueEncoding::Sign,
@@ -452,8 +452,8 @@ mod tests {
             }
         };
         let c = tiny();
-        let mut on_cpu = Trainer::new(&c, &cpu());
-        let mut on_gpu = Trainer::new(&c, &gpu);
+        let mut on_cpu = Trainer::new(&c, &cpu(), 1).unwrap();
+        let mut on_gpu = Trainer::new(&c, &gpu, 1).unwrap();
         on_gpu
             .set_params_host(&on_cpu.params_host().unwrap())
             .unwrap();

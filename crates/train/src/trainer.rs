@@ -11,6 +11,7 @@ use burn::tensor::{Device, Gradients, Int, Tensor, TensorData};
 use starling_distro::{ChunkGrid, DEFAULT_CHUNK};
 
 use crate::config::ModelConfig;
+use crate::data::rng::{SplitMix64, splitmix64};
 use crate::data::shards::TokenStore;
 use crate::model::Llama;
 
@@ -184,12 +185,33 @@ fn read_scalar(t: Tensor<1>) -> Result<f32, TrainError> {
         .map_err(|e| TrainError::Read(e.to_string()))
 }
 
+/// The initial weights of a run with `seed`, in model order: normal with
+/// std 0.02 (as `transformers` initialises Llama), norm gains 1. Made on the
+/// host with SplitMix64 so every backend and machine starts from the same bits.
+pub fn initial_params(config: &ModelConfig, seed: u64) -> Vec<Vec<f32>> {
+    config
+        .stored_shapes()
+        .iter()
+        .enumerate()
+        .map(|(i, (name, shape))| {
+            let n = shape.iter().product::<usize>();
+            if name.ends_with("norm.weight") {
+                return vec![1.0; n];
+            }
+            let mut rng = SplitMix64::new(splitmix64(seed ^ splitmix64(i as u64)));
+            (0..n).map(|_| 0.02 * rng.normal()).collect()
+        })
+        .collect()
+}
+
 impl Trainer {
-    /// A freshly initialised model on `device` (its plain form: autodiff is
-    /// added here).
-    pub fn new(config: &ModelConfig, device: &Device) -> Self {
+    /// The model of a run with `seed`, initialised by [`initial_params`], on
+    /// `device` (its plain form: autodiff is added here).
+    pub fn new(config: &ModelConfig, device: &Device, seed: u64) -> Result<Self, TrainError> {
         let device = device.clone().autodiff();
-        Self::from_model(config, Llama::new(config, &device), &device)
+        let mut t = Self::from_model(config, Llama::new(config, &device), &device);
+        t.set_params_host(&initial_params(config, seed))?;
+        Ok(t)
     }
 
     /// Wraps an existing model that lives on `device` (an autodiff device).
@@ -488,7 +510,7 @@ pub(crate) mod tests {
     #[test]
     fn parameter_views_follow_the_stored_shapes() {
         let c = tiny();
-        let t = Trainer::new(&c, &cpu());
+        let t = Trainer::new(&c, &cpu(), 1).unwrap();
         let params = t.params();
         let shapes = c.stored_shapes();
         assert_eq!(params.len(), shapes.len());
@@ -515,7 +537,7 @@ pub(crate) mod tests {
     #[test]
     fn accumulation_gives_the_full_batch_gradient() {
         let c = tiny();
-        let t = Trainer::new(&c, &cpu());
+        let t = Trainer::new(&c, &cpu(), 1).unwrap();
         let batch = Batch::from_store(&store(), &[0, 100, 200, 300], 8, c.vocab_size).unwrap();
         let full = t.gradients(&batch, 4, 0.0).unwrap();
         let parts = t.gradients(&batch, 1, 0.0).unwrap();
@@ -532,7 +554,7 @@ pub(crate) mod tests {
     #[test]
     fn clipping_caps_the_global_norm() {
         let c = tiny();
-        let t = Trainer::new(&c, &cpu());
+        let t = Trainer::new(&c, &cpu(), 1).unwrap();
         let batch = Batch::from_store(&store(), &[0, 50], 8, c.vocab_size).unwrap();
         let raw = t.gradients(&batch, 2, 0.0).unwrap();
         let clip = raw.norm / 4.0;
@@ -553,7 +575,7 @@ pub(crate) mod tests {
     #[test]
     fn params_round_trip_through_the_host() {
         let c = tiny();
-        let mut t = Trainer::new(&c, &cpu());
+        let mut t = Trainer::new(&c, &cpu(), 1).unwrap();
         let mut host = t.params_host().unwrap();
         host[3][5] += 0.25;
         t.set_params_host(&host).unwrap();

@@ -81,6 +81,63 @@ pub fn wgpu_device() -> Result<Device, GpuInitError> {
         .clone()
 }
 
+/// The wgpu device on adapter `index` of [`list_adapters`] (on that adapter's
+/// own graphics API), opened once per process and shared.
+pub fn wgpu_device_at(index: usize) -> Result<Device, GpuInitError> {
+    use burn::tensor::DeviceKind;
+    use burn::tensor::wgpu::WgpuBackend;
+    static DEVICES: std::sync::Mutex<Vec<(usize, Device)>> = std::sync::Mutex::new(Vec::new());
+    let mut opened = DEVICES
+        .lock()
+        .map_err(|_| GpuInitError::NoAdapter("an earlier attempt to open a GPU crashed".into()))?;
+    if let Some((_, d)) = opened.iter().find(|(i, _)| *i == index) {
+        return Ok(d.clone());
+    }
+    let instance = wgpu::Instance::new(wgpu::InstanceDescriptor::new_without_display_handle());
+    let infos: Vec<wgpu::AdapterInfo> =
+        cubecl::future::block_on(instance.enumerate_adapters(wgpu::Backends::all()))
+            .iter()
+            .map(wgpu::Adapter::get_info)
+            .collect();
+    let info = infos.get(index).ok_or_else(|| {
+        GpuInitError::NoAdapter(format!(
+            "there is no adapter {index}: wgpu lists {} (numbered from 0)",
+            infos.len()
+        ))
+    })?;
+    // Burn numbers adapters per type within one graphics API.
+    let rank = infos[..index]
+        .iter()
+        .filter(|a| a.backend == info.backend && a.device_type == info.device_type)
+        .count();
+    let kind = match info.device_type {
+        wgpu::DeviceType::DiscreteGpu => DeviceKind::DiscreteGpu(rank),
+        wgpu::DeviceType::IntegratedGpu => DeviceKind::IntegratedGpu(rank),
+        wgpu::DeviceType::VirtualGpu => DeviceKind::VirtualGpu(rank),
+        wgpu::DeviceType::Cpu => DeviceKind::Cpu,
+        wgpu::DeviceType::Other => {
+            return Err(GpuInitError::NoAdapter(format!(
+                "adapter {index} ({}) is of no known type",
+                info.name
+            )));
+        }
+    };
+    let api = match info.backend {
+        wgpu::Backend::Vulkan => WgpuBackend::Vulkan,
+        wgpu::Backend::Metal => WgpuBackend::Metal,
+        wgpu::Backend::Dx12 => WgpuBackend::Dx12,
+        wgpu::Backend::Gl => WgpuBackend::Gl,
+        _ => WgpuBackend::Auto,
+    };
+    let device = Device::wgpu_options()
+        .device_kind(kind)
+        .graphics_api(api)
+        .init()
+        .map_err(|e| GpuInitError::NoAdapter(format!("adapter {index} ({}): {e}", info.name)))?;
+    opened.push((index, device.clone()));
+    Ok(device)
+}
+
 /// True if `device` is a wgpu device (where the WGSL kernels can run).
 pub fn is_wgpu(device: &Device) -> bool {
     matches!(

@@ -7,7 +7,6 @@
 //! rename, so an interrupted `prepare` leaves nothing half-written.
 
 use std::fs;
-use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
@@ -129,17 +128,7 @@ fn io(path: &Path) -> impl FnOnce(std::io::Error) -> ShardError + '_ {
 
 /// Writes `bytes` to `path` through a temporary file and a rename.
 fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), ShardError> {
-    let tmp = path.with_extension("tmp");
-    let result = (|| {
-        let mut f = fs::File::create(&tmp)?;
-        f.write_all(bytes)?;
-        f.sync_all()?;
-        fs::rename(&tmp, path)
-    })();
-    if result.is_err() {
-        let _ = fs::remove_file(&tmp);
-    }
-    result.map_err(io(path))
+    crate::atomic::write_atomic(path, bytes).map_err(io(path))
 }
 
 /// Reads the documents of one input: a `.jsonl` file gives each line's `text`

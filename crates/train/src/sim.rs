@@ -1,0 +1,622 @@
+//! Several peers in one process, to measure what DisTrO costs and saves
+//! before any network is involved.
+//!
+//! Every simulated peer trains on its own deterministic batch of the round
+//! (slot = peer index), exactly as it would in a swarm. With DisTrO each peer
+//! keeps its own momentum and its update goes through the real wire format
+//! (encoded, counted, decoded with the same checks a node applies to a
+//! stranger's bytes); all peers then apply the same accepted set, so one
+//! weight replica stands for all of them (the distro crate's tests prove the
+//! replicas bit-identical). With AdamW-DDP the peers' full fp32 gradients are
+//! averaged, as an all-reduce would, and one AdamW step follows.
+
+use std::time::Instant;
+
+use serde::Serialize;
+use starling_distro::wire::{self, DecodeLimits, UpdateHeader};
+use starling_distro::{DistroConfig, IncomingUpdate};
+
+use crate::checkpoint::{Checkpoint, OptimizerSnapshot};
+use crate::data::sampling::{Sampler, SamplerError};
+use crate::data::shards::TokenStore;
+use crate::optim::{AdamW, AdamWConfig, DistroPeer, OptimError};
+use crate::trainer::{Batch, Schedule, StepGrads, TrainError, Trainer};
+
+/// Which optimizer the simulated peers use.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum SimOptimizer {
+    /// DisTrO/DeMo with these settings.
+    Distro(DistroConfig),
+    /// AdamW on gradients averaged over all peers (fp32 all-reduce).
+    AdamWDdp(AdamWConfig),
+}
+
+/// A simulation's settings.
+#[derive(Clone, Debug, PartialEq)]
+pub struct SimConfig {
+    /// Simulated peers.
+    pub peers: usize,
+    /// Steps (rounds) to run.
+    pub steps: u64,
+    /// Sequences each peer trains on per step.
+    pub batch: usize,
+    /// Sequences per forward/backward (gradient accumulation below `batch`).
+    pub micro_batch: usize,
+    /// Tokens per sequence.
+    pub seq_len: usize,
+    /// Learning rate over the steps.
+    pub schedule: Schedule,
+    /// Global-norm clipping threshold (per peer for DisTrO, of the averaged
+    /// gradient for AdamW-DDP); 0 turns it off.
+    pub clip: f32,
+    /// The optimizer.
+    pub optimizer: SimOptimizer,
+    /// Run seed: picks every batch.
+    pub seed: u64,
+    /// Fraction of the tokens held out for the evaluation loss.
+    pub eval_fraction: f64,
+    /// Held-out sequences per evaluation.
+    pub eval_sequences: usize,
+    /// Evaluate every this many steps (and after the last).
+    pub eval_every: u64,
+}
+
+/// What happened in one step.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct StepRecord {
+    /// Step number, from 0.
+    pub step: u64,
+    /// Learning rate used.
+    pub lr: f32,
+    /// Mean training loss over the peers' batches.
+    pub loss: f32,
+    /// Held-out loss after this step, when evaluated.
+    pub eval_loss: Option<f32>,
+    /// Mean gradient norm over peers, before clipping.
+    pub grad_norm: f32,
+    /// Bytes each peer sent this step (mean over peers).
+    pub bytes_sent_per_peer: u64,
+    /// Bytes a fp32 all-reduce sends per peer per step (4 bytes a parameter).
+    pub allreduce_bytes_per_peer: u64,
+    /// Seconds since the simulation started.
+    pub wall_s: f64,
+}
+
+/// Why a simulation stopped.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum SimError {
+    /// The settings make no sense.
+    #[error("invalid simulation settings: {0}")]
+    Config(String),
+    /// The data cannot be sampled as asked.
+    #[error(transparent)]
+    Sampler(#[from] SamplerError),
+    /// A training step failed.
+    #[error("step {step}: {source}")]
+    Train {
+        /// The step.
+        step: u64,
+        /// What failed.
+        source: TrainError,
+    },
+    /// An optimizer step failed.
+    #[error("step {step}: {source}")]
+    Optim {
+        /// The step.
+        step: u64,
+        /// What failed.
+        source: OptimError,
+    },
+    /// An update did not survive the wire format (a bug: peers here are honest).
+    #[error("step {step}: update of peer {peer} failed the wire format: {reason}")]
+    Wire {
+        /// The step.
+        step: u64,
+        /// The peer.
+        peer: usize,
+        /// What failed.
+        reason: String,
+    },
+}
+
+/// The end of a simulation.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct SimSummary {
+    /// Held-out loss after the last step.
+    pub final_eval_loss: f32,
+    /// Mean bytes a peer sent per step.
+    pub bytes_per_peer_per_step: f64,
+    /// Bytes a fp32 all-reduce sends per peer per step.
+    pub allreduce_bytes_per_peer: u64,
+    /// Tokens trained on, all peers together.
+    pub tokens: u64,
+    /// Wall time in seconds.
+    pub wall_s: f64,
+}
+
+impl SimConfig {
+    fn check(&self, trainer: &Trainer) -> Result<(), SimError> {
+        let bad = |m: &str| Err(SimError::Config(m.into()));
+        if self.peers == 0 || self.peers > u32::MAX as usize {
+            return bad("peers must be at least 1");
+        }
+        if self.batch == 0 || self.micro_batch == 0 || self.eval_sequences == 0 {
+            return bad("batch, micro-batch and evaluation sequences must be at least 1");
+        }
+        if self.seq_len == 0 || self.seq_len > trainer.config().max_seq_len {
+            return bad("sequence length must be between 1 and the model's max_seq_len");
+        }
+        if !(self.schedule.peak.is_finite() && self.schedule.peak > 0.0) {
+            return bad("learning rate must be positive");
+        }
+        Ok(())
+    }
+}
+
+/// A simulation in progress: the optimizer states and the next step. It can
+/// be saved as a [`Checkpoint`] and resumed with the same results as a run
+/// that never stopped.
+pub struct Simulation {
+    method: Method,
+    next_step: u64,
+}
+
+impl Simulation {
+    /// A simulation at step 0 with fresh optimizer states for `trainer`'s model.
+    pub fn new(trainer: &Trainer, config: &SimConfig) -> Result<Self, SimError> {
+        config.check(trainer)?;
+        let method = match config.optimizer {
+            SimOptimizer::Distro(d) => Method::Distro(
+                (0..config.peers)
+                    .map(|_| DistroPeer::new(trainer, d))
+                    .collect::<Result<_, _>>()
+                    .map_err(|source| SimError::Optim { step: 0, source })?,
+            ),
+            SimOptimizer::AdamWDdp(a) => Method::AdamW(AdamW::new(trainer, a)),
+        };
+        Ok(Self {
+            method,
+            next_step: 0,
+        })
+    }
+
+    /// Resumes from `checkpoint`: loads its weights into `trainer` and its
+    /// optimizer state into a new simulation. The checkpoint must match the
+    /// settings (model, optimizer, number of peers).
+    pub fn resume(
+        trainer: &mut Trainer,
+        config: &SimConfig,
+        checkpoint: &Checkpoint,
+    ) -> Result<Self, SimError> {
+        let mismatch = |what: &str| Err(SimError::Config(format!("checkpoint: {what}")));
+        if &checkpoint.model != trainer.config() {
+            return mismatch("it is for another model");
+        }
+        if checkpoint.seed != config.seed {
+            return mismatch("it is for another seed (--seed)");
+        }
+        let mut sim = Self::new(trainer, config)?;
+        let state = |source| SimError::Optim {
+            step: checkpoint.step,
+            source,
+        };
+        match (&mut sim.method, &checkpoint.optimizer) {
+            (Method::Distro(peers), OptimizerSnapshot::Distro(momenta)) => {
+                if peers.len() != momenta.len() {
+                    return mismatch("it holds another number of peers");
+                }
+                for (p, m) in peers.iter_mut().zip(momenta) {
+                    p.set_momentum(m).map_err(state)?;
+                }
+            }
+            (Method::AdamW(a), OptimizerSnapshot::AdamW(s)) => a.set_state(s).map_err(state)?,
+            _ => return mismatch("it was made with the other optimizer"),
+        }
+        trainer
+            .set_params_host(&checkpoint.params)
+            .map_err(|source| SimError::Train {
+                step: checkpoint.step,
+                source,
+            })?;
+        sim.next_step = checkpoint.step;
+        Ok(sim)
+    }
+
+    /// The next step to run (steps completed so far).
+    pub fn next_step(&self) -> u64 {
+        self.next_step
+    }
+
+    /// Everything needed to resume after the last completed step.
+    pub fn checkpoint(&self, trainer: &Trainer, seed: u64) -> Result<Checkpoint, SimError> {
+        let step = self.next_step;
+        let optimizer = match &self.method {
+            Method::Distro(peers) => OptimizerSnapshot::Distro(
+                peers
+                    .iter()
+                    .map(DistroPeer::momentum)
+                    .collect::<Result<_, _>>()
+                    .map_err(|source| SimError::Optim { step, source })?,
+            ),
+            Method::AdamW(a) => OptimizerSnapshot::AdamW(
+                a.state()
+                    .map_err(|source| SimError::Optim { step, source })?,
+            ),
+        };
+        Ok(Checkpoint {
+            model: trainer.config().clone(),
+            step,
+            seed,
+            params: trainer
+                .params_host()
+                .map_err(|source| SimError::Train { step, source })?,
+            optimizer,
+        })
+    }
+
+    /// Runs steps until `until` (exclusive, at most `config.steps`), calling
+    /// `on_step` after each. Returns the summary of the steps run here.
+    pub fn run(
+        &mut self,
+        trainer: &mut Trainer,
+        store: &TokenStore,
+        config: &SimConfig,
+        until: u64,
+        mut on_step: impl FnMut(&StepRecord),
+    ) -> Result<SimSummary, SimError> {
+        config.check(trainer)?;
+        let start = Instant::now();
+        let vocab = trainer.config().vocab_size;
+        let sampler = Sampler::new(
+            store.tokens().len() as u64,
+            config.seq_len,
+            config.eval_fraction,
+            config.seed,
+        )?;
+        let eval_batch = Batch::from_store(
+            store,
+            &sampler.eval_windows(config.eval_sequences),
+            config.seq_len,
+            vocab,
+        )
+        .map_err(|source| SimError::Train { step: 0, source })?;
+        let allreduce = 4 * trainer.config().param_count() as u64;
+        let until = until.min(config.steps);
+        let first = self.next_step;
+        let mut sent_total = 0u64;
+        let mut eval_loss = None;
+        for step in first..until {
+            let lr = config.schedule.lr(step);
+            let train = |source| SimError::Train { step, source };
+            let clip = match self.method {
+                Method::Distro(_) => config.clip,
+                Method::AdamW(_) => 0.0,
+            };
+            let grads =
+                peer_gradients(trainer, store, &sampler, config, step, clip).map_err(train)?;
+            let loss = grads.iter().map(|g| g.loss).sum::<f32>() / config.peers as f32;
+            let grad_norm = grads.iter().map(|g| g.norm).sum::<f32>() / config.peers as f32;
+            let sent = self.method.step(trainer, grads, lr, step, config.clip)?;
+            self.next_step = step + 1;
+            sent_total += sent;
+            let evaluate = step + 1 == config.steps
+                || (config.eval_every > 0 && (step + 1) % config.eval_every == 0);
+            let this_eval = if evaluate {
+                Some(
+                    trainer
+                        .eval_loss(&eval_batch, config.micro_batch)
+                        .map_err(train)?,
+                )
+            } else {
+                None
+            };
+            eval_loss = this_eval.or(eval_loss);
+            on_step(&StepRecord {
+                step,
+                lr,
+                loss,
+                eval_loss: this_eval,
+                grad_norm,
+                bytes_sent_per_peer: sent,
+                allreduce_bytes_per_peer: allreduce,
+                wall_s: start.elapsed().as_secs_f64(),
+            });
+        }
+        let final_eval_loss = match eval_loss {
+            Some(e) => e,
+            None => trainer
+                .eval_loss(&eval_batch, config.micro_batch)
+                .map_err(|source| SimError::Train {
+                    step: until,
+                    source,
+                })?,
+        };
+        let steps = until.saturating_sub(first);
+        Ok(SimSummary {
+            final_eval_loss,
+            bytes_per_peer_per_step: sent_total as f64 / steps.max(1) as f64,
+            allreduce_bytes_per_peer: allreduce,
+            tokens: steps * (config.peers * config.batch * config.seq_len) as u64,
+            wall_s: start.elapsed().as_secs_f64(),
+        })
+    }
+}
+
+/// Runs a whole simulation on `trainer`'s model, calling `on_step` after every step.
+pub fn simulate(
+    trainer: &mut Trainer,
+    store: &TokenStore,
+    config: &SimConfig,
+    on_step: impl FnMut(&StepRecord),
+) -> Result<SimSummary, SimError> {
+    Simulation::new(trainer, config)?.run(trainer, store, config, config.steps, on_step)
+}
+
+/// Every peer's gradients for `step`, one peer after another. (Burn 0.22's
+/// autodiff deadlocks when several threads run backward at once, so peers
+/// share the device sequentially; the backend parallelises each pass.)
+fn peer_gradients(
+    trainer: &Trainer,
+    store: &TokenStore,
+    sampler: &Sampler,
+    config: &SimConfig,
+    step: u64,
+    clip: f32,
+) -> Result<Vec<StepGrads>, TrainError> {
+    let vocab = trainer.config().vocab_size;
+    (0..config.peers)
+        .map(|slot| {
+            let offsets = sampler.train_windows(step, slot as u32, config.batch);
+            let batch = Batch::from_store(store, &offsets, config.seq_len, vocab)?;
+            trainer.gradients(&batch, config.micro_batch, clip)
+        })
+        .collect()
+}
+
+enum Method {
+    Distro(Vec<DistroPeer>),
+    AdamW(AdamW),
+}
+
+/// A fixed run id for simulated updates.
+const SIM_RUN: [u8; 16] = *b"starling-sim-run";
+
+fn peer_id(slot: usize) -> [u8; 32] {
+    let mut id = [0u8; 32];
+    id[..8].copy_from_slice(&(slot as u64).to_le_bytes());
+    id
+}
+
+impl Method {
+    /// Applies one step; returns the mean bytes a peer sent.
+    fn step(
+        &mut self,
+        trainer: &mut Trainer,
+        grads: Vec<StepGrads>,
+        lr: f32,
+        step: u64,
+        clip: f32,
+    ) -> Result<u64, SimError> {
+        let optim = |source| SimError::Optim { step, source };
+        match self {
+            Method::Distro(peers) => {
+                let mut incoming: Vec<IncomingUpdate> = Vec::with_capacity(peers.len());
+                let mut bytes = 0u64;
+                for (slot, (peer, g)) in peers.iter_mut().zip(&grads).enumerate() {
+                    let update = peer.step(g, lr).map_err(optim)?;
+                    let header = UpdateHeader {
+                        run_id: SIM_RUN,
+                        round: step,
+                        sender: peer_id(slot),
+                    };
+                    let wire_err = |reason: String| SimError::Wire {
+                        step,
+                        peer: slot,
+                        reason,
+                    };
+                    let encoded =
+                        wire::encode(&header, &update).map_err(|e| wire_err(e.to_string()))?;
+                    bytes += encoded.len() as u64;
+                    let decoded = wire::decode(&encoded, &DecodeLimits::default())
+                        .map_err(|e| wire_err(e.to_string()))?;
+                    if decoded.header != header {
+                        return Err(wire_err("header changed on the way".into()));
+                    }
+                    incoming.push(decoded.into_incoming());
+                }
+                let first = peers
+                    .first()
+                    .ok_or_else(|| SimError::Config("no peers".into()))?;
+                first.apply(trainer, &incoming, lr).map_err(optim)?;
+                Ok(bytes / peers.len() as u64)
+            }
+            Method::AdamW(adamw) => {
+                let n = grads.len() as f32;
+                let mut sum: Option<Vec<burn::tensor::Tensor<2>>> = None;
+                for g in grads {
+                    sum = Some(match sum {
+                        None => g.tensors,
+                        Some(acc) => acc.into_iter().zip(g.tensors).map(|(a, b)| a + b).collect(),
+                    });
+                }
+                let mean: Vec<_> = sum
+                    .ok_or_else(|| SimError::Config("no peers".into()))?
+                    .into_iter()
+                    .map(|t| t.div_scalar(n))
+                    .collect();
+                let mean =
+                    clip_global(mean, clip).map_err(|source| SimError::Train { step, source })?;
+                adamw.step(trainer, &mean, lr).map_err(optim)?;
+                Ok(4 * trainer.config().param_count() as u64)
+            }
+        }
+    }
+}
+
+/// Scales `grads` so their global L2 norm is at most `clip` (0: unchanged).
+fn clip_global(
+    grads: Vec<burn::tensor::Tensor<2>>,
+    clip: f32,
+) -> Result<Vec<burn::tensor::Tensor<2>>, TrainError> {
+    if !(clip.is_finite() && clip > 0.0) {
+        return Ok(grads);
+    }
+    let squares: Vec<_> = grads.iter().map(|g| g.clone().square().sum()).collect();
+    let norm = burn::tensor::Tensor::cat(squares, 0)
+        .sum()
+        .try_into_scalar::<f32>()
+        .map_err(|e| TrainError::Read(e.to_string()))?
+        .sqrt();
+    if !norm.is_finite() {
+        return Err(TrainError::NonFinite("gradient norm"));
+    }
+    Ok(if norm > clip {
+        grads
+            .into_iter()
+            .map(|g| g.mul_scalar(clip / norm))
+            .collect()
+    } else {
+        grads
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::trainer::tests::{store, tiny};
+    use burn::tensor::Device;
+    use starling_distro::ValueEncoding;
+
+    #[allow(deprecated)]
+    fn cpu() -> Device {
+        Device::ndarray()
+    }
+
+    fn config(optimizer: SimOptimizer, lr: f32) -> SimConfig {
+        SimConfig {
+            peers: 3,
+            steps: 12,
+            batch: 2,
+            micro_batch: 2,
+            seq_len: 12,
+            schedule: Schedule {
+                peak: lr,
+                warmup: 2,
+                total: 12,
+                final_fraction: 0.1,
+            },
+            clip: 1.0,
+            optimizer,
+            seed: 5,
+            eval_fraction: 0.1,
+            eval_sequences: 4,
+            eval_every: 4,
+        }
+    }
+
+    fn run(optimizer: SimOptimizer, lr: f32) -> (Vec<StepRecord>, SimSummary, blake3::Hash) {
+        let c = tiny();
+        let mut t = Trainer::new(&c, &cpu(), 1).unwrap();
+        let mut records = Vec::new();
+        let s = simulate(&mut t, &store(), &config(optimizer, lr), |r| {
+            records.push(r.clone())
+        })
+        .unwrap();
+        (records, s, t.digest().unwrap())
+    }
+
+    #[test]
+    fn distro_and_adamw_both_learn_and_distro_sends_far_less() {
+        let distro = SimOptimizer::Distro(DistroConfig {
+            topk: 4,
+            values: ValueEncoding::Sign,
+            ..DistroConfig::default()
+        });
+        let adamw = SimOptimizer::AdamWDdp(AdamWConfig::default());
+        let (rd, sd, _) = run(distro, 1e-2);
+        let (ra, sa, _) = run(adamw, 1e-2);
+        for (r, s) in [(&rd, &sd), (&ra, &sa)] {
+            assert_eq!(r.len(), 12);
+            let evals: Vec<f32> = r.iter().filter_map(|x| x.eval_loss).collect();
+            assert_eq!(evals.len(), 3, "steps 4, 8 and 12");
+            assert!(
+                s.final_eval_loss < 32f32.ln() - 0.3,
+                "{}",
+                s.final_eval_loss
+            );
+        }
+        assert_eq!(
+            sa.bytes_per_peer_per_step,
+            sa.allreduce_bytes_per_peer as f64
+        );
+        assert!(sd.bytes_per_peer_per_step * 20.0 < sa.bytes_per_peer_per_step);
+        assert!(rd.iter().all(|r| r.bytes_sent_per_peer > 0));
+    }
+
+    #[test]
+    fn a_simulation_replays_exactly() {
+        let distro = SimOptimizer::Distro(DistroConfig::default());
+        let (a, _, da) = run(distro, 5e-3);
+        let (b, _, db) = run(distro, 5e-3);
+        assert_eq!(da, db);
+        let losses = |r: &[StepRecord]| r.iter().map(|x| x.loss).collect::<Vec<_>>();
+        assert_eq!(losses(&a), losses(&b));
+    }
+
+    #[test]
+    fn a_resumed_simulation_matches_one_that_never_stopped() {
+        let distro = SimOptimizer::Distro(DistroConfig {
+            topk: 4,
+            ..DistroConfig::default()
+        });
+        let adamw = SimOptimizer::AdamWDdp(AdamWConfig::default());
+        for optimizer in [distro, adamw] {
+            let cfg = config(optimizer, 1e-2);
+            let (straight, _, digest) = run(optimizer, 1e-2);
+            let c = tiny();
+            let data = store();
+            let mut t = Trainer::new(&c, &cpu(), 1).unwrap();
+            let mut sim = Simulation::new(&t, &cfg).unwrap();
+            let mut records = Vec::new();
+            sim.run(&mut t, &data, &cfg, 5, |r| records.push(r.clone()))
+                .unwrap();
+            let dir =
+                std::env::temp_dir().join(format!("starling-sim-resume-{}", std::process::id()));
+            sim.checkpoint(&t, cfg.seed).unwrap().save(&dir).unwrap();
+            drop((sim, t));
+            let ck = Checkpoint::load(&dir).unwrap();
+            std::fs::remove_dir_all(&dir).unwrap();
+            assert_eq!(ck.step, 5);
+            // A fresh process: new model (other initial weights), then resume.
+            let mut t = Trainer::new(&c, &cpu(), 99).unwrap();
+            let mut sim = Simulation::resume(&mut t, &cfg, &ck).unwrap();
+            sim.run(&mut t, &data, &cfg, cfg.steps, |r| records.push(r.clone()))
+                .unwrap();
+            assert_eq!(t.digest().unwrap(), digest, "{optimizer:?}");
+            let losses = |r: &[StepRecord]| r.iter().map(|x| x.loss).collect::<Vec<_>>();
+            assert_eq!(losses(&records), losses(&straight));
+            // The checkpoint refuses settings it was not made with.
+            let mut other = cfg.clone();
+            other.optimizer = if optimizer == distro { adamw } else { distro };
+            assert!(Simulation::resume(&mut t, &other, &ck).is_err());
+            if optimizer == distro {
+                let mut fewer = cfg.clone();
+                fewer.peers = 2;
+                assert!(Simulation::resume(&mut t, &fewer, &ck).is_err());
+            }
+        }
+    }
+
+    #[test]
+    fn nonsense_settings_are_refused() {
+        let c = tiny();
+        let mut t = Trainer::new(&c, &cpu(), 1).unwrap();
+        let mut cfg = config(SimOptimizer::AdamWDdp(AdamWConfig::default()), 1e-3);
+        cfg.seq_len = 1000;
+        assert!(matches!(
+            simulate(&mut t, &store(), &cfg, |_| {}),
+            Err(SimError::Config(_))
+        ));
+    }
+}
