@@ -40,6 +40,8 @@ enum Command {
     Data(data_cmd::DataCommand),
     /// Train several simulated peers in one process (DisTrO or AdamW-DDP), recording every step.
     Sim(sim_cmd::SimArgs),
+    /// Write a checkpoint as a Hugging Face LlamaForCausalLM (config.json + model.safetensors).
+    Export(sim_cmd::ExportArgs),
     /// Benchmarks that answer a question with one table.
     #[command(subcommand)]
     Bench(sim_cmd::BenchCommand),
@@ -61,5 +63,6 @@ fn main() -> Result<()> {
         Command::Data(cmd) => data_cmd::run(cmd),
         Command::Sim(args) => sim_cmd::run_sim(&args),
         Command::Bench(cmd) => sim_cmd::run_bench(cmd),
+        Command::Export(args) => sim_cmd::run_export(&args),
     }
 }

@@ -563,3 +563,28 @@ pub fn run_bench(cmd: BenchCommand) -> Result<()> {
     );
     Ok(())
 }
+
+#[derive(Args, Debug)]
+pub struct ExportArgs {
+    /// Checkpoint directory (made by `starling sim`).
+    #[arg(long, default_value = "runs/sim/checkpoint")]
+    pub checkpoint: PathBuf,
+    /// Output directory for the Hugging Face model.
+    #[arg(long)]
+    pub hf: PathBuf,
+}
+
+pub fn run_export(a: &ExportArgs) -> Result<()> {
+    let ck = Checkpoint::load(&a.checkpoint)
+        .with_context(|| format!("cannot load the checkpoint in {}", a.checkpoint.display()))?;
+    starling_train::export_hf(&ck.model, &ck.params, &a.hf)
+        .with_context(|| format!("cannot export to {}", a.hf.display()))?;
+    say!(
+        "exported {} ({} parameters, step {}) to {} (config.json, model.safetensors; LlamaForCausalLM)",
+        ck.model.name,
+        ck.model.param_count(),
+        ck.step,
+        a.hf.display()
+    );
+    Ok(())
+}
