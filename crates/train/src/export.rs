@@ -47,11 +47,14 @@ fn rotary_permutation(head_dim: usize) -> Vec<usize> {
         .collect()
 }
 
+/// A tensor as written: name, shape, row-major values.
+pub type HfTensor = (String, Vec<usize>, Vec<f32>);
+
 /// The weights in `transformers`' names and layouts, model order.
 pub fn hf_tensors(
     config: &ModelConfig,
     params: &[Vec<f32>],
-) -> Result<Vec<(String, Vec<usize>, Vec<f32>)>, ExportError> {
+) -> Result<Vec<HfTensor>, ExportError> {
     let hf = config.tensor_shapes();
     if params.len() != hf.len() {
         return Err(ExportError::Shape(format!(
