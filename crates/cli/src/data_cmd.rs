@@ -1,22 +1,16 @@
 //! `starling data …`: turn text into the token shards training reads.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result, bail};
-use clap::{Args, Subcommand, ValueEnum};
+use clap::{Args, Subcommand};
 use starling_train::data::shards::{prepare, read_documents};
-use starling_train::embedded_corpus;
+use starling_train::{Tokenizer, embedded_corpus};
 
 #[derive(Subcommand, Debug)]
 pub enum DataCommand {
     /// Tokenize text (plain files, or JSONL with a "text" field) into shards with a JSON index.
     Prepare(PrepareArgs),
-}
-
-#[derive(Clone, Copy, Debug, ValueEnum)]
-pub enum TokenizerChoice {
-    /// One token per UTF-8 byte (vocabulary 256); needs no file.
-    Bytes,
 }
 
 #[derive(Args, Debug)]
@@ -30,9 +24,10 @@ pub struct PrepareArgs {
     /// Output directory (created; shards and index.json are written there).
     #[arg(long)]
     pub output: PathBuf,
-    /// Tokenizer.
-    #[arg(long, value_enum, default_value_t = TokenizerChoice::Bytes)]
-    pub tokenizer: TokenizerChoice,
+    /// `bytes` (one token per UTF-8 byte, vocabulary 256, needs no file) or
+    /// the path of a Hugging Face tokenizer.json.
+    #[arg(long, default_value = "bytes")]
+    pub tokenizer: String,
     /// Most tokens per shard file.
     #[arg(long, default_value_t = 1 << 20)]
     pub shard_tokens: usize,
@@ -45,7 +40,12 @@ pub fn run(cmd: DataCommand) -> Result<()> {
 }
 
 fn prepare_cmd(a: &PrepareArgs) -> Result<()> {
-    let TokenizerChoice::Bytes = a.tokenizer;
+    let tokenizer = if a.tokenizer == "bytes" {
+        Tokenizer::Bytes
+    } else {
+        Tokenizer::from_file(Path::new(&a.tokenizer))
+            .with_context(|| format!("cannot load the tokenizer {}", a.tokenizer))?
+    };
     let docs = match a.embedded {
         Some(0) => bail!("--embedded needs a positive number of bytes"),
         Some(bytes) => vec![embedded_corpus(bytes, 0)],
@@ -60,7 +60,7 @@ fn prepare_cmd(a: &PrepareArgs) -> Result<()> {
             docs
         }
     };
-    let index = prepare(&docs, &a.output, a.shard_tokens)
+    let index = prepare(&docs, &tokenizer, &a.output, a.shard_tokens)
         .with_context(|| format!("cannot prepare shards in {}", a.output.display()))?;
     say!(
         "{} documents -> {} tokens in {} shard(s) ({} tokenizer, vocabulary {}) in {}",

@@ -51,10 +51,7 @@ fn rotary_permutation(head_dim: usize) -> Vec<usize> {
 pub type HfTensor = (String, Vec<usize>, Vec<f32>);
 
 /// The weights in `transformers`' names and layouts, model order.
-pub fn hf_tensors(
-    config: &ModelConfig,
-    params: &[Vec<f32>],
-) -> Result<Vec<HfTensor>, ExportError> {
+pub fn hf_tensors(config: &ModelConfig, params: &[Vec<f32>]) -> Result<Vec<HfTensor>, ExportError> {
     let hf = config.tensor_shapes();
     if params.len() != hf.len() {
         return Err(ExportError::Shape(format!(

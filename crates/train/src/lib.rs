@@ -22,7 +22,7 @@ pub use config::{ConfigError, ModelConfig};
 pub use data::corpus::embedded_corpus;
 pub use data::sampling::{Sampler, Split};
 pub use data::shards::{ShardError, ShardIndex, TokenDtype, TokenStore};
-pub use data::tokenizer::ByteTokenizer;
+pub use data::tokenizer::{ByteTokenizer, Tokenizer, TokenizerError};
 pub use device::{DeviceChoice, DeviceError, SelectedDevice, select_device};
 pub use export::{ExportError, export_hf};
 pub use model::Llama;

@@ -11,7 +11,7 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
-use super::tokenizer::ByteTokenizer;
+use super::tokenizer::Tokenizer;
 
 /// Name of the index file in a shard directory.
 pub const INDEX_FILE: &str = "index.json";
@@ -117,6 +117,9 @@ pub enum ShardError {
     /// Nothing to tokenize.
     #[error("the inputs hold no text")]
     Empty,
+    /// The tokenizer failed or produced an id outside its own vocabulary.
+    #[error("tokenizer: {0}")]
+    Tokenizer(String),
 }
 
 fn io(path: &Path) -> impl FnOnce(std::io::Error) -> ShardError + '_ {
@@ -159,26 +162,37 @@ pub fn read_documents(path: &Path) -> Result<Vec<String>, ShardError> {
     Ok(docs)
 }
 
-/// Tokenizes `documents` (joined by newlines) with the byte tokenizer into
-/// shards of at most `shard_tokens` tokens in `out_dir`, index last.
+/// Tokenizes `documents` into shards of at most `shard_tokens` tokens in
+/// `out_dir`, index last. Byte-level documents are joined by newlines; a
+/// Hugging Face tokenizer marks document starts with its own special tokens.
 pub fn prepare(
     documents: &[String],
+    tokenizer: &Tokenizer,
     out_dir: &Path,
     shard_tokens: usize,
 ) -> Result<ShardIndex, ShardError> {
-    let tokenizer = ByteTokenizer;
     let mut tokens: Vec<u32> = Vec::new();
     for doc in documents {
-        if !tokens.is_empty() {
+        if !tokens.is_empty() && matches!(tokenizer, Tokenizer::Bytes) {
             tokens.push(u32::from(b'\n'));
         }
-        tokens.extend(tokenizer.encode(doc));
+        tokens.extend(
+            tokenizer
+                .encode(doc)
+                .map_err(|e| ShardError::Tokenizer(e.to_string()))?,
+        );
     }
     if tokens.is_empty() {
         return Err(ShardError::Empty);
     }
     fs::create_dir_all(out_dir).map_err(io(out_dir))?;
-    let dtype = TokenDtype::for_vocab(ByteTokenizer::VOCAB);
+    let vocab_size = tokenizer.vocab_size();
+    if let Some(bad) = tokens.iter().find(|&&t| t as usize >= vocab_size) {
+        return Err(ShardError::Tokenizer(format!(
+            "id {bad} is outside its vocabulary of {vocab_size}"
+        )));
+    }
+    let dtype = TokenDtype::for_vocab(vocab_size);
     let mut shards = Vec::new();
     for (n, part) in tokens.chunks(shard_tokens.max(1)).enumerate() {
         let file = format!("shard-{n:05}.bin");
@@ -197,8 +211,8 @@ pub fn prepare(
     }
     let index = ShardIndex {
         format: FORMAT.into(),
-        tokenizer: "bytes".into(),
-        vocab_size: ByteTokenizer::VOCAB,
+        tokenizer: tokenizer.name(),
+        vocab_size,
         dtype,
         shards,
     };
@@ -331,6 +345,7 @@ impl TokenStore {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::data::tokenizer::ByteTokenizer;
 
     fn scratch(name: &str) -> PathBuf {
         let d = std::env::temp_dir().join(format!("starling-shards-{name}-{}", std::process::id()));
@@ -342,7 +357,7 @@ mod tests {
     fn prepare_then_load_roundtrips() {
         let dir = scratch("roundtrip");
         let docs = vec!["hello world".to_string(), "é ünïcode".to_string()];
-        let index = prepare(&docs, &dir, 5).expect("prepare");
+        let index = prepare(&docs, &Tokenizer::Bytes, &dir, 5).expect("prepare");
         assert_eq!(index.shards.len(), 5);
         let store = TokenStore::load(&dir).expect("load");
         assert_eq!(
@@ -384,7 +399,7 @@ mod tests {
     #[test]
     fn damaged_shards_are_refused() {
         let dir = scratch("damaged");
-        prepare(&["abcdef".to_string()], &dir, 4).expect("prepare");
+        prepare(&["abcdef".to_string()], &Tokenizer::Bytes, &dir, 4).expect("prepare");
         // A truncated shard.
         fs::write(dir.join("shard-00001.bin"), [b'e', 0]).expect("write");
         assert!(matches!(
@@ -419,9 +434,23 @@ mod tests {
     }
 
     #[test]
+    fn hugging_face_tokenizers_prepare_shards() {
+        let dir = scratch("hf");
+        let path = crate::data::tokenizer::tests::word_tokenizer(&dir.join("tok"));
+        let tok = Tokenizer::from_file(&path).expect("tokenizer");
+        let docs = vec!["the cow says moo.".to_string(), "moo moo".to_string()];
+        let index = prepare(&docs, &tok, &dir.join("shards"), 3).expect("prepare");
+        assert_eq!(index.tokenizer, "hf:tokenizer.json");
+        assert_eq!(index.vocab_size, 6);
+        let store = TokenStore::load(&dir.join("shards")).expect("load");
+        assert_eq!(store.tokens(), &[1, 2, 3, 4, 5, 4, 4]);
+        fs::remove_dir_all(&dir).expect("clean up");
+    }
+
+    #[test]
     fn empty_input_is_an_error() {
         assert!(matches!(
-            prepare(&[], &scratch("empty"), 10),
+            prepare(&[], &Tokenizer::Bytes, &scratch("empty"), 10),
             Err(ShardError::Empty)
         ));
     }
