@@ -1,10 +1,9 @@
-//! One volunteer's share of training: the data a peer trains on, and (as the
-//! engine grows) the model and its step.
-//!
-//! Today this crate holds the model sizes (shared with DisTrO's chunking and
-//! the Hugging Face export) and the data pipeline: tokenizers, pre-tokenized
-//! shards, the project's own embedded corpus, and the deterministic assignment
-//! of batches to peers that makes a run reproducible and checkable.
+//! One volunteer's share of training, independent of how updates travel:
+//! the model and where it runs, the step that turns a batch into gradients,
+//! the two optimizers (DisTrO and the AdamW baseline), the data a peer trains
+//! on, checkpoints and the Hugging Face export. The swarm drives these a round
+//! at a time; `sim` drives them for several peers in one process to measure
+//! what DisTrO saves and costs. See `docs/TRAINING.md`.
 
 pub mod atomic;
 pub mod checkpoint;
