@@ -184,6 +184,16 @@ impl Checkpoint {
             path: path.clone(),
             source,
         })?;
+        Self::parse(&bytes, path)
+    }
+
+    /// Checks and decodes the bytes of a checkpoint file (e.g. one fetched
+    /// from a peer); errors name it `<bytes>`.
+    pub fn from_bytes(bytes: &[u8]) -> Result<Self, CheckpointError> {
+        Self::parse(bytes, PathBuf::from("<bytes>"))
+    }
+
+    fn parse(bytes: &[u8], path: PathBuf) -> Result<Self, CheckpointError> {
         let format = |reason: String| CheckpointError::Format {
             path: path.clone(),
             reason,
@@ -192,7 +202,7 @@ impl Checkpoint {
             path: path.clone(),
             reason,
         };
-        let (_, header) = SafeTensors::read_metadata(&bytes).map_err(|e| format(e.to_string()))?;
+        let (_, header) = SafeTensors::read_metadata(bytes).map_err(|e| format(e.to_string()))?;
         let meta_json = header
             .metadata()
             .as_ref()
@@ -209,7 +219,7 @@ impl Checkpoint {
         meta.model
             .validate()
             .map_err(|e| invalid(format!("model config: {e}")))?;
-        let st = SafeTensors::deserialize(&bytes).map_err(|e| format(e.to_string()))?;
+        let st = SafeTensors::deserialize(bytes).map_err(|e| format(e.to_string()))?;
         let names = meta.model.stored_shapes();
         let read = |prefix: &str| -> Result<Vec<Vec<f32>>, CheckpointError> {
             names
@@ -283,6 +293,47 @@ mod tests {
     use super::*;
     use crate::trainer::initial_params;
     use crate::trainer::tests::tiny;
+    use proptest::prelude::*;
+
+    fn valid_bytes() -> Vec<u8> {
+        let dir = scratch("bytes");
+        sample(OptimizerSnapshot::Distro(vec![initial_params(&tiny(), 2)]))
+            .save(&dir)
+            .unwrap();
+        let bytes = std::fs::read(dir.join(CHECKPOINT_FILE)).unwrap();
+        std::fs::remove_dir_all(&dir).unwrap();
+        bytes
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(300))]
+        /// Checkpoints may come from other peers: damaged bytes anywhere
+        /// (most often in the header, where sizes and names live) give an
+        /// error or a fully valid checkpoint, never a panic.
+        #[test]
+        fn corrupted_bytes_never_panic(
+            edits in proptest::collection::vec((0usize..4096, any::<u8>()), 1..8),
+            cut in proptest::option::of(0usize..100_000),
+        ) {
+            let mut bytes = valid_bytes();
+            for (at, value) in edits {
+                let i = at % bytes.len();
+                bytes[i] = value;
+            }
+            if let Some(cut) = cut {
+                bytes.truncate(cut.min(bytes.len()));
+            }
+            if let Ok(ck) = Checkpoint::from_bytes(&bytes) {
+                prop_assert_eq!(ck.params.len(), ck.model.stored_shapes().len());
+                prop_assert!(ck.params.iter().flatten().all(|x| x.is_finite()));
+            }
+        }
+
+        #[test]
+        fn random_bytes_never_panic(bytes in proptest::collection::vec(any::<u8>(), 0..512)) {
+            let _ = Checkpoint::from_bytes(&bytes);
+        }
+    }
 
     fn scratch(name: &str) -> PathBuf {
         let d = std::env::temp_dir().join(format!("starling-ckpt-{name}-{}", std::process::id()));
