@@ -279,13 +279,8 @@ mod tests {
 
     #[test]
     fn wgpu_and_cpu_give_the_same_loss() {
-        let gpu = match starling_distro::gpu::wgpu_device() {
-            Ok(d) => d,
-            Err(e) => {
-                assert!(std::env::var_os("STARLING_REQUIRE_GPU").is_none(), "{e}");
-                eprintln!("skipping: {e}");
-                return;
-            }
+        let Some(gpu) = crate::trainer::tests::test_gpu() else {
+            return;
         };
         let model = Llama::new(&tiny(), &cpu());
         let on_gpu = model.clone().to_device(&gpu);

@@ -443,13 +443,8 @@ mod tests {
 
     #[test]
     fn gpu_and_cpu_distro_peers_produce_the_same_weights() {
-        let gpu = match starling_distro::gpu::wgpu_device() {
-            Ok(d) => d,
-            Err(e) => {
-                assert!(std::env::var_os("STARLING_REQUIRE_GPU").is_none(), "{e}");
-                eprintln!("skipping: {e}");
-                return;
-            }
+        let Some(gpu) = crate::trainer::tests::test_gpu() else {
+            return;
         };
         let c = tiny();
         let mut on_cpu = Trainer::new(&c, &cpu(), 1).unwrap();

@@ -465,6 +465,19 @@ pub(crate) mod tests {
         Device::ndarray()
     }
 
+    /// The wgpu device for GPU tests; `None` (the test skips) only where
+    /// `STARLING_REQUIRE_GPU` is unset and no adapter exists.
+    pub(crate) fn test_gpu() -> Option<Device> {
+        match starling_distro::gpu::wgpu_device() {
+            Ok(d) => Some(d),
+            Err(e) => {
+                assert!(std::env::var_os("STARLING_REQUIRE_GPU").is_none(), "{e}");
+                eprintln!("skipping: {e}");
+                None
+            }
+        }
+    }
+
     pub(crate) fn tiny() -> ModelConfig {
         ModelConfig {
             name: "tiny".into(),
