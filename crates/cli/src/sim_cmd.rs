@@ -11,8 +11,9 @@ use serde::Serialize;
 use starling_distro::{DistroConfig, ValueEncoding};
 use starling_train::data::shards::TokenStore;
 use starling_train::{
-    AdamWConfig, ByteTokenizer, Checkpoint, DeviceChoice, ModelConfig, Schedule, SimConfig,
-    SimOptimizer, SimSummary, Simulation, StepRecord, Trainer, embedded_corpus, select_device,
+    AdamWConfig, ByteTokenizer, Checkpoint, DeviceChoice, ModelConfig, Schedule, SelectedDevice,
+    SimConfig, SimOptimizer, SimSummary, Simulation, StepRecord, Trainer, embedded_corpus,
+    select_device,
 };
 
 use crate::distro_cmd::{Values, write_atomic};
@@ -195,6 +196,7 @@ struct Setup<'a> {
     run: &'a RunOpts,
     model: &'a ModelConfig,
     store: &'a TokenStore,
+    device: &'a SelectedDevice,
 }
 
 fn run_one(
@@ -205,9 +207,13 @@ fn run_one(
     out: &Path,
     saving: Option<Saving<'_>>,
 ) -> Result<(SimSummary, Vec<StepRecord>)> {
-    let Setup { run, model, store } = *setup;
+    let Setup {
+        run,
+        model,
+        store,
+        device: selected,
+    } = *setup;
     std::fs::create_dir_all(out).with_context(|| format!("cannot create {}", out.display()))?;
-    let selected = select_device(run.device).context("cannot open the training device")?;
     let mut trainer =
         Trainer::new(model, &selected.device, run.seed).context("cannot build the model")?;
     say!(
@@ -427,6 +433,7 @@ pub fn run_sim(a: &SimArgs) -> Result<()> {
         run: &a.run,
         model: &model,
         store: &store,
+        device: &select_device(a.run.device).context("cannot open the training device")?,
     };
     let (s, _) = run_one(&label, &setup, optimizer, lr, &a.out, Some(saving))?;
     say!(
@@ -494,6 +501,7 @@ pub fn run_bench(cmd: BenchCommand) -> Result<()> {
         run: &a.run,
         model: &model,
         store: &store,
+        device: &select_device(a.run.device).context("cannot open the training device")?,
     };
     let mut done: Vec<(String, f32, SimSummary, Vec<StepRecord>)> = Vec::new();
     for (label, optimizer, lr) in plans {

@@ -20,7 +20,7 @@ use crate::checkpoint::{Checkpoint, OptimizerSnapshot};
 use crate::data::sampling::{Sampler, SamplerError};
 use crate::data::shards::TokenStore;
 use crate::optim::{AdamW, AdamWConfig, DistroPeer, OptimError};
-use crate::trainer::{Batch, Schedule, StepGrads, TrainError, Trainer};
+use crate::trainer::{Batch, Schedule, StepGrads, TrainError, Trainer, clip_global_norm};
 
 /// Which optimizer the simulated peers use.
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -445,40 +445,13 @@ impl Method {
                     .into_iter()
                     .map(|t| t.div_scalar(n))
                     .collect();
-                let mean =
-                    clip_global(mean, clip).map_err(|source| SimError::Train { step, source })?;
+                let (mean, _) = clip_global_norm(mean, clip)
+                    .map_err(|source| SimError::Train { step, source })?;
                 adamw.step(trainer, &mean, lr).map_err(optim)?;
                 Ok(4 * trainer.config().param_count() as u64)
             }
         }
     }
-}
-
-/// Scales `grads` so their global L2 norm is at most `clip` (0: unchanged).
-fn clip_global(
-    grads: Vec<burn::tensor::Tensor<2>>,
-    clip: f32,
-) -> Result<Vec<burn::tensor::Tensor<2>>, TrainError> {
-    if !(clip.is_finite() && clip > 0.0) {
-        return Ok(grads);
-    }
-    let squares: Vec<_> = grads.iter().map(|g| g.clone().square().sum()).collect();
-    let norm = burn::tensor::Tensor::cat(squares, 0)
-        .sum()
-        .try_into_scalar::<f32>()
-        .map_err(|e| TrainError::Read(e.to_string()))?
-        .sqrt();
-    if !norm.is_finite() {
-        return Err(TrainError::NonFinite("gradient norm"));
-    }
-    Ok(if norm > clip {
-        grads
-            .into_iter()
-            .map(|g| g.mul_scalar(clip / norm))
-            .collect()
-    } else {
-        grads
-    })
 }
 
 #[cfg(test)]

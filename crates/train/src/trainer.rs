@@ -175,6 +175,26 @@ fn matrix_view(shape: &[usize]) -> [usize; 2] {
     [g.rows, g.cols]
 }
 
+/// Scales `grads` so their global L2 norm is at most `clip` (unchanged when
+/// `clip` is 0 or not finite); returns them with the norm before scaling.
+pub fn clip_global_norm(
+    grads: Vec<Tensor<2>>,
+    clip: f32,
+) -> Result<(Vec<Tensor<2>>, f32), TrainError> {
+    let squares: Vec<Tensor<1>> = grads.iter().map(|g| g.clone().square().sum()).collect();
+    let norm = read_scalar(Tensor::cat(squares, 0).sum())?.sqrt();
+    if !norm.is_finite() {
+        return Err(TrainError::NonFinite("gradient norm"));
+    }
+    let grads = if clip.is_finite() && clip > 0.0 && norm > clip {
+        let scale = clip / norm;
+        grads.into_iter().map(|g| g.mul_scalar(scale)).collect()
+    } else {
+        grads
+    };
+    Ok((grads, norm))
+}
+
 fn read_vec(t: Tensor<2>) -> Result<Vec<f32>, TrainError> {
     t.try_into_vec_as::<f32>()
         .map_err(|e| TrainError::Read(e.to_string()))
@@ -286,17 +306,7 @@ impl Trainer {
             from = to;
         }
         let tensors = sum.ok_or(TrainError::EmptyBatch)?;
-        let squares: Vec<Tensor<1>> = tensors.iter().map(|g| g.clone().square().sum()).collect();
-        let norm = read_scalar(Tensor::cat(squares, 0).sum())?.sqrt();
-        if !norm.is_finite() {
-            return Err(TrainError::NonFinite("gradient norm"));
-        }
-        let tensors = if clip.is_finite() && clip > 0.0 && norm > clip {
-            let scale = clip / norm;
-            tensors.into_iter().map(|g| g.mul_scalar(scale)).collect()
-        } else {
-            tensors
-        };
+        let (tensors, norm) = clip_global_norm(tensors, clip)?;
         Ok(StepGrads {
             tensors,
             loss: loss as f32,
