@@ -1,0 +1,17 @@
+//! Starling's swarm layer: how a training run travels over iroh.
+//!
+//! This crate moves and checks bytes; it knows nothing of tensors. Updates
+//! arrive as opaque blobs that the node validates through a callback before
+//! they are ever accepted. Everything a peer sends is size-checked before it
+//! is fetched, and verified (signature, run, round, BLAKE3) before it is used.
+
+pub mod bandwidth;
+pub mod message;
+pub mod ticket;
+
+pub use bandwidth::{RateLimiter, Traffic};
+pub use message::{
+    Announce, BlobRef, Body, Manifest, ManifestEntry, Member, Message, MessageError, RoundOpen,
+    RunId, WeightReport,
+};
+pub use ticket::{Ticket, TicketError};

@@ -1,0 +1,380 @@
+//! The small signed messages a run is coordinated with.
+//!
+//! Gossip tells us only which neighbour forwarded a message, never who wrote
+//! it, so every message carries its author's ed25519 signature. The signature
+//! covers a domain tag, the run id and the round as well as the body: a valid
+//! announce for round 7 of one run cannot be replayed as round 8, or into
+//! another run. Messages are postcard-encoded and bounded in size before any
+//! parsing, so a hostile peer can neither crash nor balloon a receiver.
+//!
+//! Nothing here names a coordinator: a [`Manifest`] is valid when it is signed
+//! by whoever the run's state says coordinates that round, so the role can
+//! rotate later without a format change.
+
+use iroh::{EndpointId, PublicKey, SecretKey, Signature};
+use serde::{Deserialize, Serialize};
+
+/// Largest encoded message we accept (gossip's own default limit is 4096 bytes).
+pub const MAX_MESSAGE_BYTES: usize = 4096;
+
+/// Domain-separation tag mixed into every signature.
+const DOMAIN: &[u8] = b"starling/message/v1";
+
+/// Identifies one training run; part of every signed message and update.
+#[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct RunId(pub [u8; 16]);
+
+impl RunId {
+    /// A fresh random run id.
+    pub fn random() -> Self {
+        Self(rand::random())
+    }
+}
+
+impl std::fmt::Debug for RunId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "RunId({self})")
+    }
+}
+
+impl std::fmt::Display for RunId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        for b in &self.0[..8] {
+            write!(f, "{b:02x}")?;
+        }
+        Ok(())
+    }
+}
+
+/// A BLAKE3 content hash of a blob (an update, a checkpoint, a data shard).
+pub type BlobHash = [u8; 32];
+
+/// A reference to a blob: its hash and its exact size in bytes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BlobRef {
+    /// BLAKE3 hash.
+    pub hash: BlobHash,
+    /// Size in bytes.
+    pub size: u64,
+}
+
+/// A member of a round and the loopback/LAN addresses it can be dialled on.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Member {
+    /// The member's endpoint id (its ed25519 public key).
+    pub id: EndpointId,
+    /// Direct addresses it listens on.
+    pub addrs: Vec<std::net::SocketAddr>,
+}
+
+/// The coordinator's statement that a round is open.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RoundOpen {
+    /// Who may train and send updates this round (sorted by id).
+    pub members: Vec<Member>,
+    /// Seed every member derives its batches from.
+    pub seed: u64,
+    /// Unix time in milliseconds after which no announce is accepted.
+    pub deadline_ms: u64,
+    /// The latest checkpoint and the round after whose apply it was taken.
+    pub checkpoint: Option<(u64, BlobRef)>,
+    /// Largest update (bytes) the coordinator will accept this round.
+    pub max_update_bytes: u64,
+}
+
+/// A member's statement that its update for a round is available as a blob.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Announce {
+    /// The update blob.
+    pub update: BlobRef,
+    /// How many DCT components per chunk it carries (what the sender chose to fit its cap).
+    pub topk: u32,
+    /// Tokens the sender trained on for it.
+    pub tokens: u64,
+    /// The sender's local training loss for the round.
+    pub loss: f32,
+}
+
+/// One accepted update in a manifest.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ManifestEntry {
+    /// Who computed it.
+    pub sender: EndpointId,
+    /// The update blob.
+    pub update: BlobRef,
+    /// Tokens it was trained on.
+    pub tokens: u64,
+    /// The sender's reported loss.
+    pub loss: f32,
+}
+
+/// The coordinator's list of the updates every replica applies for a round,
+/// in canonical (sender id) order.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Manifest {
+    /// Accepted updates, sorted by sender, no sender twice.
+    pub entries: Vec<ManifestEntry>,
+}
+
+impl Manifest {
+    /// Whether the entries are in canonical order with no duplicate sender.
+    pub fn is_canonical(&self) -> bool {
+        self.entries.windows(2).all(|w| w[0].sender < w[1].sender)
+    }
+}
+
+/// A replica's hash of its weights after applying a round.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WeightReport {
+    /// Digest of the weights (the trainer's digest).
+    pub digest: u64,
+}
+
+/// The body of a signed message.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[non_exhaustive]
+pub enum Body {
+    /// A round opens.
+    RoundOpen(RoundOpen),
+    /// A member's update is ready.
+    Announce(Announce),
+    /// The set of updates to apply for the round.
+    Manifest(Manifest),
+    /// A weight hash after applying the round.
+    WeightReport(WeightReport),
+}
+
+impl Body {
+    /// Short name for logs.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Body::RoundOpen(_) => "round-open",
+            Body::Announce(_) => "announce",
+            Body::Manifest(_) => "manifest",
+            Body::WeightReport(_) => "weight-report",
+        }
+    }
+}
+
+/// A verified message: who signed it, for which run and round, and what it says.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Message {
+    /// Run it belongs to.
+    pub run_id: RunId,
+    /// Round it belongs to.
+    pub round: u64,
+    /// The signer.
+    pub author: EndpointId,
+    /// The content.
+    pub body: Body,
+}
+
+#[derive(Serialize, Deserialize)]
+struct Envelope {
+    run_id: RunId,
+    round: u64,
+    author: PublicKey,
+    body: Body,
+}
+
+/// Why a received message was rejected.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum MessageError {
+    /// Bigger than [`MAX_MESSAGE_BYTES`].
+    #[error("message of {0} bytes exceeds the {MAX_MESSAGE_BYTES}-byte limit")]
+    TooLarge(usize),
+    /// Shorter than a signature.
+    #[error("message too short to carry a signature")]
+    Truncated,
+    /// The bytes do not decode.
+    #[error("malformed message: {0}")]
+    Malformed(#[from] postcard::Error),
+    /// The signature does not match the author's key.
+    #[error("bad signature on a message claiming to be from {0}")]
+    BadSignature(EndpointId),
+    /// The message belongs to a different run.
+    #[error("message for run {got}, this run is {expected}")]
+    WrongRun {
+        /// This node's run.
+        expected: RunId,
+        /// The run the message names.
+        got: RunId,
+    },
+}
+
+impl Message {
+    /// Encode and sign a message as `key`; fails only if it would be too large to send.
+    pub fn sign(
+        key: &SecretKey,
+        run_id: RunId,
+        round: u64,
+        body: Body,
+    ) -> Result<Vec<u8>, MessageError> {
+        let envelope = Envelope {
+            run_id,
+            round,
+            author: key.public(),
+            body,
+        };
+        let mut bytes = postcard::to_stdvec(&envelope)?;
+        let signature = key.sign(&signed_bytes(&bytes));
+        bytes.extend_from_slice(&signature.to_bytes());
+        if bytes.len() > MAX_MESSAGE_BYTES {
+            return Err(MessageError::TooLarge(bytes.len()));
+        }
+        Ok(bytes)
+    }
+
+    /// Check size, decode, check run and verify the signature.
+    pub fn verify(bytes: &[u8], run_id: RunId) -> Result<Message, MessageError> {
+        if bytes.len() > MAX_MESSAGE_BYTES {
+            return Err(MessageError::TooLarge(bytes.len()));
+        }
+        let Some(split) = bytes.len().checked_sub(Signature::LENGTH) else {
+            return Err(MessageError::Truncated);
+        };
+        let (payload, sig) = bytes.split_at(split);
+        let envelope: Envelope = postcard::from_bytes(payload)?;
+        let mut sig_bytes = [0u8; Signature::LENGTH];
+        sig_bytes.copy_from_slice(sig);
+        let signature = Signature::from_bytes(&sig_bytes);
+        envelope
+            .author
+            .verify(&signed_bytes(payload), &signature)
+            .map_err(|_| MessageError::BadSignature(envelope.author))?;
+        if envelope.run_id != run_id {
+            return Err(MessageError::WrongRun {
+                expected: run_id,
+                got: envelope.run_id,
+            });
+        }
+        Ok(Message {
+            run_id: envelope.run_id,
+            round: envelope.round,
+            author: envelope.author,
+            body: envelope.body,
+        })
+    }
+}
+
+fn signed_bytes(payload: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(DOMAIN.len() + payload.len());
+    out.extend_from_slice(DOMAIN);
+    out.extend_from_slice(payload);
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn key(seed: u8) -> SecretKey {
+        SecretKey::from_bytes(&[seed; 32])
+    }
+
+    fn announce() -> Body {
+        Body::Announce(Announce {
+            update: BlobRef {
+                hash: [7; 32],
+                size: 1234,
+            },
+            topk: 8,
+            tokens: 4096,
+            loss: 3.5,
+        })
+    }
+
+    #[test]
+    fn round_trip_keeps_everything() {
+        let run = RunId([1; 16]);
+        let bytes = Message::sign(&key(3), run, 9, announce()).unwrap();
+        let msg = Message::verify(&bytes, run).unwrap();
+        assert_eq!(msg.author, key(3).public());
+        assert_eq!(msg.round, 9);
+        assert_eq!(msg.body, announce());
+    }
+
+    #[test]
+    fn tampered_round_or_body_is_rejected() {
+        let run = RunId([1; 16]);
+        let bytes = Message::sign(&key(3), run, 9, announce()).unwrap();
+        // Re-encode the same envelope with another round but the old signature.
+        let split = bytes.len() - Signature::LENGTH;
+        let mut env: Envelope = postcard::from_bytes(&bytes[..split]).unwrap();
+        env.round = 10;
+        let mut forged = postcard::to_stdvec(&env).unwrap();
+        forged.extend_from_slice(&bytes[split..]);
+        assert!(matches!(
+            Message::verify(&forged, run),
+            Err(MessageError::BadSignature(_))
+        ));
+        // Claiming another author fails too.
+        env.round = 9;
+        env.author = key(4).public();
+        let mut forged = postcard::to_stdvec(&env).unwrap();
+        forged.extend_from_slice(&bytes[split..]);
+        assert!(matches!(
+            Message::verify(&forged, run),
+            Err(MessageError::BadSignature(_))
+        ));
+    }
+
+    #[test]
+    fn other_run_is_rejected() {
+        let bytes = Message::sign(&key(3), RunId([1; 16]), 9, announce()).unwrap();
+        assert!(matches!(
+            Message::verify(&bytes, RunId([2; 16])),
+            Err(MessageError::WrongRun { .. })
+        ));
+    }
+
+    #[test]
+    fn oversized_is_rejected_before_parsing() {
+        let bytes = vec![0u8; MAX_MESSAGE_BYTES + 1];
+        assert!(matches!(
+            Message::verify(&bytes, RunId([0; 16])),
+            Err(MessageError::TooLarge(_))
+        ));
+    }
+
+    #[test]
+    fn canonical_manifest_order() {
+        let mut ids: Vec<_> = (1..4).map(|i| key(i).public()).collect();
+        ids.sort();
+        let entry = |sender| ManifestEntry {
+            sender,
+            update: BlobRef {
+                hash: [0; 32],
+                size: 1,
+            },
+            tokens: 1,
+            loss: 1.0,
+        };
+        let good = Manifest {
+            entries: ids.iter().map(|&i| entry(i)).collect(),
+        };
+        assert!(good.is_canonical());
+        let dup = Manifest {
+            entries: vec![entry(ids[0]), entry(ids[0])],
+        };
+        assert!(!dup.is_canonical());
+    }
+
+    proptest! {
+        #[test]
+        fn arbitrary_bytes_never_panic(bytes in proptest::collection::vec(any::<u8>(), 0..600)) {
+            let _ = Message::verify(&bytes, RunId([1; 16]));
+        }
+
+        #[test]
+        fn any_single_bit_flip_is_rejected(pos in 0usize..10_000, bit in 0u8..8) {
+            let run = RunId([1; 16]);
+            let mut bytes = Message::sign(&key(3), run, 9, announce()).unwrap();
+            let pos = pos % bytes.len();
+            bytes[pos] ^= 1 << bit;
+            prop_assert!(Message::verify(&bytes, run).is_err());
+        }
+    }
+}
