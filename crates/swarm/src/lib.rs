@@ -6,12 +6,20 @@
 //! is fetched, and verified (signature, run, round, BLAKE3) before it is used.
 
 pub mod bandwidth;
+pub mod control;
 pub mod message;
+pub mod net;
 pub mod ticket;
 
 pub use bandwidth::{RateLimiter, Traffic};
+pub use control::{CONTROL_ALPN, Request, Response, RunState};
+pub use iroh::{EndpointId, SecretKey};
 pub use message::{
     Announce, BlobRef, Body, Manifest, ManifestEntry, Member, Message, MessageError, RoundOpen,
     RunId, WeightReport,
+};
+pub use net::{
+    BroadcastError, ControlError, ControlHandler, FetchError, Net, NetConfig, NetEvent,
+    PublishError, SpawnError,
 };
 pub use ticket::{Ticket, TicketError};

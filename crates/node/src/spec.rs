@@ -1,0 +1,324 @@
+//! What a run is: the host's `RUN.toml`, and the resolved spec it ships to
+//! every volunteer.
+//!
+//! The TOML is for people (presets by name, sensible defaults, unknown keys
+//! rejected so a typo is an error rather than a silently ignored setting). The
+//! resolved [`RunSpec`] is for machines: the full model config rather than a
+//! preset name, so a volunteer never needs the host's files to reproduce the
+//! exact model, data and schedule every replica must agree on.
+
+use std::path::Path;
+
+use serde::{Deserialize, Serialize};
+use starling_distro::{DistroConfig, ValueEncoding};
+use starling_train::{ModelConfig, Schedule};
+
+/// Why a run file was rejected.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum SpecError {
+    /// The file could not be read.
+    #[error("cannot read {path}: {source}")]
+    Read {
+        /// The file.
+        path: String,
+        /// The I/O error.
+        source: std::io::Error,
+    },
+    /// Not valid TOML, or unknown/mistyped keys.
+    #[error("{0}")]
+    Toml(#[from] toml::de::Error),
+    /// Not a valid resolved spec.
+    #[error("run spec is not valid JSON: {0}")]
+    Json(#[from] serde_json::Error),
+    /// The model is neither a preset nor a readable config.
+    #[error("model {0:?} is neither a preset (nano, small, 125m, 1b) nor a model config file")]
+    Model(String),
+    /// A value is out of range.
+    #[error("{0}")]
+    Invalid(String),
+}
+
+/// The host's run file, as written by a person.
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RunFile {
+    /// What is trained.
+    #[serde(default)]
+    pub run: RunSection,
+    /// Round timing and acceptance.
+    #[serde(default)]
+    pub rounds: RoundsSection,
+    /// Who may join.
+    #[serde(default)]
+    pub members: MembersSection,
+}
+
+/// `[run]`: model, data, optimizer.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RunSection {
+    /// A human name for the run.
+    pub name: String,
+    /// A model preset or the path of a model config JSON.
+    pub model: String,
+    /// Seed of the initial weights and of every batch.
+    pub seed: u64,
+    /// Rounds to run (0: until stopped).
+    pub total_rounds: u64,
+    /// Bytes of the embedded corpus every replica generates.
+    pub corpus_bytes: usize,
+    /// Sequences each member trains on per round.
+    pub batch: usize,
+    /// Sequences per forward/backward pass.
+    pub micro_batch: usize,
+    /// Tokens per sequence.
+    pub seq_len: usize,
+    /// Peak learning rate.
+    pub lr: f32,
+    /// Warmup rounds.
+    pub warmup: u64,
+    /// Final learning rate as a fraction of the peak (cosine over `total_rounds`).
+    pub final_lr: f32,
+    /// Per-member global-norm gradient clipping (0: off).
+    pub clip: f32,
+    /// DCT components kept per chunk at most (a member may send fewer to fit its cap).
+    pub topk: usize,
+    /// `"f32"`, `"bf16"` or `"sign"`.
+    pub values: String,
+    /// Momentum decay.
+    pub decay: f32,
+    /// Held-out sequences per evaluation.
+    pub eval_sequences: usize,
+}
+
+impl Default for RunSection {
+    fn default() -> Self {
+        Self {
+            name: "starling run".into(),
+            model: "nano".into(),
+            seed: 0,
+            total_rounds: 0,
+            corpus_bytes: 2 << 20,
+            batch: 4,
+            micro_batch: 4,
+            seq_len: 64,
+            lr: 3e-3,
+            warmup: 10,
+            final_lr: 0.1,
+            clip: 1.0,
+            topk: 32,
+            values: "f32".into(),
+            decay: 0.999,
+            eval_sequences: 16,
+        }
+    }
+}
+
+/// `[rounds]`: timing, checkpoints, acceptance.
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct RoundsSection {
+    /// Seconds from a round's opening to its deadline for announces.
+    pub window_secs: f64,
+    /// Close a round early once every member has announced.
+    pub close_when_complete: bool,
+    /// Write a checkpoint every this many rounds.
+    pub checkpoint_every: u64,
+    /// Members report their weight hash every this many rounds.
+    pub report_every: u64,
+    /// Evaluate the held-out loss every this many rounds (on the host).
+    pub eval_every: u64,
+    /// Largest update accepted, in bytes.
+    pub max_update_bytes: u64,
+    /// Drop updates whose norm exceeds this multiple of the round's median (0: off).
+    pub robust_norm_factor: f32,
+    /// Invalid updates after which a member is removed from the run.
+    pub max_faults: u32,
+}
+
+impl Default for RoundsSection {
+    fn default() -> Self {
+        Self {
+            window_secs: 30.0,
+            close_when_complete: true,
+            checkpoint_every: 10,
+            report_every: 5,
+            eval_every: 5,
+            max_update_bytes: 8 << 20,
+            robust_norm_factor: 5.0,
+            max_faults: 3,
+        }
+    }
+}
+
+/// `[members]`: who may connect.
+#[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct MembersSection {
+    /// Endpoint ids allowed to join; empty means anyone with the ticket.
+    pub allow: Vec<String>,
+}
+
+/// The resolved run every replica reproduces exactly.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RunSpec {
+    /// The full model config.
+    pub model: ModelConfig,
+    /// The `[run]` settings (`model` keeps the name the host gave).
+    pub run: RunSection,
+    /// Round settings.
+    pub rounds: RoundsSection,
+}
+
+fn parse_values(s: &str) -> Result<ValueEncoding, SpecError> {
+    match s {
+        "f32" => Ok(ValueEncoding::F32),
+        "bf16" => Ok(ValueEncoding::Bf16),
+        "sign" => Ok(ValueEncoding::Sign),
+        other => Err(SpecError::Invalid(format!(
+            "values = {other:?}: use \"f32\", \"bf16\" or \"sign\""
+        ))),
+    }
+}
+
+impl RunFile {
+    /// Read and parse a run file.
+    pub fn load(path: &Path) -> Result<Self, SpecError> {
+        let text = std::fs::read_to_string(path).map_err(|source| SpecError::Read {
+            path: path.display().to_string(),
+            source,
+        })?;
+        Self::parse(&text)
+    }
+
+    /// Parse run-file text.
+    pub fn parse(text: &str) -> Result<Self, SpecError> {
+        Ok(toml::from_str(text)?)
+    }
+
+    /// Resolve presets and check every value; `base` is where relative paths start.
+    pub fn resolve(&self, base: &Path) -> Result<RunSpec, SpecError> {
+        let r = &self.run;
+        let model = match ModelConfig::preset(&r.model) {
+            Ok(m) => m,
+            Err(_) => {
+                let path = base.join(&r.model);
+                let text = std::fs::read_to_string(&path)
+                    .map_err(|_| SpecError::Model(r.model.clone()))?;
+                ModelConfig::from_json(&text).map_err(|_| SpecError::Model(r.model.clone()))?
+            }
+        };
+        let spec = RunSpec {
+            model,
+            run: r.clone(),
+            rounds: self.rounds.clone(),
+        };
+        spec.check()?;
+        Ok(spec)
+    }
+}
+
+impl RunSpec {
+    /// The learning-rate schedule over rounds.
+    pub fn schedule(&self) -> Schedule {
+        Schedule {
+            peak: self.run.lr,
+            warmup: self.run.warmup,
+            total: self.run.total_rounds.max(1),
+            final_fraction: self.run.final_lr,
+        }
+    }
+
+    /// The DisTrO settings (its top-k is the ceiling a member may send).
+    pub fn distro(&self) -> Result<DistroConfig, SpecError> {
+        Ok(DistroConfig {
+            topk: self.run.topk,
+            values: parse_values(&self.run.values)?,
+            decay: self.run.decay,
+            ..DistroConfig::default()
+        })
+    }
+
+    /// Check every value is usable (also run on specs received from a host).
+    pub fn check(&self) -> Result<(), SpecError> {
+        let bad = |m: &str| Err(SpecError::Invalid(m.into()));
+        let r = &self.run;
+        if r.batch == 0 || r.micro_batch == 0 || r.eval_sequences == 0 {
+            return bad("batch, micro_batch and eval_sequences must be at least 1");
+        }
+        if r.seq_len == 0 || r.seq_len > self.model.max_seq_len {
+            return bad("seq_len must be between 1 and the model's max_seq_len");
+        }
+        if r.corpus_bytes < 64 * 1024 || r.corpus_bytes > 1 << 30 {
+            return bad("corpus_bytes must be between 64 KiB and 1 GiB");
+        }
+        if !(r.lr.is_finite() && r.lr > 0.0 && r.final_lr.is_finite()) {
+            return bad("lr must be positive and final_lr finite");
+        }
+        if !(r.clip.is_finite() && r.clip >= 0.0) {
+            return bad("clip must be 0 (off) or positive");
+        }
+        if r.topk == 0 || !(r.decay > 0.0 && r.decay < 1.0) {
+            return bad("topk must be at least 1 and decay between 0 and 1");
+        }
+        self.distro()?;
+        let rd = &self.rounds;
+        if !(rd.window_secs.is_finite() && rd.window_secs >= 0.5 && rd.window_secs <= 86_400.0) {
+            return bad("rounds.window_secs must be between 0.5 and 86400");
+        }
+        if rd.checkpoint_every == 0 || rd.report_every == 0 || rd.eval_every == 0 {
+            return bad("checkpoint_every, report_every and eval_every must be at least 1");
+        }
+        if rd.max_update_bytes < 1024 {
+            return bad("rounds.max_update_bytes must be at least 1024");
+        }
+        if !(rd.robust_norm_factor.is_finite() && rd.robust_norm_factor >= 0.0) {
+            return bad("rounds.robust_norm_factor must be 0 (off) or positive");
+        }
+        Ok(())
+    }
+
+    /// Encode for the wire.
+    pub fn to_bytes(&self) -> Vec<u8> {
+        serde_json::to_vec(self).unwrap_or_default()
+    }
+
+    /// Decode and check a spec received from a host.
+    pub fn from_bytes(bytes: &[u8]) -> Result<Self, SpecError> {
+        let spec: RunSpec = serde_json::from_slice(bytes)?;
+        spec.check()?;
+        Ok(spec)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_resolve_and_round_trip() {
+        let spec = RunFile::parse("").unwrap().resolve(Path::new(".")).unwrap();
+        assert_eq!(spec.model.name, "nano");
+        assert_eq!(spec.distro().unwrap().topk, 32);
+        assert_eq!(RunSpec::from_bytes(&spec.to_bytes()).unwrap(), spec);
+    }
+
+    #[test]
+    fn typos_and_bad_values_are_errors() {
+        let typo = RunFile::parse("[run]\nmodle = \"nano\"\n").unwrap_err();
+        assert!(typo.to_string().contains("modle"), "{typo}");
+        let bad = RunFile::parse("[run]\nvalues = \"bf8\"\n")
+            .unwrap()
+            .resolve(Path::new("."))
+            .unwrap_err();
+        assert!(bad.to_string().contains("bf8"));
+        let window = RunFile::parse("[rounds]\nwindow_secs = 0.0\n")
+            .unwrap()
+            .resolve(Path::new("."))
+            .unwrap_err();
+        assert!(window.to_string().contains("window_secs"));
+        assert!(RunSpec::from_bytes(b"{\"name\": 3}").is_err());
+    }
+}

@@ -1,0 +1,66 @@
+//! The control protocol: a volunteer asks the coordinator for the run.
+//!
+//! Gossip is fast but lossy; a node that just started, restarted or missed a
+//! manifest needs one reliable answer to "where is the run now?". That answer
+//! comes over a direct QUIC stream to the coordinator: the run's spec, the
+//! latest checkpoint, the signed manifests since it and the round now open.
+//! Everything in it is either signed by the coordinator or content-addressed,
+//! so the reply can be cached and forwarded later without being trusted.
+
+use std::net::SocketAddr;
+
+use serde::{Deserialize, Serialize};
+
+use crate::message::{BlobRef, RunId};
+
+/// ALPN of the control protocol.
+pub const CONTROL_ALPN: &[u8] = b"starling/control/1";
+
+/// Largest control request accepted.
+pub const MAX_REQUEST_BYTES: usize = 16 * 1024;
+/// Largest control response accepted.
+pub const MAX_RESPONSE_BYTES: usize = 64 << 20;
+
+/// A request to the coordinator.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[non_exhaustive]
+pub enum Request {
+    /// Join the run (or refresh): the caller's addresses, and the first round
+    /// whose manifest it lacks (`None`: send everything since the checkpoint).
+    Join {
+        /// The run the caller means to join.
+        run_id: RunId,
+        /// Where the caller can be dialled.
+        addrs: Vec<SocketAddr>,
+        /// First round the caller needs a manifest for.
+        since: Option<u64>,
+    },
+}
+
+/// The coordinator's answer.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[non_exhaustive]
+pub enum Response {
+    /// The run as it stands.
+    State(RunState),
+    /// Not admitted, and why (shown to the volunteer).
+    Refused {
+        /// Human-readable reason.
+        reason: String,
+    },
+}
+
+/// Where a run stands.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct RunState {
+    /// The run's spec (opaque here; the node parses and checks it).
+    pub spec: Vec<u8>,
+    /// The latest checkpoint: the last round it includes, and the blob.
+    pub checkpoint: Option<(u64, BlobRef)>,
+    /// Signed manifests (`Message` bytes) after the checkpoint, in round order.
+    pub manifests: Vec<Vec<u8>>,
+    /// The signed `RoundOpen` of the round in progress, if any.
+    pub round_open: Option<Vec<u8>>,
+    /// The round the run will open next when none is open.
+    pub next_round: u64,
+}

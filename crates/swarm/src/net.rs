@@ -1,0 +1,806 @@
+//! One node's presence in a run: an iroh endpoint with the blob store, the
+//! run's gossip topic and the control protocol, behind a membership gate and
+//! the node's bandwidth caps.
+//!
+//! Design choices, each for a reason users of volunteer networks gave:
+//! - The gate runs after the TLS handshake on every connection, in both
+//!   directions and for every protocol, so a non-member never reaches the
+//!   blob store, the gossip topic or the coordinator.
+//! - Upload caps act on the blob provider's throttle events (it pauses after
+//!   every ~16 KiB leaf until the bucket allows more); download caps act on a
+//!   wrapped receive stream, which back-pressures the sender through QUIC flow
+//!   control. Both share one bucket per direction, so the cap holds whatever
+//!   the number of concurrent transfers.
+//! - A blob's size is proven against its hash before it is fetched, so an
+//!   announce that lies about its size, or an update bigger than the round
+//!   allows, costs one chunk, not the download.
+//! - Fetched blobs carry a per-round tag and are dropped by the store's
+//!   garbage collector once the round's tags go: memory stays bounded.
+
+use std::{
+    collections::HashSet,
+    future::Future,
+    net::SocketAddr,
+    pin::Pin,
+    sync::{
+        Arc, RwLock,
+        atomic::{AtomicBool, Ordering},
+    },
+    time::Duration,
+};
+
+use bytes::Bytes;
+use iroh::{
+    Endpoint, EndpointAddr, EndpointId, SecretKey, TransportAddr,
+    address_lookup::MemoryLookup,
+    endpoint::{AfterHandshakeOutcome, Connection, EndpointHooks, PortmapperConfig, presets},
+    protocol::{AcceptError, ProtocolHandler, Router},
+};
+use iroh_blobs::{
+    BlobsProtocol, Hash,
+    get::{StreamPair, request::get_verified_size},
+    provider::events::{EventMask, EventSender, ProviderMessage, ThrottleMode},
+    store::{
+        GcConfig,
+        mem::{MemStore, Options},
+    },
+};
+use iroh_gossip::{
+    Gossip, TopicId,
+    api::{Event, GossipSender},
+};
+use n0_future::StreamExt;
+use tokio::{sync::mpsc, time::timeout};
+use tracing::{debug, warn};
+
+use crate::{
+    bandwidth::Traffic,
+    control::{CONTROL_ALPN, MAX_REQUEST_BYTES, MAX_RESPONSE_BYTES, Request, Response},
+    message::{BlobRef, MAX_MESSAGE_BYTES, Member, Message, MessageError, RunId},
+};
+
+/// Gossip frame limit, identical on every node (a larger frame drops the link).
+const GOSSIP_MAX_MESSAGE: usize = MAX_MESSAGE_BYTES + 1024;
+/// How long dialling a peer may take.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+/// How often unreferenced blobs are collected.
+const GC_INTERVAL: Duration = Duration::from_secs(5);
+
+/// Answers control requests (the coordinator's side of [`Request`]).
+pub type ControlHandler = Arc<
+    dyn Fn(EndpointId, Request) -> Pin<Box<dyn Future<Output = Response> + Send>> + Send + Sync,
+>;
+
+/// How to start a node's network side.
+#[derive(Clone)]
+pub struct NetConfig {
+    /// The node's identity.
+    pub secret_key: SecretKey,
+    /// Where to listen (e.g. `127.0.0.1:0`; a coordinator keeps its port across restarts).
+    pub bind: SocketAddr,
+    /// The run.
+    pub run_id: RunId,
+    /// Caps and counters.
+    pub traffic: Traffic,
+    /// Accept connections from anyone (a coordinator of an open run).
+    pub open: bool,
+    /// Coordinator only: answers control requests.
+    pub control: Option<ControlHandler>,
+    /// Peers to start gossip from (the coordinator, for a volunteer).
+    pub bootstrap: Vec<Member>,
+}
+
+/// Something the network layer saw that the node should know about.
+#[derive(Clone, Debug)]
+#[non_exhaustive]
+pub enum NetEvent {
+    /// A verified message from the run's gossip topic.
+    Message(Message),
+    /// A connection from a non-member was refused.
+    Refused(EndpointId),
+    /// A gossip message failed verification; `via` is the neighbour that forwarded it.
+    BadMessage {
+        /// The forwarding neighbour (not necessarily the author).
+        via: EndpointId,
+        /// What was wrong.
+        error: String,
+    },
+}
+
+/// Why the network could not start.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum SpawnError {
+    /// The listen address is unusable.
+    #[error("cannot listen on {addr}: {reason}")]
+    Bind {
+        /// The address.
+        addr: SocketAddr,
+        /// What failed.
+        reason: String,
+    },
+    /// Joining the run's gossip topic failed.
+    #[error("cannot join the run's gossip topic: {0}")]
+    Gossip(String),
+}
+
+/// Why a blob could not be fetched.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum FetchError {
+    /// The declared size exceeds what the caller accepts.
+    #[error("blob of {size} bytes exceeds the {max}-byte limit")]
+    TooLarge {
+        /// Declared size.
+        size: u64,
+        /// The limit.
+        max: u64,
+    },
+    /// The provider proved a size other than the one declared.
+    #[error("declared {declared} bytes but the blob has {actual}")]
+    SizeMismatch {
+        /// What the announce said.
+        declared: u64,
+        /// What the provider proved.
+        actual: u64,
+    },
+    /// No provider could deliver it.
+    #[error("no provider delivered the blob (last error: {0})")]
+    Unavailable(String),
+    /// The local store failed.
+    #[error("blob store: {0}")]
+    Store(String),
+}
+
+/// Why a blob could not be published.
+#[derive(Debug, thiserror::Error)]
+#[error("cannot store the blob: {0}")]
+pub struct PublishError(String);
+
+/// Why a control request failed.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ControlError {
+    /// The coordinator could not be reached.
+    #[error("cannot reach the coordinator: {0}")]
+    Unreachable(String),
+    /// The exchange broke off.
+    #[error("the coordinator's answer broke off: {0}")]
+    Transport(String),
+    /// The answer did not decode.
+    #[error("the coordinator's answer is malformed: {0}")]
+    Malformed(#[from] postcard::Error),
+}
+
+/// Why a gossip broadcast failed.
+#[derive(Debug, thiserror::Error)]
+#[error("gossip broadcast failed: {0}")]
+pub struct BroadcastError(String);
+
+#[derive(Debug)]
+struct Gate {
+    open: AtomicBool,
+    allowed: RwLock<HashSet<EndpointId>>,
+    events: mpsc::Sender<NetEvent>,
+}
+
+impl Gate {
+    fn allows(&self, id: &EndpointId) -> bool {
+        self.open.load(Ordering::Relaxed)
+            || self
+                .allowed
+                .read()
+                .unwrap_or_else(|e| e.into_inner())
+                .contains(id)
+    }
+}
+
+#[derive(Debug)]
+struct GateHook(Arc<Gate>);
+
+impl EndpointHooks for GateHook {
+    async fn after_handshake<'a>(&'a self, conn: &'a Connection) -> AfterHandshakeOutcome {
+        let remote = conn.remote_id();
+        if self.0.allows(&remote) {
+            AfterHandshakeOutcome::Accept
+        } else {
+            let _ = self.0.events.try_send(NetEvent::Refused(remote));
+            AfterHandshakeOutcome::Reject {
+                error_code: 403u32.into(),
+                reason: b"not a member of this run".to_vec(),
+            }
+        }
+    }
+}
+
+#[derive(Clone)]
+struct ControlProtocol(ControlHandler);
+
+impl std::fmt::Debug for ControlProtocol {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("ControlProtocol")
+    }
+}
+
+impl ProtocolHandler for ControlProtocol {
+    async fn accept(&self, connection: Connection) -> Result<(), AcceptError> {
+        let from = connection.remote_id();
+        let (mut send, mut recv) = connection.accept_bi().await?;
+        let bytes = recv
+            .read_to_end(MAX_REQUEST_BYTES)
+            .await
+            .map_err(AcceptError::from_err)?;
+        let response = match postcard::from_bytes::<Request>(&bytes) {
+            Ok(request) => (self.0)(from, request).await,
+            Err(e) => Response::Refused {
+                reason: format!("malformed request: {e}"),
+            },
+        };
+        let out = postcard::to_stdvec(&response).map_err(AcceptError::from_err)?;
+        send.write_all(&out).await.map_err(AcceptError::from_err)?;
+        send.finish()?;
+        // Let the client read everything before the connection drops.
+        let _ = timeout(Duration::from_secs(30), connection.closed()).await;
+        Ok(())
+    }
+}
+
+/// A receive stream that takes download tokens before handing bytes on.
+struct Throttled<R> {
+    inner: R,
+    traffic: Traffic,
+}
+
+async fn pace(traffic: &Traffic, n: usize) {
+    traffic.total.add_down(n as u64);
+    traffic.down.acquire(n as u64).await;
+}
+
+impl<R: iroh_blobs::util::RecvStream> iroh_blobs::util::RecvStream for Throttled<R> {
+    async fn recv_bytes(&mut self, len: usize) -> std::io::Result<Bytes> {
+        let b = self.inner.recv_bytes(len).await?;
+        pace(&self.traffic, b.len()).await;
+        Ok(b)
+    }
+    async fn recv_bytes_exact(&mut self, len: usize) -> std::io::Result<Bytes> {
+        let b = self.inner.recv_bytes_exact(len).await?;
+        pace(&self.traffic, b.len()).await;
+        Ok(b)
+    }
+    async fn recv_exact(&mut self, target: &mut [u8]) -> std::io::Result<()> {
+        self.inner.recv_exact(target).await?;
+        pace(&self.traffic, target.len()).await;
+        Ok(())
+    }
+    fn stop(&mut self, code: iroh::endpoint::VarInt) -> std::io::Result<()> {
+        self.inner.stop(code)
+    }
+    fn id(&self) -> u64 {
+        self.inner.id()
+    }
+}
+
+/// Answers the blob provider's throttle requests from the upload bucket.
+fn upload_throttle(traffic: Traffic) -> EventSender {
+    let mask = EventMask {
+        throttle: ThrottleMode::Intercept,
+        ..EventMask::DEFAULT
+    };
+    let (tx, mut rx) = EventSender::channel(256, mask);
+    tokio::spawn(async move {
+        while let Some(msg) = rx.recv().await {
+            if let ProviderMessage::Throttle(m) = msg {
+                traffic.total.add_up(m.size);
+                let wait = traffic.up.reserve(m.size);
+                tokio::spawn(async move {
+                    if !wait.is_zero() {
+                        tokio::time::sleep(wait).await;
+                    }
+                    m.tx.send(Ok(())).await.ok();
+                });
+            }
+        }
+    });
+    tx
+}
+
+/// The gossip topic of a run.
+fn topic_of(run_id: RunId) -> TopicId {
+    let mut seed = b"starling/topic/".to_vec();
+    seed.extend_from_slice(&run_id.0);
+    TopicId::from_bytes(*Hash::new(seed).as_bytes())
+}
+
+fn endpoint_addr(member: &Member) -> EndpointAddr {
+    EndpointAddr::from_parts(
+        member.id,
+        member.addrs.iter().copied().map(TransportAddr::Ip),
+    )
+}
+
+/// A running node's network side.
+pub struct Net {
+    router: Router,
+    store: MemStore,
+    gossip: Gossip,
+    sender: GossipSender,
+    lookup: MemoryLookup,
+    gate: Arc<Gate>,
+    key: SecretKey,
+    run_id: RunId,
+    traffic: Traffic,
+}
+
+impl Net {
+    /// Bind the endpoint, start serving blobs, gossip and (for a coordinator)
+    /// control requests. Returns the node and its event stream.
+    pub async fn spawn(config: NetConfig) -> Result<(Self, mpsc::Receiver<NetEvent>), SpawnError> {
+        let (events_tx, events_rx) = mpsc::channel(4096);
+        let gate = Arc::new(Gate {
+            open: AtomicBool::new(config.open),
+            allowed: RwLock::new(config.bootstrap.iter().map(|m| m.id).collect()),
+            events: events_tx.clone(),
+        });
+        let lookup = MemoryLookup::new();
+        for m in &config.bootstrap {
+            lookup.add_endpoint_info(endpoint_addr(m));
+        }
+        let bind_err = |reason: String| SpawnError::Bind {
+            addr: config.bind,
+            reason,
+        };
+        let endpoint = Endpoint::builder(presets::Minimal)
+            .secret_key(config.secret_key.clone())
+            .clear_ip_transports()
+            .bind_addr(config.bind)
+            .map_err(|e| bind_err(e.to_string()))?
+            .portmapper_config(PortmapperConfig::Disabled)
+            .address_lookup(lookup.clone())
+            .hooks(GateHook(gate.clone()))
+            .bind()
+            .await
+            .map_err(|e| bind_err(e.to_string()))?;
+        let store = MemStore::new_with_opts(Options {
+            gc_config: Some(GcConfig {
+                interval: GC_INTERVAL,
+                add_protected: None,
+            }),
+        });
+        let blobs = BlobsProtocol::new(&store, Some(upload_throttle(config.traffic.clone())));
+        let gossip = Gossip::builder()
+            .max_message_size(GOSSIP_MAX_MESSAGE)
+            .spawn(endpoint.clone());
+        let mut router = Router::builder(endpoint)
+            .accept(iroh_blobs::ALPN, blobs)
+            .accept(iroh_gossip::ALPN, gossip.clone());
+        if let Some(handler) = config.control.clone() {
+            router = router.accept(CONTROL_ALPN, ControlProtocol(handler));
+        }
+        let router = router.spawn();
+        let bootstrap: Vec<EndpointId> = config.bootstrap.iter().map(|m| m.id).collect();
+        let topic = gossip
+            .subscribe(topic_of(config.run_id), bootstrap)
+            .await
+            .map_err(|e| SpawnError::Gossip(e.to_string()))?;
+        let (sender, mut receiver) = topic.split();
+        let run_id = config.run_id;
+        tokio::spawn(async move {
+            while let Some(event) = receiver.next().await {
+                let event = match event {
+                    Ok(Event::Received(msg)) => match Message::verify(&msg.content, run_id) {
+                        Ok(m) => NetEvent::Message(m),
+                        Err(MessageError::WrongRun { .. }) => continue,
+                        Err(e) => NetEvent::BadMessage {
+                            via: msg.delivered_from,
+                            error: e.to_string(),
+                        },
+                    },
+                    Ok(Event::Lagged) => {
+                        warn!("gossip receiver lagged; messages were dropped");
+                        continue;
+                    }
+                    Ok(_) => continue,
+                    Err(e) => {
+                        debug!("gossip receiver ended: {e}");
+                        break;
+                    }
+                };
+                // Never block the receive loop: gossip is best effort and
+                // everything that matters is re-sent or fetched again.
+                if events_tx.try_send(event).is_err() {
+                    warn!("event queue full; dropped a gossip message");
+                }
+            }
+        });
+        Ok((
+            Self {
+                router,
+                store,
+                gossip,
+                sender,
+                lookup,
+                gate,
+                key: config.secret_key,
+                run_id: config.run_id,
+                traffic: config.traffic,
+            },
+            events_rx,
+        ))
+    }
+
+    /// This node's id.
+    pub fn id(&self) -> EndpointId {
+        self.router.endpoint().id()
+    }
+
+    /// This node's secret key (for signing messages).
+    pub fn secret_key(&self) -> &SecretKey {
+        &self.key
+    }
+
+    /// The run.
+    pub fn run_id(&self) -> RunId {
+        self.run_id
+    }
+
+    /// Addresses this node listens on.
+    pub fn addrs(&self) -> Vec<SocketAddr> {
+        self.router.endpoint().bound_sockets()
+    }
+
+    /// This node as a member entry.
+    pub fn member(&self) -> Member {
+        Member {
+            id: self.id(),
+            addrs: self.addrs(),
+        }
+    }
+
+    /// Caps and counters.
+    pub fn traffic(&self) -> &Traffic {
+        &self.traffic
+    }
+
+    /// Admit `members` (plus the always-admitted `keep`), learn their
+    /// addresses and gossip with them; everyone else is refused from now on.
+    pub async fn set_members(&self, members: &[Member], keep: &[EndpointId]) {
+        let me = self.id();
+        let mut allowed: HashSet<EndpointId> = keep.iter().copied().collect();
+        let mut new = Vec::new();
+        for m in members.iter().filter(|m| m.id != me) {
+            self.lookup.add_endpoint_info(endpoint_addr(m));
+            allowed.insert(m.id);
+            new.push(m.id);
+        }
+        *self.gate.allowed.write().unwrap_or_else(|e| e.into_inner()) = allowed;
+        if !new.is_empty()
+            && let Err(e) = self.sender.join_peers(new).await
+        {
+            debug!("gossip join_peers: {e}");
+        }
+    }
+
+    /// Admit one more peer (a coordinator admitting a joiner).
+    pub fn admit(&self, member: &Member) {
+        self.lookup.add_endpoint_info(endpoint_addr(member));
+        self.gate
+            .allowed
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(member.id);
+    }
+
+    /// Sign `body` for `round` and gossip it.
+    pub async fn broadcast(&self, signed: Vec<u8>) -> Result<(), BroadcastError> {
+        self.sender
+            .broadcast(Bytes::from(signed))
+            .await
+            .map_err(|e| BroadcastError(e.to_string()))
+    }
+
+    /// Store `bytes` as a blob kept under `tag` (e.g. `r17/update`).
+    pub async fn publish(&self, tag: &str, bytes: Vec<u8>) -> Result<BlobRef, PublishError> {
+        let size = bytes.len() as u64;
+        let hf = self
+            .store
+            .add_bytes(bytes)
+            .with_named_tag(tag)
+            .await
+            .map_err(|e| PublishError(e.to_string()))?;
+        Ok(BlobRef {
+            hash: *hf.hash.as_bytes(),
+            size,
+        })
+    }
+
+    /// Drop every blob tag starting with `prefix` (the store collects the blobs).
+    pub async fn forget(&self, prefix: &str) {
+        if let Err(e) = self.store.tags().delete_prefix(prefix).await {
+            warn!("cannot delete tags {prefix}: {e}");
+        }
+    }
+
+    /// Bytes of a blob this node holds completely, if it does.
+    pub async fn local(&self, blob: &BlobRef) -> Option<Bytes> {
+        let hash = Hash::from_bytes(blob.hash);
+        match self.store.has(hash).await {
+            Ok(true) => self.store.get_bytes(hash).await.ok(),
+            _ => None,
+        }
+    }
+
+    /// Fetch a blob from the first of `providers` that delivers it, after
+    /// checking its proven size against `blob.size` and `max_bytes`, and keep
+    /// it under `tag`. Bytes are BLAKE3-verified as they stream in.
+    pub async fn fetch(
+        &self,
+        blob: &BlobRef,
+        providers: &[EndpointId],
+        max_bytes: u64,
+        tag: &str,
+        time_limit: Duration,
+    ) -> Result<Bytes, FetchError> {
+        if blob.size > max_bytes {
+            return Err(FetchError::TooLarge {
+                size: blob.size,
+                max: max_bytes,
+            });
+        }
+        let hash = Hash::from_bytes(blob.hash);
+        let store_err = |e: &dyn std::fmt::Display| FetchError::Store(e.to_string());
+        if let Some(bytes) = self.local(blob).await {
+            self.store
+                .tags()
+                .set(tag, hash)
+                .await
+                .map_err(|e| store_err(&e))?;
+            return Ok(bytes);
+        }
+        // Hold the data against garbage collection until it is tagged.
+        let _guard = self
+            .store
+            .tags()
+            .temp_tag(hash)
+            .await
+            .map_err(|e| store_err(&e))?;
+        let me = self.id();
+        let mut last = String::from("no provider");
+        for &provider in providers.iter().filter(|p| **p != me) {
+            match timeout(time_limit, self.fetch_from(provider, hash, blob.size)).await {
+                Ok(Ok(())) => {
+                    self.store
+                        .tags()
+                        .set(tag, hash)
+                        .await
+                        .map_err(|e| store_err(&e))?;
+                    return self.store.get_bytes(hash).await.map_err(|e| store_err(&e));
+                }
+                Ok(Err(e @ FetchError::SizeMismatch { .. })) => return Err(e),
+                Ok(Err(e)) => last = format!("{}: {e}", provider.fmt_short()),
+                Err(_) => last = format!("{}: timed out", provider.fmt_short()),
+            }
+        }
+        Err(FetchError::Unavailable(last))
+    }
+
+    async fn fetch_from(
+        &self,
+        provider: EndpointId,
+        hash: Hash,
+        declared: u64,
+    ) -> Result<(), FetchError> {
+        let unavailable = |e: &dyn std::fmt::Display| FetchError::Unavailable(e.to_string());
+        let conn = timeout(
+            CONNECT_TIMEOUT,
+            self.router.endpoint().connect(provider, iroh_blobs::ALPN),
+        )
+        .await
+        .map_err(|e| unavailable(&e))?
+        .map_err(|e| unavailable(&e))?;
+        let (actual, _) = get_verified_size(&conn, &hash)
+            .await
+            .map_err(|e| unavailable(&e))?;
+        if actual != declared {
+            return Err(FetchError::SizeMismatch { declared, actual });
+        }
+        let (send, recv) = conn.open_bi().await.map_err(|e| unavailable(&e))?;
+        let pair = StreamPair::new(
+            conn.stable_id() as u64,
+            Throttled {
+                inner: recv,
+                traffic: self.traffic.clone(),
+            },
+            send,
+        );
+        self.store
+            .remote()
+            .fetch(pair, hash)
+            .await
+            .map_err(|e| unavailable(&e))?;
+        Ok(())
+    }
+
+    /// Send a control request to the coordinator and wait for its answer.
+    pub async fn request(&self, to: &Member, request: &Request) -> Result<Response, ControlError> {
+        self.lookup.add_endpoint_info(endpoint_addr(to));
+        let unreachable = |e: &dyn std::fmt::Display| ControlError::Unreachable(e.to_string());
+        let transport = |e: &dyn std::fmt::Display| ControlError::Transport(e.to_string());
+        let conn = timeout(
+            CONNECT_TIMEOUT,
+            self.router.endpoint().connect(to.id, CONTROL_ALPN),
+        )
+        .await
+        .map_err(|e| unreachable(&e))?
+        .map_err(|e| unreachable(&e))?;
+        let (mut send, mut recv) = conn.open_bi().await.map_err(|e| transport(&e))?;
+        let bytes = postcard::to_stdvec(request)?;
+        send.write_all(&bytes).await.map_err(|e| transport(&e))?;
+        send.finish().map_err(|e| transport(&e))?;
+        let answer = timeout(
+            Duration::from_secs(120),
+            recv.read_to_end(MAX_RESPONSE_BYTES),
+        )
+        .await
+        .map_err(|e| transport(&e))?
+        .map_err(|e| transport(&e))?;
+        conn.close(0u32.into(), b"done");
+        Ok(postcard::from_bytes(&answer)?)
+    }
+
+    /// Leave the topic, close every connection and stop serving.
+    pub async fn shutdown(self) {
+        let _ = self.gossip.shutdown().await;
+        if let Err(e) = self.router.shutdown().await {
+            debug!("router shutdown: {e}");
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::message::{Body, WeightReport};
+
+    fn config(seed: u8, run_id: RunId, open: bool, bootstrap: Vec<Member>) -> NetConfig {
+        NetConfig {
+            secret_key: SecretKey::from_bytes(&[seed; 32]),
+            bind: "127.0.0.1:0".parse().unwrap(),
+            run_id,
+            traffic: Traffic::new(None, None),
+            open,
+            control: None,
+            bootstrap,
+        }
+    }
+
+    async fn next_message(rx: &mut mpsc::Receiver<NetEvent>) -> Message {
+        loop {
+            match timeout(Duration::from_secs(20), rx.recv()).await {
+                Ok(Some(NetEvent::Message(m))) => return m,
+                Ok(Some(_)) => continue,
+                other => panic!("no message: {other:?}"),
+            }
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn members_gossip_fetch_and_control_while_outsiders_are_refused() {
+        let run = RunId([5; 16]);
+        let mut host_cfg = config(1, run, false, vec![]);
+        host_cfg.control = Some(Arc::new(|_, _| {
+            Box::pin(async {
+                Response::Refused {
+                    reason: "full".into(),
+                }
+            })
+        }));
+        let (host, mut host_rx) = Net::spawn(host_cfg).await.unwrap();
+        let peer_key = SecretKey::from_bytes(&[2; 32]);
+        host.admit(&Member {
+            id: peer_key.public(),
+            addrs: vec![],
+        });
+        let (peer, _peer_rx) = Net::spawn(config(2, run, false, vec![host.member()]))
+            .await
+            .unwrap();
+
+        // Control request over a direct stream.
+        let answer = peer
+            .request(
+                &host.member(),
+                &Request::Join {
+                    run_id: run,
+                    addrs: peer.addrs(),
+                    since: None,
+                },
+            )
+            .await
+            .unwrap();
+        assert!(matches!(answer, Response::Refused { .. }));
+
+        // Blob: published by the peer, fetched by the host; size checks first.
+        let data: Vec<u8> = (0..300_000u32).map(|i| (i % 251) as u8).collect();
+        let blob = peer.publish("r1/update", data.clone()).await.unwrap();
+        host.admit(&peer.member());
+        let got = host
+            .fetch(
+                &blob,
+                &[peer.id()],
+                1 << 20,
+                "r1/x",
+                Duration::from_secs(20),
+            )
+            .await
+            .unwrap();
+        assert_eq!(&got[..], &data[..]);
+        assert!(peer.traffic().total.up() >= data.len() as u64);
+        let lying = BlobRef { size: 1000, ..blob };
+        let (third, _) = Net::spawn(config(3, run, true, vec![peer.member()]))
+            .await
+            .unwrap();
+        let err = third
+            .fetch(
+                &lying,
+                &[peer.id()],
+                1 << 20,
+                "r1/z",
+                Duration::from_secs(20),
+            )
+            .await;
+        // The peer does not admit node 3: refused at the handshake.
+        assert!(matches!(err, Err(FetchError::Unavailable(_))), "{err:?}");
+        let too_big = third
+            .fetch(&blob, &[peer.id()], 1000, "r1/z", Duration::from_secs(20))
+            .await;
+        assert!(matches!(too_big, Err(FetchError::TooLarge { .. })));
+
+        // Gossip: a signed message reaches the host, verified.
+        let msg = Message::sign(
+            peer.secret_key(),
+            run,
+            3,
+            Body::WeightReport(WeightReport { digest: 42 }),
+        )
+        .unwrap();
+        let mut received = None;
+        for _ in 0..20 {
+            peer.broadcast(msg.clone()).await.unwrap();
+            if let Ok(m) = timeout(Duration::from_millis(500), next_message(&mut host_rx)).await {
+                received = Some(m);
+                break;
+            }
+        }
+        let received = received.expect("gossip message arrived");
+        assert_eq!(received.author, peer.id());
+        assert_eq!(received.round, 3);
+
+        third.shutdown().await;
+        peer.shutdown().await;
+        host.shutdown().await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn lying_size_is_caught_before_download() {
+        let run = RunId([6; 16]);
+        let (a, _) = Net::spawn(config(1, run, true, vec![])).await.unwrap();
+        let (b, _) = Net::spawn(config(2, run, true, vec![a.member()]))
+            .await
+            .unwrap();
+        let blob = a.publish("r1/u", vec![7u8; 50_000]).await.unwrap();
+        let lying = BlobRef { size: 1000, ..blob };
+        let err = b
+            .fetch(&lying, &[a.id()], 1 << 20, "r1/u", Duration::from_secs(20))
+            .await;
+        assert!(
+            matches!(err, Err(FetchError::SizeMismatch { actual: 50_000, .. })),
+            "{err:?}"
+        );
+        assert!(
+            b.traffic().total.down() < 20_000,
+            "downloaded {}",
+            b.traffic().total.down()
+        );
+        a.shutdown().await;
+        b.shutdown().await;
+    }
+}
