@@ -1,6 +1,6 @@
-//! `starling demo`: several DisTrO peers on this machine, in one process.
+//! `starling distro demo`: several DisTrO peers on this machine, in one process.
 //!
-//! Until the swarm lands, this is the most complete thing Starling runs: each
+//! The optimizer's math with nothing else in the way: each
 //! peer trains the same model (a linear regression onto a hidden teacher, so
 //! the loss has a known floor) on its own data, compresses its momentum with
 //! DeMo, sends the update through the real wire format, decodes everyone's

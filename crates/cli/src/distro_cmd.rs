@@ -21,6 +21,8 @@ pub enum DistroCommand {
     Compress(CompressArgs),
     /// Decode one or more peers' sparse files to dense tensors (scatter-mean over peers).
     Decompress(DecompressArgs),
+    /// DeMo's math end to end on a toy model (linear regression), several peers in one process.
+    Demo(crate::demo::DemoArgs),
 }
 
 #[derive(Clone, Copy, Debug, ValueEnum)]
@@ -123,6 +125,7 @@ pub fn run(cmd: DistroCommand) -> Result<()> {
         DistroCommand::Estimate(a) => estimate(&a),
         DistroCommand::Compress(a) => compress_file(&a),
         DistroCommand::Decompress(a) => decompress_files(&a),
+        DistroCommand::Demo(a) => crate::demo::run(&a),
     }
 }
 

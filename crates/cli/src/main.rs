@@ -16,6 +16,7 @@ mod data_cmd;
 mod demo;
 mod distro_cmd;
 mod sim_cmd;
+mod swarm_cmd;
 
 use anyhow::Result;
 use clap::{Parser, Subcommand};
@@ -30,8 +31,12 @@ struct Cli {
 
 #[derive(Subcommand, Debug)]
 enum Command {
-    /// Run several DisTrO peers on this machine and show what they exchange.
-    Demo(demo::DemoArgs),
+    /// A host and three volunteers on this machine train the nano model over loopback iroh.
+    Demo(swarm_cmd::DemoArgs),
+    /// Create and coordinate a training run; prints the join ticket.
+    Host(swarm_cmd::HostArgs),
+    /// Join a run as a volunteer with the ticket its host printed.
+    Join(swarm_cmd::JoinArgs),
     /// Inspect DisTrO: byte budgets, compress and decompress real tensors.
     #[command(subcommand)]
     Distro(distro_cmd::DistroCommand),
@@ -58,7 +63,9 @@ fn write_stdout(args: std::fmt::Arguments<'_>) -> Result<()> {
 
 fn main() -> Result<()> {
     match Cli::parse().command {
-        Command::Demo(args) => demo::run(&args),
+        Command::Demo(args) => swarm_cmd::run_demo(&args),
+        Command::Host(args) => swarm_cmd::run_host(&args),
+        Command::Join(args) => swarm_cmd::run_join(&args),
         Command::Distro(cmd) => distro_cmd::run(cmd),
         Command::Data(cmd) => data_cmd::run(cmd),
         Command::Sim(args) => sim_cmd::run_sim(&args),

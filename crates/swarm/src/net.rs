@@ -33,7 +33,10 @@ use bytes::Bytes;
 use iroh::{
     Endpoint, EndpointAddr, EndpointId, SecretKey, TransportAddr,
     address_lookup::MemoryLookup,
-    endpoint::{AfterHandshakeOutcome, Connection, EndpointHooks, PortmapperConfig, presets},
+    endpoint::{
+        AfterHandshakeOutcome, ConnectError, Connection, ConnectionError, EndpointHooks,
+        PortmapperConfig, VarInt, presets,
+    },
     protocol::{AcceptError, ProtocolHandler, Router},
 };
 use iroh_blobs::{
@@ -170,6 +173,16 @@ pub enum ControlError {
     /// The answer did not decode.
     #[error("the coordinator's answer is malformed: {0}")]
     Malformed(#[from] postcard::Error),
+    /// The coordinator's gate refused this node: it is not a member.
+    #[error("the coordinator refused the connection: this node is not a member of the run")]
+    NotAdmitted,
+}
+
+/// Code a gate closes refused connections with.
+const REFUSED_CODE: u32 = 403;
+
+fn refused_by_gate(e: &ConnectionError) -> bool {
+    matches!(e, ConnectionError::ApplicationClosed(c) if c.error_code == VarInt::from_u32(REFUSED_CODE))
 }
 
 /// Why a gossip broadcast failed.
@@ -206,7 +219,7 @@ impl EndpointHooks for GateHook {
         } else {
             let _ = self.0.events.try_send(NetEvent::Refused(remote));
             AfterHandshakeOutcome::Reject {
-                error_code: 403u32.into(),
+                error_code: REFUSED_CODE.into(),
                 reason: b"not a member of this run".to_vec(),
             }
         }
@@ -625,24 +638,37 @@ impl Net {
         self.lookup.add_endpoint_info(endpoint_addr(to));
         let unreachable = |e: &dyn std::fmt::Display| ControlError::Unreachable(e.to_string());
         let transport = |e: &dyn std::fmt::Display| ControlError::Transport(e.to_string());
-        let conn = timeout(
-            CONNECT_TIMEOUT,
-            self.router.endpoint().connect(to.id, CONTROL_ALPN),
-        )
-        .await
-        .map_err(|e| unreachable(&e))?
-        .map_err(|e| unreachable(&e))?;
-        let (mut send, mut recv) = conn.open_bi().await.map_err(|e| transport(&e))?;
-        let bytes = postcard::to_stdvec(request)?;
-        send.write_all(&bytes).await.map_err(|e| transport(&e))?;
-        send.finish().map_err(|e| transport(&e))?;
-        let answer = timeout(
-            Duration::from_secs(120),
-            recv.read_to_end(MAX_RESPONSE_BYTES),
-        )
-        .await
-        .map_err(|e| transport(&e))?
-        .map_err(|e| transport(&e))?;
+        let connect = self.router.endpoint().connect(to.id, CONTROL_ALPN);
+        let conn = match timeout(CONNECT_TIMEOUT, connect).await {
+            Err(e) => return Err(unreachable(&e)),
+            Ok(Err(ConnectError::Connection { source, .. })) if refused_by_gate(&source) => {
+                return Err(ControlError::NotAdmitted);
+            }
+            Ok(Err(e)) => return Err(unreachable(&e)),
+            Ok(Ok(conn)) => conn,
+        };
+        let exchange = async {
+            let (mut send, mut recv) = conn.open_bi().await.map_err(|e| transport(&e))?;
+            let bytes = postcard::to_stdvec(request)?;
+            send.write_all(&bytes).await.map_err(|e| transport(&e))?;
+            send.finish().map_err(|e| transport(&e))?;
+            timeout(
+                Duration::from_secs(120),
+                recv.read_to_end(MAX_RESPONSE_BYTES),
+            )
+            .await
+            .map_err(|e| transport(&e))?
+            .map_err(|e| transport(&e))
+        };
+        let answer = match exchange.await {
+            Ok(a) => a,
+            Err(e) => {
+                return Err(match conn.close_reason() {
+                    Some(reason) if refused_by_gate(&reason) => ControlError::NotAdmitted,
+                    _ => e,
+                });
+            }
+        };
         conn.close(0u32.into(), b"done");
         Ok(postcard::from_bytes(&answer)?)
     }

@@ -103,8 +103,36 @@ impl Checkpoint {
     /// Writes `dir/checkpoint.safetensors` and `dir/config.json` (creating `dir`).
     pub fn save(&self, dir: &Path) -> Result<(), CheckpointError> {
         let path = dir.join(CHECKPOINT_FILE);
+        let file = self.encode(&path)?;
         let invalid = |reason: String| CheckpointError::Invalid {
             path: path.clone(),
+            reason,
+        };
+        std::fs::create_dir_all(dir).map_err(|source| CheckpointError::Io {
+            path: dir.to_path_buf(),
+            source,
+        })?;
+        let config_path = dir.join(CONFIG_FILE);
+        let config = serde_json::to_vec_pretty(&self.model).map_err(|e| invalid(e.to_string()))?;
+        write_atomic(&config_path, &config).map_err(|source| CheckpointError::Io {
+            path: config_path,
+            source,
+        })?;
+        write_atomic(&path, &file).map_err(|source| CheckpointError::Io {
+            path: path.clone(),
+            source,
+        })
+    }
+
+    /// The checkpoint as the bytes of one safetensors file (what `save`
+    /// writes and `from_bytes` reads), e.g. to serve it as a blob.
+    pub fn to_bytes(&self) -> Result<Vec<u8>, CheckpointError> {
+        self.encode(Path::new("<bytes>"))
+    }
+
+    fn encode(&self, path: &Path) -> Result<Vec<u8>, CheckpointError> {
+        let invalid = |reason: String| CheckpointError::Invalid {
+            path: path.to_path_buf(),
             reason,
         };
         let names = self.names();
@@ -160,21 +188,7 @@ impl Checkpoint {
             .collect::<Result<Vec<_>, _>>()
             .map_err(|e| invalid(e.to_string()))?;
         let info = HashMap::from([("starling".to_string(), meta_json)]);
-        let file = safetensors::serialize(views, Some(info)).map_err(|e| invalid(e.to_string()))?;
-        std::fs::create_dir_all(dir).map_err(|source| CheckpointError::Io {
-            path: dir.to_path_buf(),
-            source,
-        })?;
-        let config_path = dir.join(CONFIG_FILE);
-        let config = serde_json::to_vec_pretty(&self.model).map_err(|e| invalid(e.to_string()))?;
-        write_atomic(&config_path, &config).map_err(|source| CheckpointError::Io {
-            path: config_path,
-            source,
-        })?;
-        write_atomic(&path, &file).map_err(|source| CheckpointError::Io {
-            path: path.clone(),
-            source,
-        })
+        safetensors::serialize(views, Some(info)).map_err(|e| invalid(e.to_string()))
     }
 
     /// Reads and fully checks `dir/checkpoint.safetensors`.

@@ -1,0 +1,375 @@
+//! `starling host`, `starling join` and `starling demo`: the swarm's faces.
+//!
+//! Each command builds options for `starling-node`, runs it on a tokio
+//! runtime and renders its `NodeEvent` stream (log lines or `--json`).
+
+use std::{
+    collections::BTreeMap,
+    net::SocketAddr,
+    path::{Path, PathBuf},
+};
+
+use anyhow::{Context, Result, bail};
+use clap::Args;
+use starling_node::{
+    Host, HostOptions, NodeEvent, RunFile, Ticket, VolunteerOptions, keyfile, run_volunteer,
+};
+use starling_train::{DeviceChoice, select_device};
+use tokio::sync::{mpsc, watch};
+
+/// Flags every node shares.
+#[derive(Args, Debug, Clone)]
+pub struct NodeOpts {
+    /// Where to listen for peers.
+    #[arg(long, default_value = "0.0.0.0:0")]
+    pub listen: SocketAddr,
+    /// Upload cap in Mbit/s (all blob traffic; default: unlimited).
+    #[arg(long)]
+    pub up_mbit: Option<f64>,
+    /// Download cap in Mbit/s.
+    #[arg(long)]
+    pub down_mbit: Option<f64>,
+    /// auto, cpu, wgpu, wgpu:N or cuda:N.
+    #[arg(long, default_value = "auto")]
+    pub device: DeviceChoice,
+    /// Stop after this many rounds.
+    #[arg(long)]
+    pub rounds: Option<u64>,
+    /// Print events as JSON lines instead of log lines.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Args, Debug)]
+pub struct HostArgs {
+    /// The run file (TOML). Ignored when --state-dir holds a run to resume.
+    pub run: PathBuf,
+    /// Where the host keeps its key, state, checkpoints and updates.
+    #[arg(long, default_value = "runs/host")]
+    pub state_dir: PathBuf,
+    /// Also write the join ticket to this file.
+    #[arg(long)]
+    pub ticket_file: Option<PathBuf>,
+    #[command(flatten)]
+    pub node: NodeOpts,
+}
+
+#[derive(Args, Debug)]
+pub struct JoinArgs {
+    /// The ticket the host printed (or a starling://join/… link).
+    pub ticket: String,
+    /// This node's key file (created on first use).
+    #[arg(long, default_value = "runs/volunteer/node.key")]
+    pub key_file: PathBuf,
+    #[command(flatten)]
+    pub node: NodeOpts,
+}
+
+fn runtime() -> Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")
+}
+
+/// Print events until the channel closes.
+async fn render(mut rx: mpsc::UnboundedReceiver<NodeEvent>, json: bool) -> Result<()> {
+    while let Some(e) = rx.recv().await {
+        if json {
+            say!("{}", serde_json::to_string(&e)?);
+        } else {
+            say!("{}", e.line());
+        }
+    }
+    Ok(())
+}
+
+/// Turn Ctrl-C into a stop signal.
+fn stop_on_ctrl_c() -> watch::Receiver<bool> {
+    let (tx, rx) = watch::channel(false);
+    tokio::spawn(async move {
+        if tokio::signal::ctrl_c().await.is_ok() {
+            let _ = tx.send(true);
+        }
+        // Keep the sender alive so receivers never see a closed channel.
+        std::future::pending::<()>().await;
+    });
+    rx
+}
+
+pub fn run_host(args: &HostArgs) -> Result<()> {
+    let file = RunFile::load(&args.run)?;
+    let base = args.run.parent().unwrap_or(Path::new("."));
+    let spec = file
+        .resolve(base)
+        .with_context(|| format!("{} is not a usable run", args.run.display()))?;
+    let allow = file
+        .members
+        .allow
+        .iter()
+        .map(|s| {
+            s.parse()
+                .with_context(|| format!("members.allow: {s:?} is not an endpoint id"))
+        })
+        .collect::<Result<Vec<_>>>()?;
+    let device = select_device(args.node.device)?;
+    eprintln!("device: {} ({})", device.name, device.reason);
+    runtime()?.block_on(async {
+        let (tx, rx) = mpsc::unbounded_channel();
+        let host = Host::start(
+            HostOptions {
+                state_dir: args.state_dir.clone(),
+                spec,
+                allow,
+                bind: args.node.listen,
+                caps: (args.node.up_mbit, args.node.down_mbit),
+                device,
+                max_rounds: args.node.rounds,
+            },
+            tx,
+        )
+        .await?;
+        let ticket = host.ticket().to_string();
+        if let Some(path) = &args.ticket_file {
+            starling_train::atomic::write_atomic(path, ticket.as_bytes())
+                .with_context(|| format!("cannot write {}", path.display()))?;
+        }
+        eprintln!("join ticket: {ticket}");
+        let printer = tokio::spawn(render(rx, args.node.json));
+        let result = host.run(stop_on_ctrl_c()).await;
+        printer.await??;
+        Ok(result?)
+    })
+}
+
+pub fn run_join(args: &JoinArgs) -> Result<()> {
+    let ticket: Ticket = args.ticket.parse().context("the ticket is not valid")?;
+    let key = keyfile::load_or_create(&args.key_file)
+        .with_context(|| format!("cannot use key file {}", args.key_file.display()))?;
+    let device = select_device(args.node.device)?;
+    eprintln!("device: {} ({})", device.name, device.reason);
+    runtime()?.block_on(async {
+        let (tx, rx) = mpsc::unbounded_channel();
+        let printer = tokio::spawn(render(rx, args.node.json));
+        let result = run_volunteer(
+            VolunteerOptions {
+                ticket,
+                key,
+                bind: args.node.listen,
+                caps: (args.node.up_mbit, args.node.down_mbit),
+                device,
+                max_rounds: args.node.rounds,
+            },
+            tx,
+            stop_on_ctrl_c(),
+        )
+        .await;
+        printer.await??;
+        Ok(result?)
+    })
+}
+
+#[derive(Args, Debug)]
+pub struct DemoArgs {
+    /// Volunteers besides the host.
+    #[arg(long, default_value_t = 3)]
+    pub volunteers: usize,
+    /// Rounds to train.
+    #[arg(long, default_value_t = 30)]
+    pub rounds: u64,
+    /// Upload cap per node in Mbit/s.
+    #[arg(long)]
+    pub up_mbit: Option<f64>,
+    /// Download cap per node in Mbit/s.
+    #[arg(long)]
+    pub down_mbit: Option<f64>,
+    /// Where the host keeps its state (wiped first).
+    #[arg(long, default_value = "runs/demo")]
+    pub dir: PathBuf,
+    /// Print every node event too.
+    #[arg(long)]
+    pub verbose: bool,
+}
+
+/// The demo's run: nano on the embedded corpus, sized so a round takes
+/// seconds on two CPU cores.
+const DEMO_RUN: &str = r#"
+[run]
+name = "starling demo (nano, embedded corpus)"
+model = "nano"
+batch = 4
+micro_batch = 4
+seq_len = 64
+lr = 3e-3
+warmup = 5
+topk = 32
+values = "f32"
+
+[rounds]
+window_secs = 20.0
+checkpoint_every = 10
+report_every = 5
+eval_every = 5
+"#;
+
+pub fn run_demo(args: &DemoArgs) -> Result<()> {
+    if args.volunteers == 0 {
+        bail!("--volunteers must be at least 1");
+    }
+    let mut file = RunFile::parse(DEMO_RUN)?;
+    file.run.total_rounds = args.rounds;
+    let spec = file.resolve(Path::new("."))?;
+    let device = select_device(DeviceChoice::Cpu)?;
+    if args.dir.exists() {
+        std::fs::remove_dir_all(&args.dir)
+            .with_context(|| format!("cannot clear {}", args.dir.display()))?;
+    }
+    let caps = (args.up_mbit, args.down_mbit);
+    say!(
+        "starling demo: a host and {} volunteers on loopback train {} ({} parameters) for {} rounds",
+        args.volunteers,
+        spec.model.name,
+        spec.model.param_count(),
+        args.rounds
+    );
+    let nodes = args.volunteers + 1;
+    runtime()?.block_on(async {
+        let (tx, mut rx) = mpsc::unbounded_channel();
+        let (stop_tx, stop_rx) = watch::channel(false);
+        let host = Host::start(
+            HostOptions {
+                state_dir: args.dir.join("host"),
+                spec,
+                allow: vec![],
+                bind: "127.0.0.1:0".parse()?,
+                caps,
+                device: device.clone(),
+                max_rounds: Some(args.rounds),
+            },
+            tx.clone(),
+        )
+        .await?;
+        let ticket = host.ticket();
+        let host_task = tokio::spawn(host.run(stop_rx.clone()));
+        let mut volunteers = Vec::new();
+        for i in 0..args.volunteers {
+            let key = keyfile::load_or_create(&args.dir.join(format!("volunteer-{i}.key")))?;
+            volunteers.push(tokio::spawn(run_volunteer(
+                VolunteerOptions {
+                    ticket: ticket.clone(),
+                    key,
+                    bind: "127.0.0.1:0".parse()?,
+                    caps,
+                    device: device.clone(),
+                    max_rounds: Some(args.rounds),
+                },
+                tx.clone(),
+                stop_rx.clone(),
+            )));
+        }
+        drop(tx);
+        // When every volunteer is done, stop the host (it would otherwise
+        // serve the last round for one more window).
+        let stopper = tokio::spawn(async move {
+            let mut results = Vec::new();
+            for v in volunteers {
+                results.push(v.await);
+            }
+            let _ = stop_tx.send(true);
+            results
+        });
+        say!(
+            "{:>5}  {:>8}  {:>8}  {:>7}  {:>24}  {:>12}",
+            "round",
+            "loss",
+            "eval",
+            "updates",
+            "sent/recv per node (KB)",
+            "all-reduce"
+        );
+        // Per round: every node's RoundApplied.
+        let mut rounds: BTreeMap<u64, Vec<(String, u64, u64, u64)>> = BTreeMap::new();
+        let mut meta: BTreeMap<u64, (Option<f32>, Option<f32>, usize, u64)> = BTreeMap::new();
+        let mut last_digests: BTreeMap<String, (u64, u64)> = BTreeMap::new();
+        let mut failures = Vec::new();
+        while let Some(e) = rx.recv().await {
+            if args.verbose {
+                say!("  {}", e.line());
+            }
+            match e {
+                NodeEvent::RoundApplied {
+                    node,
+                    round,
+                    updates,
+                    loss,
+                    eval_loss,
+                    digest,
+                    bytes_up,
+                    bytes_down,
+                    allreduce_bytes,
+                } => {
+                    let m = meta
+                        .entry(round)
+                        .or_insert((loss, None, updates, allreduce_bytes));
+                    if eval_loss.is_some() {
+                        m.1 = eval_loss;
+                    }
+                    last_digests.insert(node.clone(), (round, digest));
+                    let row = rounds.entry(round).or_default();
+                    row.push((node, bytes_up, bytes_down, digest));
+                    if row.len() == nodes {
+                        let (loss, eval, updates, allreduce) = meta[&round];
+                        let traffic: Vec<String> = row
+                            .iter()
+                            .map(|(_, u, d, _)| format!("{}/{}", u / 1000, d / 1000))
+                            .collect();
+                        let fmt = |v: Option<f32>| {
+                            v.map(|x| format!("{x:.4}")).unwrap_or_else(|| "-".into())
+                        };
+                        say!(
+                            "{round:>5}  {:>8}  {:>8}  {updates:>7}  {:>24}  {:>10} KB",
+                            fmt(loss),
+                            fmt(eval),
+                            traffic.join(" "),
+                            allreduce / 1000
+                        );
+                    }
+                }
+                NodeEvent::Rejected { .. }
+                | NodeEvent::Diverged { .. }
+                | NodeEvent::Dropped { .. }
+                    if !args.verbose =>
+                {
+                    say!("  {}", e.line());
+                }
+                _ => {}
+            }
+        }
+        match host_task.await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => failures.push(format!("host: {e}")),
+            Err(e) => failures.push(format!("host task: {e}")),
+        }
+        for (i, v) in stopper.await?.into_iter().enumerate() {
+            match v {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => failures.push(format!("volunteer {i}: {e}")),
+                Err(e) => failures.push(format!("volunteer {i} task: {e}")),
+            }
+        }
+        if !failures.is_empty() {
+            bail!("the demo failed:\n  {}", failures.join("\n  "));
+        }
+        let finals: Vec<&(u64, u64)> = last_digests.values().collect();
+        let identical = finals.windows(2).all(|w| w[0] == w[1]);
+        if finals.len() != nodes || !identical {
+            bail!("replicas disagree at the end: {last_digests:?}");
+        }
+        say!(
+            "all {nodes} replicas hold identical weights after round {} (digest {:016x})",
+            finals[0].0,
+            finals[0].1
+        );
+        Ok(())
+    })
+}

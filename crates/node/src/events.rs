@@ -1,0 +1,219 @@
+//! The one stream of facts a node reports: the CLI prints it, `--json`
+//! serialises it, the metrics endpoint aggregates it and the desktop app draws
+//! it. One typed enum keeps the three faces telling the same story.
+
+use serde::Serialize;
+
+/// What a node is doing.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum NodeState {
+    /// Reaching the coordinator.
+    Connecting,
+    /// Downloading the checkpoint and the rounds since.
+    CatchingUp,
+    /// Waiting to be included in a round.
+    Waiting,
+    /// Computing this round's update.
+    Training,
+    /// Waiting for the round's manifest and applying it.
+    Syncing,
+    /// Coordinating rounds (a host).
+    Coordinating,
+    /// Not taking part (user pause or data cap).
+    Paused,
+    /// Finished or shut down.
+    Stopped,
+}
+
+/// One event from a node.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+#[serde(tag = "event", rename_all = "snake_case")]
+#[non_exhaustive]
+pub enum NodeEvent {
+    /// The node's state changed.
+    State {
+        /// Which node (short id).
+        node: String,
+        /// The new state.
+        state: NodeState,
+        /// A human-readable detail.
+        detail: String,
+    },
+    /// A host started or a volunteer joined a run.
+    Joined {
+        /// Which node.
+        node: String,
+        /// The run's name.
+        run: String,
+        /// Model parameters.
+        params: usize,
+        /// First round this node takes part in.
+        round: u64,
+    },
+    /// The coordinator opened a round.
+    RoundOpened {
+        /// Which node saw it.
+        node: String,
+        /// The round.
+        round: u64,
+        /// Members of the round.
+        members: usize,
+    },
+    /// This node computed and published its update.
+    Trained {
+        /// Which node.
+        node: String,
+        /// The round.
+        round: u64,
+        /// Training loss on its batch.
+        loss: f32,
+        /// Tokens trained.
+        tokens: u64,
+        /// Top-k chosen to fit the upload cap.
+        topk: usize,
+        /// Update size in bytes.
+        bytes: u64,
+    },
+    /// A round's manifest was applied (or, on the host, signed).
+    RoundApplied {
+        /// Which node.
+        node: String,
+        /// The round.
+        round: u64,
+        /// Updates applied.
+        updates: usize,
+        /// Mean reported training loss of the applied updates.
+        loss: Option<f32>,
+        /// Held-out loss after applying, when evaluated.
+        eval_loss: Option<f32>,
+        /// Weight digest after applying.
+        digest: u64,
+        /// Bytes this node sent during the round.
+        bytes_up: u64,
+        /// Bytes this node received during the round.
+        bytes_down: u64,
+        /// Bytes a fp32 all-reduce would have moved per member.
+        allreduce_bytes: u64,
+    },
+    /// An update or message was refused.
+    Rejected {
+        /// Which node refused it.
+        node: String,
+        /// The round.
+        round: u64,
+        /// The peer it came from.
+        peer: String,
+        /// Why.
+        reason: String,
+    },
+    /// A member was removed from the run after repeated faults.
+    Dropped {
+        /// The host.
+        node: String,
+        /// The removed peer.
+        peer: String,
+        /// Faults counted.
+        faults: u32,
+    },
+    /// A replica's weights differ from the coordinator's.
+    Diverged {
+        /// Which node noticed.
+        node: String,
+        /// The diverged peer.
+        peer: String,
+        /// The round compared.
+        round: u64,
+    },
+    /// A checkpoint was written and published.
+    Checkpoint {
+        /// The host.
+        node: String,
+        /// Last round it includes.
+        round: u64,
+        /// Its size.
+        bytes: u64,
+    },
+    /// Something went wrong that the node survived.
+    Warning {
+        /// Which node.
+        node: String,
+        /// What happened.
+        message: String,
+    },
+}
+
+impl NodeEvent {
+    /// One readable log line.
+    pub fn line(&self) -> String {
+        match self {
+            NodeEvent::State {
+                node,
+                state,
+                detail,
+            } => format!("[{node}] {state:?}: {detail}"),
+            NodeEvent::Joined {
+                node,
+                run,
+                params,
+                round,
+            } => {
+                format!("[{node}] joined run \"{run}\" ({params} parameters) at round {round}")
+            }
+            NodeEvent::RoundOpened {
+                node,
+                round,
+                members,
+            } => {
+                format!("[{node}] round {round} open with {members} members")
+            }
+            NodeEvent::Trained {
+                node,
+                round,
+                loss,
+                tokens,
+                topk,
+                bytes,
+            } => format!(
+                "[{node}] round {round}: trained {tokens} tokens, loss {loss:.4}, sent top-{topk} update of {bytes} bytes"
+            ),
+            NodeEvent::RoundApplied {
+                node,
+                round,
+                updates,
+                loss,
+                eval_loss,
+                digest,
+                bytes_up,
+                bytes_down,
+                ..
+            } => {
+                let loss = loss.map(|l| format!(", loss {l:.4}")).unwrap_or_default();
+                let eval = eval_loss
+                    .map(|l| format!(", eval {l:.4}"))
+                    .unwrap_or_default();
+                format!(
+                    "[{node}] round {round}: applied {updates} updates{loss}{eval}, weights {digest:016x}, up {bytes_up} B, down {bytes_down} B"
+                )
+            }
+            NodeEvent::Rejected {
+                node,
+                round,
+                peer,
+                reason,
+            } => {
+                format!("[{node}] round {round}: rejected {peer}: {reason}")
+            }
+            NodeEvent::Dropped { node, peer, faults } => {
+                format!("[{node}] removed {peer} from the run after {faults} faults")
+            }
+            NodeEvent::Diverged { node, peer, round } => {
+                format!("[{node}] {peer}'s weights differ from the coordinator's at round {round}")
+            }
+            NodeEvent::Checkpoint { node, round, bytes } => {
+                format!("[{node}] checkpoint after round {round} ({bytes} bytes)")
+            }
+            NodeEvent::Warning { node, message } => format!("[{node}] warning: {message}"),
+        }
+    }
+}

@@ -1,0 +1,22 @@
+//! One Starling node's runtime, shared by the `starling` CLI and the desktop
+//! app: a coordinator ([`host`]) or a volunteer ([`volunteer`]) wired from the
+//! swarm (network) and train (model) layers, reporting one [`NodeEvent`]
+//! stream.
+
+pub mod events;
+pub mod host;
+pub mod keyfile;
+pub mod replica;
+pub mod spec;
+pub mod volunteer;
+
+pub use events::{NodeEvent, NodeState};
+pub use host::{Host, HostError, HostOptions};
+pub use spec::{RunFile, RunSpec, SpecError};
+pub use starling_swarm::{EndpointId, SecretKey, Ticket};
+pub use volunteer::{VolunteerError, VolunteerOptions, run_volunteer};
+
+/// A short, stable name for a node in logs.
+pub fn short(id: &EndpointId) -> String {
+    id.fmt_short().to_string()
+}

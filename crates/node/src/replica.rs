@@ -1,0 +1,317 @@
+//! One copy of the model as a run member holds it: weights, its own DisTrO
+//! momentum, the run's data, and the checks an update must pass before it may
+//! touch the weights.
+//!
+//! Every replica of a run applies the same manifests in the same order from
+//! the same starting weights, so their weights stay bit-identical; the digest
+//! proves it. The training step (CPU/GPU heavy, blocking) runs on a blocking
+//! thread; Burn 0.22's autodiff deadlocked when two threads ran backward at
+//! once, so a process-wide lock serialises the steps of replicas that share a
+//! process (the demo runs four).
+
+use std::sync::Mutex;
+
+use starling_distro::wire::{self, DecodeLimits, UpdateHeader};
+use starling_distro::{IncomingUpdate, TensorBudget, budget_topk};
+use starling_train::{
+    Batch, ByteTokenizer, Checkpoint, OptimizerSnapshot, Sampler, SelectedDevice, Trainer,
+    data::shards::TokenStore, embedded_corpus,
+};
+
+use crate::spec::RunSpec;
+
+static TRAIN_LOCK: Mutex<()> = Mutex::new(());
+
+/// Share of the round window a member may spend uploading its update.
+const UPLOAD_SHARE: f64 = 0.5;
+/// Fraction of the corpus held out for evaluation.
+const EVAL_FRACTION: f64 = 0.05;
+
+/// Why a replica operation failed.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ReplicaError {
+    /// The run's data could not be prepared.
+    #[error("data: {0}")]
+    Data(String),
+    /// Training or applying failed.
+    #[error("training: {0}")]
+    Train(String),
+    /// A checkpoint did not load.
+    #[error("checkpoint: {0}")]
+    Checkpoint(String),
+}
+
+/// Why an update was refused.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum UpdateError {
+    /// The bytes do not decode.
+    #[error("malformed update: {0}")]
+    Wire(String),
+    /// The header names another run, round or sender.
+    #[error("update header does not match its announce ({0})")]
+    Header(&'static str),
+    /// Shapes, indices or values do not fit the model.
+    #[error("update does not fit the model: {0}")]
+    Model(String),
+}
+
+/// A checked update and its L2 norm (for robust aggregation).
+#[derive(Clone, Debug)]
+pub struct CheckedUpdate {
+    /// The update, ready to apply.
+    pub update: IncomingUpdate,
+    /// L2 norm of its values.
+    pub norm: f32,
+}
+
+/// What one training step produced.
+#[derive(Clone, Debug)]
+pub struct TrainedUpdate {
+    /// Wire bytes of the update.
+    pub bytes: Vec<u8>,
+    /// Mean training loss.
+    pub loss: f32,
+    /// Tokens trained on.
+    pub tokens: u64,
+    /// Top-k used.
+    pub topk: usize,
+}
+
+/// A member's copy of the model.
+pub struct Replica {
+    spec: RunSpec,
+    run_id: [u8; 16],
+    id: [u8; 32],
+    trainer: Trainer,
+    peer: starling_train::DistroPeer,
+    store: TokenStore,
+    sampler: Sampler,
+    budgets: Vec<TensorBudget>,
+    limits: DecodeLimits,
+}
+
+impl Replica {
+    /// A replica at the run's initial weights with zero momentum.
+    pub fn new(
+        spec: &RunSpec,
+        device: &SelectedDevice,
+        run_id: [u8; 16],
+        id: [u8; 32],
+    ) -> Result<Self, ReplicaError> {
+        let text = embedded_corpus(spec.run.corpus_bytes, spec.run.seed);
+        let store =
+            TokenStore::from_tokens(ByteTokenizer.encode(&text), "bytes", ByteTokenizer::VOCAB)
+                .map_err(|e| ReplicaError::Data(e.to_string()))?;
+        if store.index.vocab_size > spec.model.vocab_size {
+            return Err(ReplicaError::Data(format!(
+                "the data's vocabulary ({}) exceeds the model's ({})",
+                store.index.vocab_size, spec.model.vocab_size
+            )));
+        }
+        let sampler = Sampler::new(
+            store.tokens().len() as u64,
+            spec.run.seq_len,
+            EVAL_FRACTION,
+            spec.run.seed,
+        )
+        .map_err(|e| ReplicaError::Data(e.to_string()))?;
+        let train = |e: &dyn std::fmt::Display| ReplicaError::Train(e.to_string());
+        let trainer =
+            Trainer::new(&spec.model, &device.device, spec.run.seed).map_err(|e| train(&e))?;
+        let distro = spec.distro().map_err(|e| train(&e))?;
+        let peer = starling_train::DistroPeer::new(&trainer, distro).map_err(|e| train(&e))?;
+        let budgets = trainer
+            .shapes()
+            .iter()
+            .map(|s| TensorBudget::for_shape(s, distro.chunk))
+            .collect();
+        let limits = DecodeLimits {
+            max_bytes: usize::try_from(spec.rounds.max_update_bytes).unwrap_or(usize::MAX),
+            ..DecodeLimits::default()
+        };
+        Ok(Self {
+            spec: spec.clone(),
+            run_id,
+            id,
+            trainer,
+            peer,
+            store,
+            sampler,
+            budgets,
+            limits,
+        })
+    }
+
+    /// The run spec.
+    pub fn spec(&self) -> &RunSpec {
+        &self.spec
+    }
+
+    /// Bytes a fp32 all-reduce would move per member per round.
+    pub fn allreduce_bytes(&self) -> u64 {
+        4 * self.spec.model.param_count() as u64
+    }
+
+    /// The top-k that fits `upload_bytes_per_sec` within the round window
+    /// (capped by the run's top-k); `None` for an unlimited link.
+    pub fn topk_for_cap(&self, upload_bytes_per_sec: Option<f64>) -> usize {
+        let ceiling = self.spec.run.topk;
+        let Some(rate) = upload_bytes_per_sec else {
+            return ceiling;
+        };
+        let budget = (rate * self.spec.rounds.window_secs * UPLOAD_SHARE) as u64;
+        let values = self.peer.layout().config().values;
+        budget_topk(&self.budgets, budget, values)
+            .unwrap_or(1)
+            .min(ceiling)
+    }
+
+    /// Train this member's share of `round` (slot `slot` of the members) and
+    /// encode the update, sending at most `topk` components per chunk.
+    pub fn train(
+        &mut self,
+        round: u64,
+        slot: u32,
+        topk: usize,
+    ) -> Result<TrainedUpdate, ReplicaError> {
+        let _guard = TRAIN_LOCK.lock().unwrap_or_else(|e| e.into_inner());
+        let train = |e: &dyn std::fmt::Display| ReplicaError::Train(e.to_string());
+        let r = &self.spec.run;
+        let windows = self.sampler.train_windows(round, slot, r.batch);
+        let batch = Batch::from_store(&self.store, &windows, r.seq_len, self.spec.model.vocab_size)
+            .map_err(|e| train(&e))?;
+        let grads = self
+            .trainer
+            .gradients(&batch, r.micro_batch, r.clip)
+            .map_err(|e| train(&e))?;
+        self.peer.set_topk(topk.max(1));
+        let lr = self.spec.schedule().lr(round);
+        let update = self.peer.step(&grads, lr).map_err(|e| train(&e))?;
+        let header = UpdateHeader {
+            run_id: self.run_id,
+            round,
+            sender: self.id,
+        };
+        let bytes = wire::encode(&header, &update).map_err(|e| train(&e))?;
+        Ok(TrainedUpdate {
+            bytes,
+            loss: grads.loss,
+            tokens: grads.tokens,
+            topk,
+        })
+    }
+
+    /// Fully check an update received for `round` from `sender`: wire format,
+    /// header, shapes, index ranges and finite values.
+    pub fn check(
+        &self,
+        bytes: &[u8],
+        round: u64,
+        sender: [u8; 32],
+    ) -> Result<CheckedUpdate, UpdateError> {
+        let decoded =
+            wire::decode(bytes, &self.limits).map_err(|e| UpdateError::Wire(e.to_string()))?;
+        let h = &decoded.header;
+        if h.run_id != self.run_id {
+            return Err(UpdateError::Header("run"));
+        }
+        if h.round != round {
+            return Err(UpdateError::Header("round"));
+        }
+        if h.sender != sender {
+            return Err(UpdateError::Header("sender"));
+        }
+        let update = decoded.into_incoming();
+        self.peer
+            .layout()
+            .merge(std::slice::from_ref(&update), 0.0)
+            .map_err(|e| UpdateError::Model(e.to_string()))?;
+        let sum: f64 = update
+            .tensors
+            .iter()
+            .flat_map(|t| t.values.iter())
+            .map(|v| f64::from(*v) * f64::from(*v))
+            .sum();
+        Ok(CheckedUpdate {
+            update,
+            norm: sum.sqrt() as f32,
+        })
+    }
+
+    /// Apply `round`'s accepted updates (in any order; the optimizer sorts by sender).
+    pub fn apply(&mut self, round: u64, updates: &[IncomingUpdate]) -> Result<(), ReplicaError> {
+        if updates.is_empty() {
+            return Ok(());
+        }
+        let _guard = TRAIN_LOCK.lock().unwrap_or_else(|e| e.into_inner());
+        let lr = self.spec.schedule().lr(round);
+        self.peer
+            .apply(&mut self.trainer, updates, lr)
+            .map_err(|e| ReplicaError::Train(e.to_string()))?;
+        Ok(())
+    }
+
+    /// The first 8 bytes of the BLAKE3 digest of the weights.
+    pub fn digest(&self) -> Result<u64, ReplicaError> {
+        let h = self
+            .trainer
+            .digest()
+            .map_err(|e| ReplicaError::Train(e.to_string()))?;
+        let mut first = [0u8; 8];
+        first.copy_from_slice(&h.as_bytes()[..8]);
+        Ok(u64::from_le_bytes(first))
+    }
+
+    /// Loss on the run's held-out sequences.
+    pub fn eval_loss(&self) -> Result<f32, ReplicaError> {
+        let _guard = TRAIN_LOCK.lock().unwrap_or_else(|e| e.into_inner());
+        let r = &self.spec.run;
+        let windows = self.sampler.eval_windows(r.eval_sequences);
+        let batch = Batch::from_store(&self.store, &windows, r.seq_len, self.spec.model.vocab_size)
+            .map_err(|e| ReplicaError::Train(e.to_string()))?;
+        self.trainer
+            .eval_loss(&batch, r.micro_batch)
+            .map_err(|e| ReplicaError::Train(e.to_string()))
+    }
+
+    /// The weights (and this replica's momentum) after `round`, as checkpoint bytes.
+    pub fn checkpoint_bytes(&self, round: u64) -> Result<Vec<u8>, ReplicaError> {
+        let err = |e: &dyn std::fmt::Display| ReplicaError::Checkpoint(e.to_string());
+        let checkpoint = Checkpoint {
+            model: self.spec.model.clone(),
+            step: round + 1,
+            seed: self.spec.run.seed,
+            params: self.trainer.params_host().map_err(|e| err(&e))?,
+            optimizer: OptimizerSnapshot::Distro(vec![self.peer.momentum().map_err(|e| err(&e))?]),
+        };
+        checkpoint.to_bytes().map_err(|e| err(&e))
+    }
+
+    /// Load weights from checkpoint bytes (momentum too when `with_momentum`:
+    /// a coordinator resuming its own replica; a joiner starts from zero).
+    pub fn load_checkpoint(
+        &mut self,
+        bytes: &[u8],
+        with_momentum: bool,
+    ) -> Result<u64, ReplicaError> {
+        let err = |e: &dyn std::fmt::Display| ReplicaError::Checkpoint(e.to_string());
+        let c = Checkpoint::from_bytes(bytes).map_err(|e| err(&e))?;
+        if c.model != self.spec.model || c.seed != self.spec.run.seed {
+            return Err(ReplicaError::Checkpoint(
+                "it belongs to another model or run".into(),
+            ));
+        }
+        self.trainer
+            .set_params_host(&c.params)
+            .map_err(|e| err(&e))?;
+        if with_momentum
+            && let OptimizerSnapshot::Distro(m) = &c.optimizer
+            && let Some(mine) = m.first()
+        {
+            self.peer.set_momentum(mine).map_err(|e| err(&e))?;
+        }
+        Ok(c.step)
+    }
+}

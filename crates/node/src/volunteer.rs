@@ -1,0 +1,584 @@
+//! A volunteer: joins a run by ticket, catches up from the checkpoint and
+//! the manifests since, then trains its share of every round it is a member
+//! of and applies exactly the updates each signed manifest lists.
+//!
+//! The volunteer trusts nothing but the coordinator's signature (named by the
+//! ticket) and BLAKE3: announces, manifests and updates may come from anyone,
+//! in any order, twice or never. Missed gossip is recovered by asking the
+//! coordinator directly; a replica whose weights disagree with the
+//! coordinator's reported digest throws its state away and catches up again.
+
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    net::SocketAddr,
+    sync::{Arc, Mutex},
+    time::{Duration, SystemTime, UNIX_EPOCH},
+};
+
+use starling_swarm::{
+    Announce, Body, EndpointId, Manifest, Member, Message, Net, NetConfig, NetEvent, Request,
+    Response, RoundOpen, RunState, SecretKey, Ticket, Traffic, WeightReport,
+};
+use starling_train::SelectedDevice;
+use tokio::{
+    sync::{mpsc, watch},
+    time::Instant,
+};
+
+use crate::{
+    events::{NodeEvent, NodeState},
+    host::{round_prefix, update_tag},
+    replica::Replica,
+    short,
+    spec::RunSpec,
+};
+
+/// Largest checkpoint a volunteer downloads.
+const MAX_CHECKPOINT_BYTES: u64 = 16 << 30;
+/// Ask the coordinator directly after this long without news.
+const POLL_AFTER: Duration = Duration::from_secs(3);
+
+/// Why a volunteer stopped.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum VolunteerError {
+    /// The coordinator turned us away.
+    #[error("the host refused to admit this node: {0}")]
+    Refused(String),
+    /// The network could not start.
+    #[error("network: {0}")]
+    Net(String),
+    /// The run's spec is unusable.
+    #[error("the host's run spec is invalid: {0}")]
+    Spec(String),
+    /// The local replica failed.
+    #[error("training: {0}")]
+    Replica(String),
+}
+
+/// How to start a volunteer.
+pub struct VolunteerOptions {
+    /// The run to join.
+    pub ticket: Ticket,
+    /// This node's identity.
+    pub key: SecretKey,
+    /// Where to listen.
+    pub bind: SocketAddr,
+    /// Upload and download caps in Mbit/s.
+    pub caps: (Option<f64>, Option<f64>),
+    /// Where to train.
+    pub device: SelectedDevice,
+    /// Stop after applying this many rounds (tests, demos).
+    pub max_rounds: Option<u64>,
+}
+
+struct Volunteer {
+    net: Arc<Net>,
+    rx: mpsc::Receiver<NetEvent>,
+    host: Member,
+    name: String,
+    out: mpsc::UnboundedSender<NodeEvent>,
+    device: SelectedDevice,
+    replica: Option<Arc<Mutex<Replica>>>,
+    next: u64,
+    opens: BTreeMap<u64, RoundOpen>,
+    manifests: BTreeMap<u64, Manifest>,
+    host_reports: BTreeMap<u64, u64>,
+    my_digests: BTreeMap<u64, u64>,
+    trained: BTreeSet<u64>,
+    announce: Option<(u64, Vec<u8>)>,
+    applied: u64,
+    counters: (u64, u64),
+    /// Members of the newest round, to admit at the gate.
+    admit: Option<Vec<Member>>,
+}
+
+fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+/// Join the run and take part until `stop` turns true or `max_rounds` are applied.
+pub async fn run_volunteer(
+    opts: VolunteerOptions,
+    out: mpsc::UnboundedSender<NodeEvent>,
+    mut stop: watch::Receiver<bool>,
+) -> Result<(), VolunteerError> {
+    let host = Member {
+        id: opts.ticket.host,
+        addrs: opts.ticket.addrs.clone(),
+    };
+    let (net, rx) = Net::spawn(NetConfig {
+        secret_key: opts.key.clone(),
+        bind: opts.bind,
+        run_id: opts.ticket.run_id,
+        traffic: Traffic::new(opts.caps.0, opts.caps.1),
+        open: false,
+        control: None,
+        bootstrap: vec![host.clone()],
+    })
+    .await
+    .map_err(|e| VolunteerError::Net(e.to_string()))?;
+    let mut v = Volunteer {
+        net: Arc::new(net),
+        rx,
+        host,
+        name: short(&opts.key.public()),
+        out,
+        device: opts.device,
+        replica: None,
+        next: 0,
+        opens: BTreeMap::new(),
+        manifests: BTreeMap::new(),
+        host_reports: BTreeMap::new(),
+        my_digests: BTreeMap::new(),
+        trained: BTreeSet::new(),
+        announce: None,
+        applied: 0,
+        counters: (0, 0),
+        admit: None,
+    };
+    let result = tokio::select! {
+        r = v.run(opts.max_rounds) => r,
+        _ = stop.wait_for(|s| *s) => Ok(()),
+    };
+    v.state(NodeState::Stopped, format!("left before round {}", v.next));
+    if let Ok(net) = Arc::try_unwrap(v.net) {
+        net.shutdown().await;
+    }
+    result
+}
+
+impl Volunteer {
+    fn emit(&self, e: NodeEvent) {
+        let _ = self.out.send(e);
+    }
+
+    fn state(&self, state: NodeState, detail: String) {
+        self.emit(NodeEvent::State {
+            node: self.name.clone(),
+            state,
+            detail,
+        });
+    }
+
+    fn replica(&self) -> Result<Arc<Mutex<Replica>>, VolunteerError> {
+        self.replica
+            .clone()
+            .ok_or_else(|| VolunteerError::Replica("no replica yet".into()))
+    }
+
+    async fn run(&mut self, max_rounds: Option<u64>) -> Result<(), VolunteerError> {
+        self.state(
+            NodeState::Connecting,
+            format!("joining via {}", short(&self.host.id)),
+        );
+        self.sync().await?;
+        let mut last_news = Instant::now();
+        let mut tick = tokio::time::interval(Duration::from_secs(1));
+        loop {
+            if max_rounds.is_some_and(|m| self.applied >= m) {
+                return Ok(());
+            }
+            if let Some(members) = self.admit.take() {
+                self.net.set_members(&members, &[self.host.id]).await;
+            }
+            if self.apply_ready().await? {
+                last_news = Instant::now();
+                continue;
+            }
+            self.maybe_train().await?;
+            tokio::select! {
+                ev = self.rx.recv() => {
+                    let Some(ev) = ev else { return Err(VolunteerError::Net("network stopped".into())) };
+                    if self.on_event(ev) {
+                        last_news = Instant::now();
+                    }
+                }
+                _ = tick.tick() => {
+                    if let Some((round, signed)) = &self.announce
+                        && *round == self.next
+                    {
+                        let _ = self.net.broadcast(signed.clone()).await;
+                    }
+                    if last_news.elapsed() > POLL_AFTER {
+                        self.sync().await?;
+                        last_news = Instant::now();
+                    }
+                }
+            }
+        }
+    }
+
+    /// Ask the coordinator where the run is; load the spec, checkpoint and
+    /// manifests we lack.
+    async fn sync(&mut self) -> Result<(), VolunteerError> {
+        let request = Request::Join {
+            run_id: self.net.run_id(),
+            addrs: self.net.addrs(),
+            since: self.replica.as_ref().map(|_| self.next),
+        };
+        let mut backoff = Duration::from_millis(500);
+        let state: RunState = loop {
+            match self.net.request(&self.host, &request).await {
+                Ok(Response::State(s)) => break s,
+                Ok(Response::Refused { reason }) => return Err(VolunteerError::Refused(reason)),
+                Ok(_) => {
+                    return Err(VolunteerError::Net(
+                        "unexpected answer from the host".into(),
+                    ));
+                }
+                Err(starling_swarm::ControlError::NotAdmitted) => {
+                    return Err(VolunteerError::Refused(
+                        "this node is not on the run's member list".into(),
+                    ));
+                }
+                Err(e) => {
+                    self.state(
+                        NodeState::Connecting,
+                        format!("{e}; retrying in {backoff:?}"),
+                    );
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(Duration::from_secs(5));
+                }
+            }
+        };
+        if self.replica.is_none() {
+            let spec = RunSpec::from_bytes(&state.spec)
+                .map_err(|e| VolunteerError::Spec(e.to_string()))?;
+            let (device, run_id, id) = (
+                self.device.clone(),
+                self.net.run_id().0,
+                *self.net.id().as_bytes(),
+            );
+            let replica =
+                tokio::task::spawn_blocking(move || Replica::new(&spec, &device, run_id, id))
+                    .await
+                    .map_err(|e| VolunteerError::Replica(e.to_string()))?
+                    .map_err(|e| VolunteerError::Replica(e.to_string()))?;
+            let params = replica.spec().model.param_count();
+            let run = replica.spec().run.name.clone();
+            self.replica = Some(Arc::new(Mutex::new(replica)));
+            self.emit(NodeEvent::Joined {
+                node: self.name.clone(),
+                run,
+                params,
+                round: state.next_round,
+            });
+        }
+        if let Some((round, blob)) = state.checkpoint
+            && round >= self.next
+        {
+            self.state(
+                NodeState::CatchingUp,
+                format!(
+                    "fetching the checkpoint after round {round} ({} bytes)",
+                    blob.size
+                ),
+            );
+            let bytes = self
+                .net
+                .fetch(
+                    &blob,
+                    &[self.host.id],
+                    MAX_CHECKPOINT_BYTES,
+                    "checkpoint",
+                    Duration::from_secs(3600),
+                )
+                .await
+                .map_err(|e| VolunteerError::Net(format!("checkpoint: {e}")))?;
+            let replica = self.replica()?;
+            tokio::task::spawn_blocking(move || {
+                replica
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .load_checkpoint(&bytes, false)
+            })
+            .await
+            .map_err(|e| VolunteerError::Replica(e.to_string()))?
+            .map_err(|e| VolunteerError::Replica(e.to_string()))?;
+            self.next = round + 1;
+            self.manifests.retain(|r, _| *r > round);
+        }
+        for signed in state.manifests.iter().chain(state.round_open.iter()) {
+            if let Ok(m) = Message::verify(signed, self.net.run_id()) {
+                self.on_message(m);
+            }
+        }
+        Ok(())
+    }
+
+    /// Record a message; returns whether it was news from the coordinator.
+    fn on_message(&mut self, m: Message) -> bool {
+        if m.author != self.host.id {
+            return false;
+        }
+        match m.body {
+            Body::RoundOpen(open) if m.round >= self.next && !self.opens.contains_key(&m.round) => {
+                self.emit(NodeEvent::RoundOpened {
+                    node: self.name.clone(),
+                    round: m.round,
+                    members: open.members.len(),
+                });
+                self.admit = Some(open.members.clone());
+                self.opens.insert(m.round, open);
+                true
+            }
+            Body::Manifest(man) if m.round >= self.next && man.is_canonical() => {
+                self.manifests.insert(m.round, man).is_none()
+            }
+            Body::WeightReport(WeightReport { digest }) => {
+                self.host_reports.insert(m.round, digest);
+                while self.host_reports.len() > 64 {
+                    self.host_reports.pop_first();
+                }
+                false
+            }
+            _ => false,
+        }
+    }
+
+    fn on_event(&mut self, ev: NetEvent) -> bool {
+        match ev {
+            NetEvent::Message(m) => self.on_message(m),
+            NetEvent::Refused(id) => {
+                self.emit(NodeEvent::Warning {
+                    node: self.name.clone(),
+                    message: format!("refused a connection from non-member {}", short(&id)),
+                });
+                false
+            }
+            NetEvent::BadMessage { via, error } => {
+                self.emit(NodeEvent::Rejected {
+                    node: self.name.clone(),
+                    round: self.next,
+                    peer: short(&via),
+                    reason: error,
+                });
+                false
+            }
+            _ => false,
+        }
+    }
+
+    /// Train the open round if we are a member and have not yet.
+    async fn maybe_train(&mut self) -> Result<(), VolunteerError> {
+        let round = self.next;
+        let Some(open) = self.opens.get(&round) else {
+            return Ok(());
+        };
+        if self.trained.contains(&round)
+            || self.manifests.contains_key(&round)
+            || now_ms() >= open.deadline_ms
+        {
+            return Ok(());
+        }
+        let me = self.net.id();
+        let Some(slot) = open.members.iter().position(|m| m.id == me) else {
+            self.state(
+                NodeState::Waiting,
+                format!("not a member of round {round} yet"),
+            );
+            self.trained.insert(round);
+            return Ok(());
+        };
+        self.trained.insert(round);
+        self.state(NodeState::Training, format!("round {round}"));
+        let replica = self.replica()?;
+        let topk = replica
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .topk_for_cap(self.net.traffic().up.rate());
+        let trained = tokio::task::spawn_blocking(move || {
+            replica
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .train(round, slot as u32, topk)
+        })
+        .await
+        .map_err(|e| VolunteerError::Replica(e.to_string()))?
+        .map_err(|e| VolunteerError::Replica(e.to_string()))?;
+        let size = trained.bytes.len() as u64;
+        let blob = self
+            .net
+            .publish(&update_tag(round, &me), trained.bytes)
+            .await
+            .map_err(|e| VolunteerError::Net(e.to_string()))?;
+        let announce = Announce {
+            update: blob,
+            topk: trained.topk as u32,
+            tokens: trained.tokens,
+            loss: trained.loss,
+        };
+        let signed = Message::sign(
+            self.net.secret_key(),
+            self.net.run_id(),
+            round,
+            Body::Announce(announce),
+        )
+        .map_err(|e| VolunteerError::Net(e.to_string()))?;
+        let _ = self.net.broadcast(signed.clone()).await;
+        self.announce = Some((round, signed));
+        self.emit(NodeEvent::Trained {
+            node: self.name.clone(),
+            round,
+            loss: trained.loss,
+            tokens: trained.tokens,
+            topk: trained.topk,
+            bytes: size,
+        });
+        self.state(
+            NodeState::Syncing,
+            format!("round {round}: waiting for the manifest"),
+        );
+        Ok(())
+    }
+
+    /// Apply the manifest of the next round if we have it. Returns whether one was applied.
+    async fn apply_ready(&mut self) -> Result<bool, VolunteerError> {
+        let round = self.next;
+        let Some(manifest) = self.manifests.get(&round).cloned() else {
+            return Ok(false);
+        };
+        let replica = self.replica()?;
+        let max = replica
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .spec()
+            .rounds
+            .max_update_bytes;
+        let members: Vec<EndpointId> = self
+            .opens
+            .get(&round)
+            .map(|o| o.members.iter().map(|m| m.id).collect())
+            .unwrap_or_default();
+        let mut updates = Vec::with_capacity(manifest.entries.len());
+        for e in &manifest.entries {
+            // The author first, then the coordinator (which holds every accepted update), then the others.
+            let mut providers = vec![e.sender, self.host.id];
+            providers.extend(members.iter().copied().filter(|m| *m != e.sender));
+            let bytes = self
+                .net
+                .fetch(
+                    &e.update,
+                    &providers,
+                    max,
+                    &update_tag(round, &e.sender),
+                    Duration::from_secs(120),
+                )
+                .await
+                .map_err(|err| {
+                    VolunteerError::Net(format!(
+                        "round {round}: update of {}: {err}",
+                        short(&e.sender)
+                    ))
+                })?;
+            let r = replica.clone();
+            let sender = *e.sender.as_bytes();
+            let checked = tokio::task::spawn_blocking(move || {
+                r.lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .check(&bytes, round, sender)
+            })
+            .await
+            .map_err(|err| VolunteerError::Replica(err.to_string()))?
+            .map_err(|err| {
+                VolunteerError::Replica(format!("the host accepted an invalid update: {err}"))
+            })?;
+            updates.push(checked.update);
+        }
+        let n = updates.len();
+        let r = replica.clone();
+        let digest = tokio::task::spawn_blocking(move || {
+            let mut r = r.lock().unwrap_or_else(|e| e.into_inner());
+            r.apply(round, &updates)?;
+            r.digest()
+        })
+        .await
+        .map_err(|e| VolunteerError::Replica(e.to_string()))?
+        .map_err(|e| VolunteerError::Replica(e.to_string()))?;
+        let loss = if manifest.entries.is_empty() {
+            None
+        } else {
+            Some(
+                manifest.entries.iter().map(|e| e.loss).sum::<f32>()
+                    / manifest.entries.len() as f32,
+            )
+        };
+        let (up, down) = (
+            self.net.traffic().total.up(),
+            self.net.traffic().total.down(),
+        );
+        let allreduce = replica
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .allreduce_bytes();
+        self.emit(NodeEvent::RoundApplied {
+            node: self.name.clone(),
+            round,
+            updates: n,
+            loss,
+            eval_loss: None,
+            digest,
+            bytes_up: up - self.counters.0,
+            bytes_down: down - self.counters.1,
+            allreduce_bytes: allreduce,
+        });
+        self.counters = (up, down);
+        self.my_digests.insert(round, digest);
+        while self.my_digests.len() > 64 {
+            self.my_digests.pop_first();
+        }
+        let report_every = replica
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .spec()
+            .rounds
+            .report_every;
+        if round.is_multiple_of(report_every)
+            && let Ok(signed) = Message::sign(
+                self.net.secret_key(),
+                self.net.run_id(),
+                round,
+                Body::WeightReport(WeightReport { digest }),
+            )
+        {
+            let _ = self.net.broadcast(signed).await;
+        }
+        self.next = round + 1;
+        self.applied += 1;
+        self.opens.retain(|r, _| *r >= self.next);
+        self.manifests.retain(|r, _| *r >= self.next);
+        self.trained.retain(|r| *r >= self.next);
+        if let Some(old) = round.checked_sub(2) {
+            self.net.forget(&round_prefix(old)).await;
+        }
+        self.check_divergence().await.map(|_| true)
+    }
+
+    /// Compare our digests with the coordinator's reports; on a mismatch,
+    /// start over from the checkpoint.
+    async fn check_divergence(&mut self) -> Result<(), VolunteerError> {
+        let diverged = self
+            .host_reports
+            .iter()
+            .find(|(r, d)| self.my_digests.get(r).is_some_and(|m| m != *d))
+            .map(|(r, _)| *r);
+        if let Some(round) = diverged {
+            self.emit(NodeEvent::Diverged {
+                node: self.name.clone(),
+                peer: self.name.clone(),
+                round,
+            });
+            self.replica = None;
+            self.next = 0;
+            self.my_digests.clear();
+            self.host_reports.clear();
+            self.manifests.clear();
+            self.sync().await?;
+        }
+        Ok(())
+    }
+}
