@@ -224,3 +224,35 @@ fn a_node_off_the_member_list_is_refused_and_told_why() {
         })
     }));
 }
+
+#[test]
+fn a_late_joiner_catches_up_from_the_checkpoint_to_identical_weights() {
+    let dir = scratch("late");
+    let (host, ticket) = start_host(&dir, RUN, &["--rounds", "14"]);
+    let early: Vec<Node> = (0..2)
+        .map(|i| join(&dir, &ticket, &format!("v{i}"), &["--rounds", "14"]))
+        .collect();
+    let limit = Duration::from_secs(600);
+    let mut host_events = Vec::new();
+    // Wait until a checkpoint exists (after round 4) and round 6 is done.
+    assert!(
+        host.until(limit, &mut host_events, |e| applied(e, 6).is_some()),
+        "host stalled: {}",
+        host.stderr()
+    );
+    let late = join(&dir, &ticket, "late", &[]);
+    assert!(host.until(limit, &mut host_events, |e| applied(e, 13).is_some()));
+    let mut late_events = Vec::new();
+    assert!(
+        late.until(limit, &mut late_events, |e| applied(e, 13).is_some()),
+        "late joiner did not reach round 13: {}",
+        late.stderr()
+    );
+    assert_eq!(
+        applied(&late_events, 13).unwrap()["digest"],
+        applied(&host_events, 13).unwrap()["digest"]
+    );
+    // It trained too: the last rounds carry three updates.
+    assert_eq!(applied(&host_events, 13).unwrap()["updates"], 3);
+    drop(early);
+}
