@@ -11,9 +11,8 @@ use serde::Serialize;
 use starling_distro::{DistroConfig, ValueEncoding};
 use starling_train::data::shards::TokenStore;
 use starling_train::{
-    AdamWConfig, ByteTokenizer, Checkpoint, DeviceChoice, ModelConfig, Schedule, SelectedDevice,
-    SimConfig, SimOptimizer, SimSummary, Simulation, StepRecord, Trainer, embedded_corpus,
-    select_device,
+    AdamWConfig, Checkpoint, DeviceChoice, ModelConfig, Schedule, SelectedDevice, SimConfig,
+    SimOptimizer, SimSummary, Simulation, StepRecord, Trainer, embedded_store, select_device,
 };
 
 use crate::distro_cmd::{Values, write_atomic};
@@ -136,26 +135,16 @@ pub struct ConvergenceArgs {
 }
 
 fn load_model(spec: &str) -> Result<ModelConfig> {
-    match ModelConfig::preset(spec) {
-        Ok(c) => Ok(c),
-        Err(_) if Path::new(spec).is_file() => {
-            let text =
-                std::fs::read_to_string(spec).with_context(|| format!("cannot read {spec}"))?;
-            ModelConfig::from_json(&text).with_context(|| format!("{spec} is not a model config"))
-        }
-        Err(e) => Err(e).with_context(|| format!("{spec} is neither a preset nor a file")),
-    }
+    ModelConfig::preset_or_file(spec, Path::new("."))
+        .with_context(|| format!("--model {spec}: not a preset or a usable model config file"))
 }
 
 fn load_data(run: &RunOpts, model: &ModelConfig) -> Result<TokenStore> {
     let store = match &run.data {
         Some(dir) => TokenStore::load(dir)
             .with_context(|| format!("cannot load token shards from {}", dir.display()))?,
-        None => {
-            let text = embedded_corpus(run.corpus_bytes, run.seed);
-            TokenStore::from_tokens(ByteTokenizer.encode(&text), "bytes", ByteTokenizer::VOCAB)
-                .context("cannot tokenize the embedded corpus")?
-        }
+        None => embedded_store(run.corpus_bytes, run.seed)
+            .context("cannot tokenize the embedded corpus")?,
     };
     if store.index.vocab_size > model.vocab_size {
         bail!(

@@ -32,8 +32,13 @@ pub enum SpecError {
     #[error("run spec is not valid JSON: {0}")]
     Json(#[from] serde_json::Error),
     /// The model is neither a preset nor a readable config.
-    #[error("model {0:?} is neither a preset (nano, small, 125m, 1b) nor a model config file")]
-    Model(String),
+    #[error("model {name:?}: {source}")]
+    Model {
+        /// What the run file says.
+        name: String,
+        /// Why it is unusable.
+        source: starling_train::ConfigError,
+    },
     /// A value is out of range.
     #[error("{0}")]
     Invalid(String),
@@ -201,15 +206,11 @@ impl RunFile {
     /// Resolve presets and check every value; `base` is where relative paths start.
     pub fn resolve(&self, base: &Path) -> Result<RunSpec, SpecError> {
         let r = &self.run;
-        let model = match ModelConfig::preset(&r.model) {
-            Ok(m) => m,
-            Err(_) => {
-                let path = base.join(&r.model);
-                let text = std::fs::read_to_string(&path)
-                    .map_err(|_| SpecError::Model(r.model.clone()))?;
-                ModelConfig::from_json(&text).map_err(|_| SpecError::Model(r.model.clone()))?
-            }
-        };
+        let model =
+            ModelConfig::preset_or_file(&r.model, base).map_err(|source| SpecError::Model {
+                name: r.model.clone(),
+                source,
+            })?;
         let spec = RunSpec {
             model,
             run: r.clone(),

@@ -50,6 +50,14 @@ pub enum ConfigError {
     /// No built-in preset of that name.
     #[error("no built-in model {0:?} (choose nano, small, 125m or 1b)")]
     UnknownPreset(String),
+    /// A config file could not be read.
+    #[error("cannot read model config {path}: {source}")]
+    Read {
+        /// The file.
+        path: std::path::PathBuf,
+        /// The I/O error.
+        source: std::io::Error,
+    },
 }
 
 const PRESETS: [(&str, &str); 4] = [
@@ -72,6 +80,23 @@ impl ModelConfig {
             .find(|(n, _)| *n == name)
             .ok_or_else(|| ConfigError::UnknownPreset(name.to_string()))?;
         Self::from_json(json)
+    }
+
+    /// A preset by name or, when no preset has that name and `base/spec` is
+    /// a file, the config in that file.
+    pub fn preset_or_file(spec: &str, base: &std::path::Path) -> Result<Self, ConfigError> {
+        match Self::preset(spec) {
+            Ok(c) => Ok(c),
+            Err(unknown) => {
+                let path = base.join(spec);
+                if !path.is_file() {
+                    return Err(unknown);
+                }
+                let text = std::fs::read_to_string(&path)
+                    .map_err(|source| ConfigError::Read { path, source })?;
+                Self::from_json(&text)
+            }
+        }
     }
 
     /// Parses and validates a config.

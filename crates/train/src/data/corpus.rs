@@ -5,6 +5,8 @@
 //! same place) and arithmetic (sums that are always right).
 
 use super::rng::SplitMix64;
+use super::shards::{ShardError, TokenStore};
+use super::tokenizer::ByteTokenizer;
 
 /// Picks from lists with the corpus's fixed generator.
 struct Mix(SplitMix64);
@@ -42,6 +44,13 @@ const VERBS: [&str; 6] = [
 const NUMBERS: [&str; 10] = [
     "zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine",
 ];
+
+/// The embedded corpus tokenized as bytes: the default data of simulations
+/// and of runs that name no dataset, identical on every replica.
+pub fn embedded_store(bytes: usize, seed: u64) -> Result<TokenStore, ShardError> {
+    let text = embedded_corpus(bytes, seed);
+    TokenStore::from_tokens(ByteTokenizer.encode(&text), "bytes", ByteTokenizer::VOCAB)
+}
 
 /// About `bytes` bytes of the embedded corpus (whole sentences, one per line),
 /// the same for a given `seed` on every machine and version.
