@@ -116,6 +116,7 @@ fn start_host(dir: &Path, run: &str, extra: &[&str]) -> (Node, String) {
     let run_file = dir.join("run.toml");
     std::fs::write(&run_file, run).expect("run file");
     let ticket_file = dir.join("ticket");
+    let _ = std::fs::remove_file(&ticket_file);
     let mut args = vec![
         "host".to_string(),
         run_file.display().to_string(),
@@ -141,7 +142,7 @@ fn start_host(dir: &Path, run: &str, extra: &[&str]) -> (Node, String) {
 }
 
 fn join(dir: &Path, ticket: &str, name: &str, extra: &[&str]) -> Node {
-    let key = dir.join(format!("{name}.key")).display().to_string();
+    let key = dir.join(name).join("node.key").display().to_string();
     let mut args = vec!["join", ticket, "--key-file", &key];
     args.extend_from_slice(extra);
     Node::spawn(&args, dir.join(format!("{name}.log")))
@@ -198,15 +199,29 @@ fn host_and_three_volunteers_train_twenty_rounds_to_identical_weights() {
 }
 
 #[test]
-fn a_node_off_the_member_list_is_refused_and_told_why() {
+fn only_listed_members_join_even_after_the_run_has_started() {
     let dir = scratch("allow");
-    // The member list names an id no process here owns: the public key of
-    // the all-ones secret key.
-    let member = starling_node::SecretKey::from_bytes(&[1u8; 32])
-        .public()
-        .to_string();
-    let run = format!("{RUN}\n[members]\nallow = [\"{member}\"]\n");
-    let (host, ticket) = start_host(&dir, &run, &[]);
+    // Two listed members with keys written here; a stranger with a fresh key.
+    let keys: Vec<String> = (1u8..=2)
+        .map(|i| {
+            let hex: String = [i; 32].iter().map(|b| format!("{b:02x}")).collect();
+            std::fs::create_dir_all(dir.join(format!("m{i}"))).unwrap();
+            std::fs::write(dir.join(format!("m{i}")).join("node.key"), hex).unwrap();
+            starling_node::SecretKey::from_bytes(&[i; 32])
+                .public()
+                .to_string()
+        })
+        .collect();
+    let run = format!(
+        "{RUN}\n[members]\nallow = [\"{}\", \"{}\"]\n",
+        keys[0], keys[1]
+    );
+    let (host, ticket) = start_host(&dir, &run, &["--rounds", "6"]);
+    let first = join(&dir, &ticket, "m1", &["--rounds", "6"]);
+    let limit = Duration::from_secs(300);
+    let mut host_events = Vec::new();
+    assert!(host.until(limit, &mut host_events, |e| applied(e, 1).is_some()));
+
     let mut stranger = join(&dir, &ticket, "stranger", &[]);
     let status = stranger
         .wait(Duration::from_secs(60))
@@ -217,19 +232,37 @@ fn a_node_off_the_member_list_is_refused_and_told_why() {
         "{}",
         stranger.stderr()
     );
-    let mut events = Vec::new();
-    assert!(host.until(Duration::from_secs(10), &mut events, |e| {
-        e.iter().any(|v| {
-            v["event"] == "warning" && v["message"].as_str().unwrap_or("").contains("non-member")
-        })
-    }));
+    // The second listed member is still admitted after rounds have run.
+    let second = join(&dir, &ticket, "m2", &[]);
+    assert!(host.until(limit, &mut host_events, |e| applied(e, 5).is_some()));
+    assert!(
+        host_events.iter().any(|v| v["event"] == "warning"
+            && v["message"].as_str().unwrap_or("").contains("non-member"))
+    );
+    assert_eq!(
+        applied(&host_events, 5).unwrap()["updates"],
+        2,
+        "both members trained"
+    );
+    let mut second_events = Vec::new();
+    assert!(
+        second.until(limit, &mut second_events, |e| applied(e, 5).is_some()),
+        "listed member did not catch up: {}",
+        second.stderr()
+    );
+    assert_eq!(
+        applied(&second_events, 5).unwrap()["digest"],
+        applied(&host_events, 5).unwrap()["digest"]
+    );
+    drop(first);
 }
 
 #[test]
 fn a_late_joiner_catches_up_from_the_checkpoint_to_identical_weights() {
     let dir = scratch("late");
-    let (host, ticket) = start_host(&dir, RUN, &["--rounds", "14"]);
-    let early: Vec<Node> = (0..2)
+    // The host trains too (--train), so one volunteer starts with it.
+    let (host, ticket) = start_host(&dir, RUN, &["--rounds", "14", "--train"]);
+    let early: Vec<Node> = (0..1)
         .map(|i| join(&dir, &ticket, &format!("v{i}"), &["--rounds", "14"]))
         .collect();
     let limit = Duration::from_secs(600);
@@ -252,7 +285,152 @@ fn a_late_joiner_catches_up_from_the_checkpoint_to_identical_weights() {
         applied(&late_events, 13).unwrap()["digest"],
         applied(&host_events, 13).unwrap()["digest"]
     );
-    // It trained too: the last rounds carry three updates.
+    // It trained too: the last rounds carry the host's, the early and the late updates.
     assert_eq!(applied(&host_events, 13).unwrap()["updates"], 3);
     drop(early);
+}
+
+/// Rounds a node applied, in the order it applied them.
+fn applied_rounds(events: &[Value]) -> Vec<u64> {
+    events
+        .iter()
+        .filter(|e| e["event"] == "round_applied")
+        .filter_map(|e| e["round"].as_u64())
+        .collect()
+}
+
+#[test]
+fn a_volunteer_killed_mid_round_rejoins_and_catches_up() {
+    let dir = scratch("sigkill");
+    let (host, ticket) = start_host(&dir, RUN, &["--rounds", "16"]);
+    let mut victim = join(&dir, &ticket, "victim", &[]);
+    let others: Vec<Node> = (0..2)
+        .map(|i| join(&dir, &ticket, &format!("v{i}"), &["--rounds", "16"]))
+        .collect();
+    let limit = Duration::from_secs(600);
+    let mut host_events = Vec::new();
+    let mut victim_events = Vec::new();
+    assert!(host.until(limit, &mut host_events, |e| applied(e, 2).is_some()));
+    // Kill it while it trains or waits inside a round.
+    assert!(
+        victim.until(limit, &mut victim_events, |e| e
+            .iter()
+            .any(|v| v["event"] == "trained" && v["round"].as_u64() >= Some(3)))
+    );
+    victim.child.kill().expect("SIGKILL");
+    let _ = victim.child.wait();
+    // The run goes on without it.
+    let killed_at = host_events.len();
+    assert!(host.until(limit, &mut host_events, |e| {
+        e[killed_at..]
+            .iter()
+            .any(|v| v["event"] == "round_applied" && v["updates"] == 2)
+    }));
+    // Same key, new process: it rejoins and ends on the host's weights.
+    let back = join(&dir, &ticket, "victim", &[]);
+    assert!(host.until(limit, &mut host_events, |e| applied(e, 15).is_some()));
+    let mut back_events = Vec::new();
+    let caught_up = back.until(limit, &mut back_events, |e| applied(e, 15).is_some());
+    let _ = host.until(Duration::from_secs(1), &mut host_events, |_| false);
+    let refusals: Vec<&Value> = host_events
+        .iter()
+        .filter(|v| v["event"] == "rejected" || v["event"] == "dropped")
+        .collect();
+    eprintln!("host refusals: {refusals:?}");
+    assert!(
+        caught_up,
+        "restarted volunteer did not catch up: {}\nhost refusals: {refusals:?}",
+        back.stderr()
+    );
+    assert_eq!(
+        applied(&back_events, 15).unwrap()["digest"],
+        applied(&host_events, 15).unwrap()["digest"]
+    );
+    assert_eq!(
+        applied(&host_events, 15).unwrap()["updates"],
+        3,
+        "it trains again"
+    );
+    drop(others);
+}
+
+#[test]
+fn a_host_killed_mid_run_resumes_without_losing_a_round() {
+    let dir = scratch("host-restart");
+    let (mut host, ticket) = start_host(&dir, RUN, &[]);
+    let volunteers: Vec<Node> = (0..2)
+        .map(|i| join(&dir, &ticket, &format!("v{i}"), &["--rounds", "12"]))
+        .collect();
+    let limit = Duration::from_secs(600);
+    let mut before = Vec::new();
+    assert!(host.until(limit, &mut before, |e| applied(e, 6).is_some()));
+    host.child.kill().expect("SIGKILL");
+    let _ = host.child.wait();
+    // Same state directory: same key, port, run and rounds.
+    let (host, ticket_again) = start_host(&dir, RUN, &[]);
+    assert_eq!(ticket_again, ticket, "the ticket stays valid");
+    let mut after = Vec::new();
+    assert!(
+        host.until(limit, &mut after, |e| applied(e, 11).is_some()),
+        "resumed host stalled: {}",
+        host.stderr()
+    );
+    let resumed_at = applied_rounds(&after)[0];
+    assert!(
+        (7..=8).contains(&resumed_at),
+        "resumed at round {resumed_at}"
+    );
+    for v in &volunteers {
+        let mut events = Vec::new();
+        assert!(
+            v.until(limit, &mut events, |e| applied(e, 11).is_some()),
+            "{}",
+            v.stderr()
+        );
+        // Every round applied exactly once, none skipped.
+        assert_eq!(applied_rounds(&events), (0..12).collect::<Vec<_>>());
+        assert_eq!(
+            applied(&events, 11).unwrap()["digest"],
+            applied(&after, 11).unwrap()["digest"]
+        );
+    }
+}
+
+#[test]
+fn a_volunteer_pauses_at_its_monthly_cap_and_keeps_the_ledger() {
+    let dir = scratch("monthly");
+    let (host, ticket) = start_host(&dir, RUN, &[]);
+    let _steady = join(&dir, &ticket, "steady", &[]);
+    // 150 kB a month: one round of nano at top-32 f32 (~50 kB up, more down) is near it.
+    let capped = join(&dir, &ticket, "capped", &["--monthly-cap-gb", "0.00015"]);
+    let limit = Duration::from_secs(300);
+    let mut events = Vec::new();
+    assert!(
+        capped.until(limit, &mut events, |e| e
+            .iter()
+            .any(|v| v["event"] == "state" && v["state"] == "paused")),
+        "never paused: {}",
+        capped.stderr()
+    );
+    let usage: Value =
+        serde_json::from_slice(&std::fs::read(dir.join("capped").join("usage.json")).unwrap())
+            .unwrap();
+    let used = usage["month_up"].as_u64().unwrap() + usage["month_down"].as_u64().unwrap();
+    assert!(used >= 150_000, "paused at {used} bytes");
+    // Paused means no more training.
+    let trained_before = events.iter().filter(|v| v["event"] == "trained").count();
+    let mut host_events = Vec::new();
+    let now = host_events.len();
+    assert!(host.until(limit, &mut host_events, |e| {
+        e[now..]
+            .iter()
+            .filter(|v| v["event"] == "round_applied")
+            .count()
+            >= 3
+    }));
+    let _ = capped.until(Duration::from_millis(500), &mut events, |_| false);
+    assert_eq!(
+        events.iter().filter(|v| v["event"] == "trained").count(),
+        trained_before
+    );
 }

@@ -7,12 +7,15 @@ use std::{
     collections::BTreeMap,
     net::SocketAddr,
     path::{Path, PathBuf},
+    sync::Arc,
 };
 
 use anyhow::{Context, Result, bail};
 use clap::Args;
+use starling_node::metrics::{Metrics, serve as serve_metrics};
 use starling_node::{
-    Host, HostOptions, NodeEvent, RunFile, Ticket, VolunteerOptions, keyfile, run_volunteer,
+    Host, HostOptions, NodeEvent, RunFile, Ticket, Traffic, VolunteerOptions, keyfile,
+    run_volunteer,
 };
 use starling_train::{DeviceChoice, select_device};
 use tokio::sync::{mpsc, watch};
@@ -38,6 +41,31 @@ pub struct NodeOpts {
     /// Print events as JSON lines instead of log lines.
     #[arg(long)]
     pub json: bool,
+    /// Serve OpenMetrics text at http://ADDR/metrics (e.g. 127.0.0.1:9464).
+    #[arg(long)]
+    pub metrics_addr: Option<SocketAddr>,
+}
+
+impl NodeOpts {
+    /// Start the metrics endpoint if asked for, and the event printer.
+    async fn renderer(
+        &self,
+        rx: mpsc::UnboundedReceiver<NodeEvent>,
+    ) -> Result<tokio::task::JoinHandle<Result<()>>> {
+        let metrics = match self.metrics_addr {
+            Some(addr) => {
+                let listener = tokio::net::TcpListener::bind(addr)
+                    .await
+                    .with_context(|| format!("cannot serve metrics on {addr}"))?;
+                eprintln!("metrics: http://{}/metrics", listener.local_addr()?);
+                let metrics = Arc::new(Metrics::default());
+                tokio::spawn(serve_metrics(listener, metrics.clone()));
+                Some(metrics)
+            }
+            None => None,
+        };
+        Ok(tokio::spawn(render(rx, self.json, metrics)))
+    }
 }
 
 #[derive(Args, Debug)]
@@ -50,6 +78,10 @@ pub struct HostArgs {
     /// Also write the join ticket to this file.
     #[arg(long)]
     pub ticket_file: Option<PathBuf>,
+    /// Also train on this machine: a volunteer in the host's process (key in
+    /// the state directory), sharing the host's bandwidth caps.
+    #[arg(long)]
+    pub train: bool,
     #[command(flatten)]
     pub node: NodeOpts,
 }
@@ -58,9 +90,13 @@ pub struct HostArgs {
 pub struct JoinArgs {
     /// The ticket the host printed (or a starling://join/… link).
     pub ticket: String,
-    /// This node's key file (created on first use).
+    /// This node's key file (created on first use); its data-use ledger
+    /// (`usage.json`) is kept next to it.
     #[arg(long, default_value = "runs/volunteer/node.key")]
     pub key_file: PathBuf,
+    /// Pause participation once this many GB (10^9 bytes, up + down) moved this calendar month (UTC).
+    #[arg(long)]
+    pub monthly_cap_gb: Option<f64>,
     #[command(flatten)]
     pub node: NodeOpts,
 }
@@ -73,8 +109,15 @@ fn runtime() -> Result<tokio::runtime::Runtime> {
 }
 
 /// Print events until the channel closes.
-async fn render(mut rx: mpsc::UnboundedReceiver<NodeEvent>, json: bool) -> Result<()> {
+async fn render(
+    mut rx: mpsc::UnboundedReceiver<NodeEvent>,
+    json: bool,
+    metrics: Option<Arc<Metrics>>,
+) -> Result<()> {
     while let Some(e) = rx.recv().await {
+        if let Some(m) = &metrics {
+            m.observe(&e);
+        }
         if json {
             say!("{}", serde_json::to_string(&e)?);
         } else {
@@ -112,8 +155,24 @@ pub fn run_host(args: &HostArgs) -> Result<()> {
                 .with_context(|| format!("members.allow: {s:?} is not an endpoint id"))
         })
         .collect::<Result<Vec<_>>>()?;
+    let trainer_key = if args.train {
+        let path = args.state_dir.join("trainer.key");
+        Some(
+            keyfile::load_or_create(&path)
+                .with_context(|| format!("cannot use {}", path.display()))?,
+        )
+    } else {
+        None
+    };
+    let mut allow: Vec<_> = allow;
+    if let Some(key) = &trainer_key
+        && !allow.is_empty()
+    {
+        allow.push(key.public());
+    }
     let device = select_device(args.node.device)?;
     eprintln!("device: {} ({})", device.name, device.reason);
+    let traffic = Traffic::new(args.node.up_mbit, args.node.down_mbit);
     runtime()?.block_on(async {
         let (tx, rx) = mpsc::unbounded_channel();
         let host = Host::start(
@@ -122,11 +181,11 @@ pub fn run_host(args: &HostArgs) -> Result<()> {
                 spec,
                 allow,
                 bind: args.node.listen,
-                caps: (args.node.up_mbit, args.node.down_mbit),
-                device,
+                traffic: traffic.clone(),
+                device: device.clone(),
                 max_rounds: args.node.rounds,
             },
-            tx,
+            tx.clone(),
         )
         .await?;
         let ticket = host.ticket().to_string();
@@ -135,8 +194,31 @@ pub fn run_host(args: &HostArgs) -> Result<()> {
                 .with_context(|| format!("cannot write {}", path.display()))?;
         }
         eprintln!("join ticket: {ticket}");
-        let printer = tokio::spawn(render(rx, args.node.json));
-        let result = host.run(stop_on_ctrl_c()).await;
+        let printer = args.node.renderer(rx).await?;
+        let stop = stop_on_ctrl_c();
+        let trainer = trainer_key.map(|key| {
+            let mut bind = args.node.listen;
+            bind.set_port(0);
+            tokio::spawn(run_volunteer(
+                VolunteerOptions {
+                    ticket: host.ticket(),
+                    key,
+                    bind,
+                    traffic: traffic.clone(),
+                    device,
+                    max_rounds: args.node.rounds,
+                    usage_file: None,
+                    monthly_cap: None,
+                },
+                tx.clone(),
+                stop.clone(),
+            ))
+        });
+        drop(tx);
+        let result = host.run(stop).await;
+        if let Some(t) = trainer {
+            t.await?.context("the host's own trainer failed")?;
+        }
         printer.await??;
         Ok(result?)
     })
@@ -144,21 +226,28 @@ pub fn run_host(args: &HostArgs) -> Result<()> {
 
 pub fn run_join(args: &JoinArgs) -> Result<()> {
     let ticket: Ticket = args.ticket.parse().context("the ticket is not valid")?;
+    if let Some(gb) = args.monthly_cap_gb
+        && !(gb.is_finite() && gb > 0.0)
+    {
+        bail!("--monthly-cap-gb must be a positive number of GB");
+    }
     let key = keyfile::load_or_create(&args.key_file)
         .with_context(|| format!("cannot use key file {}", args.key_file.display()))?;
     let device = select_device(args.node.device)?;
     eprintln!("device: {} ({})", device.name, device.reason);
     runtime()?.block_on(async {
         let (tx, rx) = mpsc::unbounded_channel();
-        let printer = tokio::spawn(render(rx, args.node.json));
+        let printer = args.node.renderer(rx).await?;
         let result = run_volunteer(
             VolunteerOptions {
                 ticket,
                 key,
                 bind: args.node.listen,
-                caps: (args.node.up_mbit, args.node.down_mbit),
+                traffic: Traffic::new(args.node.up_mbit, args.node.down_mbit),
                 device,
                 max_rounds: args.node.rounds,
+                usage_file: Some(args.key_file.with_file_name("usage.json")),
+                monthly_cap: args.monthly_cap_gb.map(|gb| (gb * 1e9) as u64),
             },
             tx,
             stop_on_ctrl_c(),
@@ -224,7 +313,6 @@ pub fn run_demo(args: &DemoArgs) -> Result<()> {
         std::fs::remove_dir_all(&args.dir)
             .with_context(|| format!("cannot clear {}", args.dir.display()))?;
     }
-    let caps = (args.up_mbit, args.down_mbit);
     say!(
         "starling demo: a host and {} volunteers on loopback train {} ({} parameters) for {} rounds",
         args.volunteers,
@@ -242,7 +330,7 @@ pub fn run_demo(args: &DemoArgs) -> Result<()> {
                 spec,
                 allow: vec![],
                 bind: "127.0.0.1:0".parse()?,
-                caps,
+                traffic: Traffic::new(args.up_mbit, args.down_mbit),
                 device: device.clone(),
                 max_rounds: Some(args.rounds),
             },
@@ -259,9 +347,11 @@ pub fn run_demo(args: &DemoArgs) -> Result<()> {
                     ticket: ticket.clone(),
                     key,
                     bind: "127.0.0.1:0".parse()?,
-                    caps,
+                    traffic: Traffic::new(args.up_mbit, args.down_mbit),
                     device: device.clone(),
                     max_rounds: Some(args.rounds),
+                    usage_file: None,
+                    monthly_cap: None,
                 },
                 tx.clone(),
                 stop_rx.clone(),

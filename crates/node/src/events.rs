@@ -134,6 +134,19 @@ pub enum NodeEvent {
         /// Its size.
         bytes: u64,
     },
+    /// This month's data use (after each round).
+    Usage {
+        /// Which node.
+        node: String,
+        /// The month (`YYYY-MM`, UTC).
+        month: String,
+        /// Bytes sent this month.
+        up: u64,
+        /// Bytes received this month.
+        down: u64,
+        /// The monthly cap in bytes, if any.
+        cap: Option<u64>,
+    },
     /// Something went wrong that the node survived.
     Warning {
         /// Which node.
@@ -212,6 +225,19 @@ impl NodeEvent {
             }
             NodeEvent::Checkpoint { node, round, bytes } => {
                 format!("[{node}] checkpoint after round {round} ({bytes} bytes)")
+            }
+            NodeEvent::Usage {
+                node,
+                month,
+                up,
+                down,
+                cap,
+            } => {
+                let cap = cap.map(|c| format!(" of {c}")).unwrap_or_default();
+                format!(
+                    "[{node}] {month}: {} bytes used{cap} ({up} up, {down} down)",
+                    up + down
+                )
             }
             NodeEvent::Warning { node, message } => format!("[{node}] warning: {message}"),
         }

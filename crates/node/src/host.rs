@@ -13,21 +13,21 @@ use std::{
     net::SocketAddr,
     path::{Path, PathBuf},
     sync::{Arc, Mutex},
-    time::{Duration, SystemTime, UNIX_EPOCH},
+    time::Duration,
 };
 
 use serde::{Deserialize, Serialize};
 use starling_swarm::{
-    Announce, BlobRef, Body, EndpointId, Manifest, ManifestEntry, Member, Message, Net, NetConfig,
-    NetEvent, Request, Response, RoundOpen, RunId, RunState, SecretKey, Ticket, Traffic,
-    WeightReport,
+    Announce, BlobRef, Body, Bytes, EndpointId, FetchError, Manifest, ManifestEntry, Member,
+    Message, Net, NetConfig, NetEvent, Request, Response, RoundOpen, RunId, RunState, SecretKey,
+    Ticket, Traffic, WeightReport, unix_ms,
 };
 use starling_train::{SelectedDevice, atomic::write_atomic};
 use tokio::{sync::mpsc, task::JoinSet, time::Instant};
 
 use crate::{
     events::{NodeEvent, NodeState},
-    replica::{CheckedUpdate, Replica},
+    replica::{self, CheckedUpdate, Replica, SharedReplica, lock},
     short,
     spec::RunSpec,
 };
@@ -62,8 +62,9 @@ pub struct HostOptions {
     pub allow: Vec<EndpointId>,
     /// Where to listen (port 0: any; a resumed host reuses its saved port).
     pub bind: SocketAddr,
-    /// Upload and download caps in Mbit/s.
-    pub caps: (Option<f64>, Option<f64>),
+    /// Upload and download caps and counters; keep a clone to change the
+    /// caps while the node runs (`Traffic::set_caps`).
+    pub traffic: Traffic,
     /// The device for the reference replica.
     pub device: SelectedDevice,
     /// Stop after this many rounds in this session (tests, demos).
@@ -100,13 +101,6 @@ struct Shared {
     dropped: HashSet<EndpointId>,
 }
 
-fn now_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
-}
-
 fn state_err(path: &Path, e: impl std::fmt::Display) -> HostError {
     HostError::State {
         path: path.to_path_buf(),
@@ -126,7 +120,7 @@ pub struct Host {
     shared: Arc<Mutex<Shared>>,
     state: SavedState,
     dir: PathBuf,
-    replica: Arc<Mutex<Replica>>,
+    replica: SharedReplica,
     out: mpsc::UnboundedSender<NodeEvent>,
     name: String,
     faults: HashMap<EndpointId, u32>,
@@ -188,7 +182,7 @@ impl Host {
             secret_key: key.clone(),
             bind,
             run_id,
-            traffic: Traffic::new(opts.caps.0, opts.caps.1),
+            traffic: opts.traffic.clone(),
             open: opts.allow.is_empty(),
             control: Some(control),
             bootstrap: Vec::new(),
@@ -197,12 +191,7 @@ impl Host {
         .map_err(|e| HostError::Net(e.to_string()))?;
         let net = Arc::new(net);
         if !opts.allow.is_empty() {
-            let allowed: Vec<Member> = opts
-                .allow
-                .iter()
-                .map(|&id| Member { id, addrs: vec![] })
-                .collect();
-            net.set_members(&allowed, &[]).await;
+            net.set_members(&[], &opts.allow).await;
         }
         state.port = net.addrs().first().map(|a| a.port()).unwrap_or(0);
         let replica = Replica::new(
@@ -264,18 +253,21 @@ impl Host {
     }
 
     fn update_path(&self, blob: &BlobRef) -> PathBuf {
-        let hex: String = blob.hash.iter().map(|b| format!("{b:02x}")).collect();
-        self.dir.join(UPDATES_DIR).join(format!("{hex}.bin"))
+        self.dir
+            .join(UPDATES_DIR)
+            .join(format!("{}.bin", blob.hex()))
+    }
+
+    fn shared(&self) -> std::sync::MutexGuard<'_, Shared> {
+        self.shared.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     /// Rebuild the reference replica from the checkpoint and the manifests since.
     async fn restore(&mut self) -> Result<(), HostError> {
-        if let Some((round, blob)) = self.state.checkpoint {
+        if let Some((_, blob)) = self.state.checkpoint {
             let path = self.dir.join(CHECKPOINT_FILE);
             let bytes = std::fs::read(&path).map_err(|e| state_err(&path, e))?;
-            self.replica
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
+            lock(&self.replica)
                 .load_checkpoint(&bytes, true)
                 .map_err(|e| HostError::Replica(e.to_string()))?;
             let published = self
@@ -289,7 +281,6 @@ impl Host {
                     "checkpoint file does not match the saved state",
                 ));
             }
-            let _ = round;
         }
         let host_id = self.net.id();
         for (round, signed) in self.state.manifests.clone() {
@@ -313,15 +304,12 @@ impl Host {
                     .publish(&update_tag(round, &e.sender), bytes.clone())
                     .await
                     .map_err(|err| HostError::Net(err.to_string()))?;
-                let replica = self.replica.lock().unwrap_or_else(|e| e.into_inner());
-                let checked = replica
+                let checked = lock(&self.replica)
                     .check(&bytes, round, *e.sender.as_bytes())
                     .map_err(|err| HostError::Replica(err.to_string()))?;
                 updates.push(checked.update);
             }
-            self.replica
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
+            lock(&self.replica)
                 .apply(round, &updates)
                 .map_err(|e| HostError::Replica(e.to_string()))?;
         }
@@ -369,7 +357,7 @@ impl Host {
     }
 
     fn members(&self) -> Vec<Member> {
-        let shared = self.shared.lock().unwrap_or_else(|e| e.into_inner());
+        let shared = self.shared();
         shared
             .joined
             .values()
@@ -385,7 +373,7 @@ impl Host {
             if !m.is_empty() {
                 break m;
             }
-            self.drain_events(round, None).await;
+            self.drain_events(round);
             tokio::time::sleep(Duration::from_millis(100)).await;
         };
         let rounds = self.state.spec.rounds.clone();
@@ -393,7 +381,7 @@ impl Host {
         let open = RoundOpen {
             members: members.clone(),
             seed: self.state.spec.run.seed ^ round.wrapping_mul(0x9E37_79B9_7F4A_7C15),
-            deadline_ms: now_ms() + window.as_millis() as u64,
+            deadline_ms: unix_ms() + window.as_millis() as u64,
             checkpoint: self.state.checkpoint,
             max_update_bytes: rounds.max_update_bytes,
         };
@@ -405,11 +393,14 @@ impl Host {
         )
         .map_err(|e| HostError::Net(e.to_string()))?;
         {
-            let mut shared = self.shared.lock().unwrap_or_else(|e| e.into_inner());
+            let mut shared = self.shared();
             shared.round_open = Some(signed_open.clone());
             shared.next_round = round;
         }
-        self.net.set_members(&members, &[]).await;
+        // Admit this round's members, and keep admitting the allow list so
+        // listed volunteers can still join later.
+        let keep: Vec<EndpointId> = self.shared().allow.iter().copied().collect();
+        self.net.set_members(&members, &keep).await;
         let _ = self.net.broadcast(signed_open.clone()).await;
         self.emit(NodeEvent::RoundOpened {
             node: self.name.clone(),
@@ -424,9 +415,8 @@ impl Host {
         let member_ids: HashSet<EndpointId> = members.iter().map(|m| m.id).collect();
         let deadline = Instant::now() + window;
         let mut seen: HashMap<EndpointId, Announce> = HashMap::new();
-        let mut fetches: JoinSet<(EndpointId, Announce, Result<CheckedUpdate, String>)> =
-            JoinSet::new();
-        let mut checked: Vec<(EndpointId, Announce, CheckedUpdate)> = Vec::new();
+        let mut fetches: JoinSet<Fetched> = JoinSet::new();
+        let mut checked: Vec<Accepted> = Vec::new();
         let mut rebroadcast = tokio::time::interval(Duration::from_secs(1));
         rebroadcast.tick().await;
         loop {
@@ -439,12 +429,7 @@ impl Host {
                 _ = tokio::time::sleep_until(deadline) => break,
                 _ = rebroadcast.tick() => { let _ = self.net.broadcast(signed_open.clone()).await; }
                 Some(done) = fetches.join_next(), if !fetches.is_empty() => {
-                    if let Ok((sender, ann, result)) = done {
-                        match result {
-                            Ok(c) => checked.push((sender, ann, c)),
-                            Err(reason) => self.fault(round, sender, reason),
-                        }
-                    }
+                    self.settle(round, done, &mut checked);
                 }
                 ev = self.events_rx.recv() => {
                     let Some(ev) = ev else { break };
@@ -469,12 +454,7 @@ impl Host {
             tokio::select! {
                 _ = &mut grace => { fetches.abort_all(); break; }
                 Some(done) = fetches.join_next() => {
-                    if let Ok((sender, ann, result)) = done {
-                        match result {
-                            Ok(c) => checked.push((sender, ann, c)),
-                            Err(reason) => self.fault(round, sender, reason),
-                        }
-                    }
+                    self.settle(round, done, &mut checked);
                 }
             }
         }
@@ -482,47 +462,40 @@ impl Host {
         // Robust aggregation: drop updates far above the round's median norm.
         let factor = rounds.robust_norm_factor;
         if factor > 0.0 && checked.len() >= 3 {
-            let mut norms: Vec<f32> = checked.iter().map(|(_, _, c)| c.norm).collect();
+            let mut norms: Vec<f32> = checked.iter().map(|a| a.update.norm).collect();
             norms.sort_by(f32::total_cmp);
             let median = norms[norms.len() / 2];
             let (keep, outliers): (Vec<_>, Vec<_>) = checked
                 .into_iter()
-                .partition(|(_, _, c)| c.norm <= factor * median);
+                .partition(|a| a.update.norm <= factor * median);
             checked = keep;
-            for (sender, _, c) in outliers {
+            for a in outliers {
                 self.fault(
                     round,
-                    sender,
+                    a.sender,
                     format!(
                         "update norm {:.3} is over {factor}x the median {median:.3}",
-                        c.norm
+                        a.update.norm
                     ),
                 );
             }
         }
-        checked.sort_by_key(|(sender, _, _)| *sender);
+        checked.sort_by_key(|a| a.sender);
 
         // Persist the updates, then the state naming the manifest, then announce it.
         let mut entries = Vec::new();
-        for (sender, ann, _) in &checked {
-            let path = self.update_path(&ann.update);
-            let bytes = self.net.local(&ann.update).await.ok_or_else(|| {
-                HostError::Net("an accepted update vanished from the store".into())
-            })?;
-            write_atomic(&path, &bytes).map_err(|e| state_err(&path, e))?;
+        for a in &checked {
+            let path = self.update_path(&a.announce.update);
+            write_atomic(&path, &a.bytes).map_err(|e| state_err(&path, e))?;
             entries.push(ManifestEntry {
-                sender: *sender,
-                update: ann.update,
-                tokens: ann.tokens,
-                loss: ann.loss,
+                sender: a.sender,
+                update: a.announce.update,
+                tokens: a.announce.tokens,
+                loss: a.announce.loss,
             });
         }
-        let loss = if entries.is_empty() {
-            None
-        } else {
-            Some(entries.iter().map(|e| e.loss).sum::<f32>() / entries.len() as f32)
-        };
         let manifest = Manifest { entries };
+        let loss = manifest.mean_loss();
         let signed = Message::sign(
             self.net.secret_key(),
             self.state.run_id,
@@ -532,18 +505,29 @@ impl Host {
         .map_err(|e| HostError::Net(e.to_string()))?;
         self.state.manifests.push((round, signed.clone()));
         self.state.next_round = round + 1;
-        self.state.members = members;
-        self.state.dropped = self
-            .shared
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .dropped
+        // A member that sent nothing (gone, or too slow for the window) leaves
+        // the member list until it asks again, so it cannot stall later rounds.
+        let missing: Vec<EndpointId> = member_ids
             .iter()
+            .filter(|id| !seen.contains_key(*id))
             .copied()
             .collect();
+        for id in &missing {
+            self.shared().joined.remove(id);
+            self.warn(format!(
+                "{} sent no update for round {round}; it rejoins when it asks again",
+                short(id)
+            ));
+        }
+        self.state.members = members
+            .into_iter()
+            .filter(|m| !missing.contains(&m.id))
+            .collect();
+        let dropped: Vec<EndpointId> = self.shared().dropped.iter().copied().collect();
+        self.state.dropped = dropped;
         self.save()?;
         {
-            let mut shared = self.shared.lock().unwrap_or_else(|e| e.into_inner());
+            let mut shared = self.shared();
             shared.manifests.push((round, signed.clone()));
             shared.round_open = None;
             shared.next_round = round + 1;
@@ -551,19 +535,16 @@ impl Host {
         let _ = self.net.broadcast(signed).await;
 
         // Apply on the reference replica.
-        let updates: Vec<_> = checked.into_iter().map(|(_, _, c)| c.update).collect();
+        let updates: Vec<_> = checked.into_iter().map(|a| a.update.update).collect();
         let n = updates.len();
         let eval = round.is_multiple_of(rounds.eval_every)
             || self.state.spec.run.total_rounds == round + 1;
-        let replica = self.replica.clone();
-        let (digest, eval_loss) = tokio::task::spawn_blocking(move || {
-            let mut r = replica.lock().unwrap_or_else(|e| e.into_inner());
+        let (digest, eval_loss) = replica::blocking(&self.replica, move |r| {
             r.apply(round, &updates)?;
             let eval_loss = if eval { Some(r.eval_loss()?) } else { None };
-            Ok::<_, crate::replica::ReplicaError>((r.digest()?, eval_loss))
+            Ok((r.digest()?, eval_loss))
         })
         .await
-        .map_err(|e| HostError::Replica(e.to_string()))?
         .map_err(|e| HostError::Replica(e.to_string()))?;
         self.digests.insert(round, digest);
         while self.digests.len() > 64 {
@@ -579,11 +560,7 @@ impl Host {
             .map_err(|e| HostError::Net(e.to_string()))?;
             let _ = self.net.broadcast(report).await;
         }
-        let allreduce = self
-            .replica
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .allreduce_bytes();
+        let allreduce = lock(&self.replica).allreduce_bytes();
         self.emit(NodeEvent::RoundApplied {
             node: self.name.clone(),
             round,
@@ -603,10 +580,7 @@ impl Host {
 
     /// Write and publish a checkpoint after `round`; drop what it supersedes.
     async fn checkpoint(&mut self, round: u64) -> Result<(), HostError> {
-        let bytes = self
-            .replica
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
+        let bytes = lock(&self.replica)
             .checkpoint_bytes(round)
             .map_err(|e| HostError::Replica(e.to_string()))?;
         let path = self.dir.join(CHECKPOINT_FILE);
@@ -621,7 +595,7 @@ impl Host {
         self.state.checkpoint = Some((round, blob));
         self.save()?;
         {
-            let mut shared = self.shared.lock().unwrap_or_else(|e| e.into_inner());
+            let mut shared = self.shared();
             shared.checkpoint = Some((round, blob));
             shared.manifests.clear();
         }
@@ -646,6 +620,31 @@ impl Host {
         Ok(())
     }
 
+    /// Record a finished fetch: accepted, or a fault of its sender.
+    fn settle(
+        &mut self,
+        round: u64,
+        done: Result<Fetched, tokio::task::JoinError>,
+        accepted: &mut Vec<Accepted>,
+    ) {
+        match done {
+            Ok((sender, announce, Ok((bytes, update)))) => accepted.push(Accepted {
+                sender,
+                announce,
+                bytes,
+                update,
+            }),
+            Ok((sender, _, Err(Refusal::Fault(reason)))) => self.fault(round, sender, reason),
+            Ok((sender, _, Err(Refusal::Missing(reason)))) => self.emit(NodeEvent::Rejected {
+                node: self.name.clone(),
+                round,
+                peer: short(&sender),
+                reason: format!("update not received: {reason}"),
+            }),
+            Err(e) => self.warn(format!("round {round}: a fetch task failed: {e}")),
+        }
+    }
+
     fn fault(&mut self, round: u64, peer: EndpointId, reason: String) {
         self.emit(NodeEvent::Rejected {
             node: self.name.clone(),
@@ -657,7 +656,7 @@ impl Host {
         *faults += 1;
         let faults = *faults;
         if faults >= self.state.spec.rounds.max_faults {
-            let mut shared = self.shared.lock().unwrap_or_else(|e| e.into_inner());
+            let mut shared = self.shared();
             if shared.dropped.insert(peer) {
                 drop(shared);
                 self.emit(NodeEvent::Dropped {
@@ -708,7 +707,7 @@ impl Host {
         }
     }
 
-    async fn drain_events(&mut self, round: u64, _until: Option<Instant>) {
+    fn drain_events(&mut self, round: u64) {
         while let Ok(ev) = self.events_rx.try_recv() {
             let _ = self.on_event(ev, round);
         }
@@ -725,37 +724,60 @@ pub(crate) fn round_prefix(round: u64) -> String {
     format!("u/{round:012}/")
 }
 
+/// What a fetch task reports: the announce, and the checked update or why not.
+type Fetched = (
+    EndpointId,
+    Announce,
+    Result<(Bytes, CheckedUpdate), Refusal>,
+);
+
+/// Why an announced update was left out of the round.
+enum Refusal {
+    /// The peer sent something wrong (size lie, invalid update): counts as a fault.
+    Fault(String),
+    /// The update could not be had (the peer left, the link broke, our own
+    /// worker failed): not held against the peer.
+    Missing(String),
+}
+
+/// An update accepted into the round, with its bytes for the update file.
+struct Accepted {
+    sender: EndpointId,
+    announce: Announce,
+    bytes: Bytes,
+    update: CheckedUpdate,
+}
+
 async fn fetch_and_check(
     net: Arc<Net>,
-    replica: Arc<Mutex<Replica>>,
+    replica: SharedReplica,
     round: u64,
     sender: EndpointId,
     ann: Announce,
     max: u64,
     time_limit: Duration,
-) -> (EndpointId, Announce, Result<CheckedUpdate, String>) {
+) -> Fetched {
+    let tag = update_tag(round, &sender);
     let bytes = match net
-        .fetch(
-            &ann.update,
-            &[sender],
-            max,
-            &update_tag(round, &sender),
-            time_limit,
-        )
+        .fetch(&ann.update, &[sender], max, &tag, time_limit)
         .await
     {
         Ok(b) => b,
-        Err(e) => return (sender, ann, Err(e.to_string())),
+        Err(e @ FetchError::Unavailable(_)) => {
+            return (sender, ann, Err(Refusal::Missing(e.to_string())));
+        }
+        Err(e) => return (sender, ann, Err(Refusal::Fault(e.to_string()))),
     };
-    let result = tokio::task::spawn_blocking(move || {
-        replica
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .check(&bytes, round, *sender.as_bytes())
-            .map_err(|e| e.to_string())
+    let checked = bytes.clone();
+    let result = match replica::blocking(&replica, move |r| {
+        Ok(r.check(&checked, round, *sender.as_bytes()))
     })
     .await
-    .unwrap_or_else(|e| Err(e.to_string()));
+    {
+        Ok(Ok(update)) => Ok((bytes, update)),
+        Ok(Err(invalid)) => Err(Refusal::Fault(invalid.to_string())),
+        Err(worker) => Err(Refusal::Missing(worker.to_string())),
+    };
     (sender, ann, result)
 }
 
@@ -802,3 +824,6 @@ fn answer(shared: &Mutex<Shared>, run_id: RunId, from: EndpointId, request: Requ
         },
     }
 }
+
+#[cfg(test)]
+mod tests;

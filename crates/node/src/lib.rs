@@ -6,14 +6,17 @@
 pub mod events;
 pub mod host;
 pub mod keyfile;
+pub mod metrics;
 pub mod replica;
 pub mod spec;
+pub mod usage;
 pub mod volunteer;
 
 pub use events::{NodeEvent, NodeState};
 pub use host::{Host, HostError, HostOptions};
 pub use spec::{RunFile, RunSpec, SpecError};
-pub use starling_swarm::{EndpointId, SecretKey, Ticket};
+pub use starling_swarm::{EndpointId, SecretKey, Ticket, Traffic};
+pub use usage::Usage;
 pub use volunteer::{VolunteerError, VolunteerOptions, run_volunteer};
 
 /// A short, stable name for a node in logs.

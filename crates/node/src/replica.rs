@@ -9,18 +9,39 @@
 //! once, so a process-wide lock serialises the steps of replicas that share a
 //! process (the demo runs four).
 
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex, MutexGuard};
 
 use starling_distro::wire::{self, DecodeLimits, UpdateHeader};
 use starling_distro::{IncomingUpdate, TensorBudget, budget_topk};
 use starling_train::{
-    Batch, ByteTokenizer, Checkpoint, OptimizerSnapshot, Sampler, SelectedDevice, Trainer,
-    data::shards::TokenStore, embedded_corpus,
+    Batch, Checkpoint, DistroPeer, OptimizerSnapshot, Sampler, SelectedDevice, Trainer,
+    data::shards::TokenStore, embedded_store,
 };
 
 use crate::spec::RunSpec;
 
 static TRAIN_LOCK: Mutex<()> = Mutex::new(());
+
+/// A replica shared between a node's async loop and its blocking workers.
+pub type SharedReplica = Arc<Mutex<Replica>>;
+
+/// Lock a shared replica. A panic in a worker cannot leave it half-updated
+/// (apply writes the weights in one `set_params`), so poisoning is ignored.
+pub fn lock(replica: &SharedReplica) -> MutexGuard<'_, Replica> {
+    replica.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Run `f` on the replica on a blocking thread: training, checking and
+/// applying take seconds and must not stall the network loop.
+pub async fn blocking<T: Send + 'static>(
+    replica: &SharedReplica,
+    f: impl FnOnce(&mut Replica) -> Result<T, ReplicaError> + Send + 'static,
+) -> Result<T, ReplicaError> {
+    let replica = replica.clone();
+    tokio::task::spawn_blocking(move || f(&mut lock(&replica)))
+        .await
+        .map_err(|e| ReplicaError::Train(format!("worker thread failed: {e}")))?
+}
 
 /// Share of the round window a member may spend uploading its update.
 const UPLOAD_SHARE: f64 = 0.5;
@@ -85,7 +106,7 @@ pub struct Replica {
     run_id: [u8; 16],
     id: [u8; 32],
     trainer: Trainer,
-    peer: starling_train::DistroPeer,
+    peer: DistroPeer,
     store: TokenStore,
     sampler: Sampler,
     budgets: Vec<TensorBudget>,
@@ -100,10 +121,8 @@ impl Replica {
         run_id: [u8; 16],
         id: [u8; 32],
     ) -> Result<Self, ReplicaError> {
-        let text = embedded_corpus(spec.run.corpus_bytes, spec.run.seed);
-        let store =
-            TokenStore::from_tokens(ByteTokenizer.encode(&text), "bytes", ByteTokenizer::VOCAB)
-                .map_err(|e| ReplicaError::Data(e.to_string()))?;
+        let store = embedded_store(spec.run.corpus_bytes, spec.run.seed)
+            .map_err(|e| ReplicaError::Data(e.to_string()))?;
         if store.index.vocab_size > spec.model.vocab_size {
             return Err(ReplicaError::Data(format!(
                 "the data's vocabulary ({}) exceeds the model's ({})",
@@ -121,7 +140,7 @@ impl Replica {
         let trainer =
             Trainer::new(&spec.model, &device.device, spec.run.seed).map_err(|e| train(&e))?;
         let distro = spec.distro().map_err(|e| train(&e))?;
-        let peer = starling_train::DistroPeer::new(&trainer, distro).map_err(|e| train(&e))?;
+        let peer = DistroPeer::new(&trainer, distro).map_err(|e| train(&e))?;
         let budgets = trainer
             .shapes()
             .iter()

@@ -11,13 +11,14 @@
 use std::{
     collections::{BTreeMap, BTreeSet},
     net::SocketAddr,
+    path::PathBuf,
     sync::{Arc, Mutex},
-    time::{Duration, SystemTime, UNIX_EPOCH},
+    time::Duration,
 };
 
 use starling_swarm::{
     Announce, Body, EndpointId, Manifest, Member, Message, Net, NetConfig, NetEvent, Request,
-    Response, RoundOpen, RunState, SecretKey, Ticket, Traffic, WeightReport,
+    Response, RoundOpen, RunState, SecretKey, Ticket, Traffic, WeightReport, unix_ms,
 };
 use starling_train::SelectedDevice;
 use tokio::{
@@ -28,9 +29,10 @@ use tokio::{
 use crate::{
     events::{NodeEvent, NodeState},
     host::{round_prefix, update_tag},
-    replica::Replica,
+    replica::{self, Replica, ReplicaError, SharedReplica, lock},
     short,
     spec::RunSpec,
+    usage::Usage,
 };
 
 /// Largest checkpoint a volunteer downloads.
@@ -53,7 +55,20 @@ pub enum VolunteerError {
     Spec(String),
     /// The local replica failed.
     #[error("training: {0}")]
-    Replica(String),
+    Replica(#[from] ReplicaError),
+    /// The data-use ledger could not be read or written.
+    #[error("data use ledger: {0}")]
+    Usage(String),
+    /// The coordinator's manifest lists an update that fails our checks.
+    #[error("round {round}: the host accepted an invalid update from {sender}: {reason}")]
+    InvalidAccepted {
+        /// The round.
+        round: u64,
+        /// The update's author.
+        sender: String,
+        /// What our check found.
+        reason: String,
+    },
 }
 
 /// How to start a volunteer.
@@ -64,12 +79,17 @@ pub struct VolunteerOptions {
     pub key: SecretKey,
     /// Where to listen.
     pub bind: SocketAddr,
-    /// Upload and download caps in Mbit/s.
-    pub caps: (Option<f64>, Option<f64>),
+    /// Upload and download caps and counters; keep a clone to change the
+    /// caps while the node runs (`Traffic::set_caps`).
+    pub traffic: Traffic,
     /// Where to train.
     pub device: SelectedDevice,
     /// Stop after applying this many rounds (tests, demos).
     pub max_rounds: Option<u64>,
+    /// Where this month's data use is kept (`None`: not kept, no monthly cap).
+    pub usage_file: Option<PathBuf>,
+    /// Pause participation once this many bytes moved this month.
+    pub monthly_cap: Option<u64>,
 }
 
 struct Volunteer {
@@ -79,7 +99,7 @@ struct Volunteer {
     name: String,
     out: mpsc::UnboundedSender<NodeEvent>,
     device: SelectedDevice,
-    replica: Option<Arc<Mutex<Replica>>>,
+    replica: Option<SharedReplica>,
     next: u64,
     opens: BTreeMap<u64, RoundOpen>,
     manifests: BTreeMap<u64, Manifest>,
@@ -91,13 +111,9 @@ struct Volunteer {
     counters: (u64, u64),
     /// Members of the newest round, to admit at the gate.
     admit: Option<Vec<Member>>,
-}
-
-fn now_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
+    /// This month's data use and where it is kept.
+    usage: Option<(PathBuf, Usage)>,
+    monthly_cap: Option<u64>,
 }
 
 /// Join the run and take part until `stop` turns true or `max_rounds` are applied.
@@ -114,7 +130,7 @@ pub async fn run_volunteer(
         secret_key: opts.key.clone(),
         bind: opts.bind,
         run_id: opts.ticket.run_id,
-        traffic: Traffic::new(opts.caps.0, opts.caps.1),
+        traffic: opts.traffic.clone(),
         open: false,
         control: None,
         bootstrap: vec![host.clone()],
@@ -139,7 +155,14 @@ pub async fn run_volunteer(
         applied: 0,
         counters: (0, 0),
         admit: None,
+        usage: None,
+        monthly_cap: opts.monthly_cap,
     };
+    if let Some(path) = opts.usage_file {
+        let usage = Usage::load(&path)
+            .map_err(|e| VolunteerError::Usage(format!("cannot read {}: {e}", path.display())))?;
+        v.usage = Some((path, usage));
+    }
     let result = tokio::select! {
         r = v.run(opts.max_rounds) => r,
         _ = stop.wait_for(|s| *s) => Ok(()),
@@ -164,10 +187,10 @@ impl Volunteer {
         });
     }
 
-    fn replica(&self) -> Result<Arc<Mutex<Replica>>, VolunteerError> {
+    fn replica(&self) -> Result<SharedReplica, VolunteerError> {
         self.replica
             .clone()
-            .ok_or_else(|| VolunteerError::Replica("no replica yet".into()))
+            .ok_or_else(|| ReplicaError::Train("no replica yet".into()).into())
     }
 
     async fn run(&mut self, max_rounds: Option<u64>) -> Result<(), VolunteerError> {
@@ -181,6 +204,11 @@ impl Volunteer {
         loop {
             if max_rounds.is_some_and(|m| self.applied >= m) {
                 return Ok(());
+            }
+            if self.over_cap() {
+                self.pause_for_cap().await?;
+                last_news = Instant::now();
+                continue;
             }
             if let Some(members) = self.admit.take() {
                 self.net.set_members(&members, &[self.host.id]).await;
@@ -256,8 +284,7 @@ impl Volunteer {
             let replica =
                 tokio::task::spawn_blocking(move || Replica::new(&spec, &device, run_id, id))
                     .await
-                    .map_err(|e| VolunteerError::Replica(e.to_string()))?
-                    .map_err(|e| VolunteerError::Replica(e.to_string()))?;
+                    .map_err(|e| ReplicaError::Train(format!("worker thread failed: {e}")))??;
             let params = replica.spec().model.param_count();
             let run = replica.spec().run.name.clone();
             self.replica = Some(Arc::new(Mutex::new(replica)));
@@ -289,16 +316,7 @@ impl Volunteer {
                 )
                 .await
                 .map_err(|e| VolunteerError::Net(format!("checkpoint: {e}")))?;
-            let replica = self.replica()?;
-            tokio::task::spawn_blocking(move || {
-                replica
-                    .lock()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .load_checkpoint(&bytes, false)
-            })
-            .await
-            .map_err(|e| VolunteerError::Replica(e.to_string()))?
-            .map_err(|e| VolunteerError::Replica(e.to_string()))?;
+            replica::blocking(&self.replica()?, move |r| r.load_checkpoint(&bytes, false)).await?;
             self.next = round + 1;
             self.manifests.retain(|r, _| *r > round);
         }
@@ -371,35 +389,27 @@ impl Volunteer {
         };
         if self.trained.contains(&round)
             || self.manifests.contains_key(&round)
-            || now_ms() >= open.deadline_ms
+            || unix_ms() >= open.deadline_ms
         {
             return Ok(());
         }
         let me = self.net.id();
         let Some(slot) = open.members.iter().position(|m| m.id == me) else {
+            // The host admits whoever asked since the last round opened: ask
+            // (again), so we are in the next round.
             self.state(
                 NodeState::Waiting,
-                format!("not a member of round {round} yet"),
+                format!("not a member of round {round}; asking to take part in the next"),
             );
             self.trained.insert(round);
-            return Ok(());
+            return self.sync().await;
         };
         self.trained.insert(round);
         self.state(NodeState::Training, format!("round {round}"));
         let replica = self.replica()?;
-        let topk = replica
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .topk_for_cap(self.net.traffic().up.rate());
-        let trained = tokio::task::spawn_blocking(move || {
-            replica
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .train(round, slot as u32, topk)
-        })
-        .await
-        .map_err(|e| VolunteerError::Replica(e.to_string()))?
-        .map_err(|e| VolunteerError::Replica(e.to_string()))?;
+        let topk = lock(&replica).topk_for_cap(self.net.traffic().up.rate());
+        let trained =
+            replica::blocking(&replica, move |r| r.train(round, slot as u32, topk)).await?;
         let size = trained.bytes.len() as u64;
         let blob = self
             .net
@@ -443,12 +453,7 @@ impl Volunteer {
             return Ok(false);
         };
         let replica = self.replica()?;
-        let max = replica
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .spec()
-            .rounds
-            .max_update_bytes;
+        let max = lock(&replica).spec().rounds.max_update_bytes;
         let members: Vec<EndpointId> = self
             .opens
             .get(&round)
@@ -475,46 +480,28 @@ impl Volunteer {
                         short(&e.sender)
                     ))
                 })?;
-            let r = replica.clone();
             let sender = *e.sender.as_bytes();
-            let checked = tokio::task::spawn_blocking(move || {
-                r.lock()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .check(&bytes, round, sender)
-            })
-            .await
-            .map_err(|err| VolunteerError::Replica(err.to_string()))?
-            .map_err(|err| {
-                VolunteerError::Replica(format!("the host accepted an invalid update: {err}"))
-            })?;
+            let checked = replica::blocking(&replica, move |r| Ok(r.check(&bytes, round, sender)))
+                .await?
+                .map_err(|err| VolunteerError::InvalidAccepted {
+                    round,
+                    sender: short(&e.sender),
+                    reason: err.to_string(),
+                })?;
             updates.push(checked.update);
         }
         let n = updates.len();
-        let r = replica.clone();
-        let digest = tokio::task::spawn_blocking(move || {
-            let mut r = r.lock().unwrap_or_else(|e| e.into_inner());
+        let digest = replica::blocking(&replica, move |r| {
             r.apply(round, &updates)?;
             r.digest()
         })
-        .await
-        .map_err(|e| VolunteerError::Replica(e.to_string()))?
-        .map_err(|e| VolunteerError::Replica(e.to_string()))?;
-        let loss = if manifest.entries.is_empty() {
-            None
-        } else {
-            Some(
-                manifest.entries.iter().map(|e| e.loss).sum::<f32>()
-                    / manifest.entries.len() as f32,
-            )
-        };
+        .await?;
+        let loss = manifest.mean_loss();
         let (up, down) = (
             self.net.traffic().total.up(),
             self.net.traffic().total.down(),
         );
-        let allreduce = replica
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .allreduce_bytes();
+        let allreduce = lock(&replica).allreduce_bytes();
         self.emit(NodeEvent::RoundApplied {
             node: self.name.clone(),
             round,
@@ -526,17 +513,13 @@ impl Volunteer {
             bytes_down: down - self.counters.1,
             allreduce_bytes: allreduce,
         });
+        self.account(up - self.counters.0, down - self.counters.1)?;
         self.counters = (up, down);
         self.my_digests.insert(round, digest);
         while self.my_digests.len() > 64 {
             self.my_digests.pop_first();
         }
-        let report_every = replica
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .spec()
-            .rounds
-            .report_every;
+        let report_every = lock(&replica).spec().rounds.report_every;
         if round.is_multiple_of(report_every)
             && let Ok(signed) = Message::sign(
                 self.net.secret_key(),
@@ -556,6 +539,64 @@ impl Volunteer {
             self.net.forget(&round_prefix(old)).await;
         }
         self.check_divergence().await.map(|_| true)
+    }
+
+    /// Add a round's traffic to this month's ledger and report it.
+    fn account(&mut self, up: u64, down: u64) -> Result<(), VolunteerError> {
+        let Some((path, usage)) = &mut self.usage else {
+            return Ok(());
+        };
+        usage.add(unix_ms() / 1000, up, down);
+        usage
+            .save(path)
+            .map_err(|e| VolunteerError::Usage(format!("cannot write {}: {e}", path.display())))?;
+        let event = NodeEvent::Usage {
+            node: self.name.clone(),
+            month: usage.month.clone(),
+            up: usage.month_up,
+            down: usage.month_down,
+            cap: self.monthly_cap,
+        };
+        self.emit(event);
+        Ok(())
+    }
+
+    /// Whether this month's data use has reached the cap.
+    fn over_cap(&mut self) -> bool {
+        match (&mut self.usage, self.monthly_cap) {
+            (Some((_, usage)), Some(cap)) => {
+                usage.roll(unix_ms() / 1000);
+                usage.month_bytes() >= cap
+            }
+            _ => false,
+        }
+    }
+
+    /// Sit out until the month changes, then catch up with the run.
+    async fn pause_for_cap(&mut self) -> Result<(), VolunteerError> {
+        let (used, month) = match &self.usage {
+            Some((_, u)) => (u.month_bytes(), u.month.clone()),
+            None => return Ok(()),
+        };
+        self.state(
+            NodeState::Paused,
+            format!(
+                "monthly data cap reached: {used} of {} bytes in {month}; resuming next month",
+                self.monthly_cap.unwrap_or(0)
+            ),
+        );
+        while self.over_cap() {
+            tokio::time::sleep(Duration::from_secs(60)).await;
+            // Keep the event queue from filling while we sit out.
+            while self.rx.try_recv().is_ok() {}
+        }
+        self.opens.clear();
+        self.manifests.clear();
+        self.state(
+            NodeState::CatchingUp,
+            "a new month: catching up with the run".into(),
+        );
+        self.sync().await
     }
 
     /// Compare our digests with the coordinator's reports; on a mismatch,

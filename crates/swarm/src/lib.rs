@@ -12,11 +12,12 @@ pub mod net;
 pub mod ticket;
 
 pub use bandwidth::{RateLimiter, Traffic};
+pub use bytes::Bytes;
 pub use control::{CONTROL_ALPN, Request, Response, RunState};
 pub use iroh::{EndpointId, SecretKey};
 pub use message::{
     Announce, BlobRef, Body, Manifest, ManifestEntry, Member, Message, MessageError, RoundOpen,
-    RunId, WeightReport,
+    RunId, WeightReport, unix_ms,
 };
 pub use net::{
     BroadcastError, ControlError, ControlHandler, FetchError, Net, NetConfig, NetEvent,

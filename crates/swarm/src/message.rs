@@ -58,6 +58,21 @@ pub struct BlobRef {
     pub size: u64,
 }
 
+impl BlobRef {
+    /// The hash as lowercase hex (file names, logs).
+    pub fn hex(&self) -> String {
+        data_encoding::HEXLOWER.encode(&self.hash)
+    }
+}
+
+/// Milliseconds since the Unix epoch: the clock round deadlines are stated in.
+pub fn unix_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
 /// A member of a round and the loopback/LAN addresses it can be dialled on.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Member {
@@ -72,7 +87,8 @@ pub struct Member {
 pub struct RoundOpen {
     /// Who may train and send updates this round (sorted by id).
     pub members: Vec<Member>,
-    /// Seed every member derives its batches from.
+    /// The round's seed, signed with the rest of the round's state (members
+    /// currently draw their batches from the run seed, the round and their slot).
     pub seed: u64,
     /// Unix time in milliseconds after which no announce is accepted.
     pub deadline_ms: u64,
@@ -120,6 +136,12 @@ impl Manifest {
     /// Whether the entries are in canonical order with no duplicate sender.
     pub fn is_canonical(&self) -> bool {
         self.entries.windows(2).all(|w| w[0].sender < w[1].sender)
+    }
+
+    /// Mean of the senders' reported training losses (`None` for an empty round).
+    pub fn mean_loss(&self) -> Option<f32> {
+        (!self.entries.is_empty())
+            .then(|| self.entries.iter().map(|e| e.loss).sum::<f32>() / self.entries.len() as f32)
     }
 }
 
@@ -356,6 +378,8 @@ mod tests {
             entries: ids.iter().map(|&i| entry(i)).collect(),
         };
         assert!(good.is_canonical());
+        assert_eq!(good.mean_loss(), Some(1.0));
+        assert_eq!(Manifest { entries: vec![] }.mean_loss(), None);
         let dup = Manifest {
             entries: vec![entry(ids[0]), entry(ids[0])],
         };

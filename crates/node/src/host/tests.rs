@@ -1,0 +1,263 @@
+//! A run with a hostile member, in one process: a malformed update, a
+//! blown-up (scaled) update and forged announces must be rejected and logged,
+//! the member dropped after repeated faults, and the honest replicas must end
+//! identical.
+
+use std::time::Duration;
+
+use starling_distro::{OutgoingUpdate, wire};
+use starling_swarm::{
+    Announce, Body, Member, Message, Net, NetConfig, NetEvent, Request, Response, SecretKey,
+    Traffic,
+};
+use starling_train::{DeviceChoice, select_device};
+use tokio::sync::{mpsc, watch};
+
+use super::{Host, HostOptions};
+use crate::{NodeEvent, RunFile, VolunteerOptions, replica::Replica, run_volunteer, short};
+
+const RUN: &str = r#"
+[run]
+model = "nano"
+batch = 2
+micro_batch = 2
+seq_len = 32
+corpus_bytes = 262144
+eval_sequences = 4
+values = "f32"
+
+[rounds]
+window_secs = 6.0
+eval_every = 100
+max_faults = 2
+robust_norm_factor = 5.0
+"#;
+
+/// Plays a member that misbehaves: its first round it sends garbage, its
+/// second a valid update scaled 1000x; every round it also gossips an
+/// announce with a broken signature.
+async fn attacker(net: Net, host: Member, replica: Replica, mut rx: mpsc::Receiver<NetEvent>) {
+    let mut replica = replica;
+    let me = net.id();
+    let run = net.run_id();
+    let mut acted = 0;
+    while let Some(ev) = rx.recv().await {
+        let NetEvent::Message(m) = ev else { continue };
+        let Body::RoundOpen(open) = m.body else {
+            continue;
+        };
+        if m.author != host.id {
+            continue;
+        }
+        // A forged announce: valid shape, broken signature.
+        let fake = Announce {
+            update: starling_swarm::BlobRef {
+                hash: [9; 32],
+                size: 100,
+            },
+            topk: 1,
+            tokens: 1,
+            loss: m.round as f32,
+        };
+        if let Ok(mut forged) = Message::sign(net.secret_key(), run, m.round, Body::Announce(fake))
+        {
+            if let Some(last) = forged.last_mut() {
+                *last ^= 0xff;
+            }
+            let _ = net.broadcast(forged).await;
+        }
+        let Some(slot) = open.members.iter().position(|x| x.id == me) else {
+            // Ask to be in the next round.
+            let _ = net
+                .request(
+                    &host,
+                    &Request::Join {
+                        run_id: run,
+                        addrs: net.addrs(),
+                        since: None,
+                    },
+                )
+                .await;
+            continue;
+        };
+        let bytes = if acted == 0 {
+            (0..5000u32)
+                .map(|i| (i * 7919 % 251) as u8)
+                .collect::<Vec<u8>>()
+        } else {
+            let Ok(t) = replica.train(m.round, slot as u32, 32) else {
+                return;
+            };
+            let Ok(d) = wire::decode(&t.bytes, &wire::DecodeLimits::default()) else {
+                return;
+            };
+            let scaled = OutgoingUpdate {
+                values: d.values,
+                tensors: d
+                    .tensors
+                    .into_iter()
+                    .map(|mut s| {
+                        s.values.iter_mut().for_each(|v| *v *= 1000.0);
+                        s
+                    })
+                    .collect(),
+            };
+            let Ok(b) = wire::encode(&d.header, &scaled) else {
+                return;
+            };
+            b
+        };
+        acted += 1;
+        let Ok(blob) = net.publish(&format!("attack/{}", m.round), bytes).await else {
+            return;
+        };
+        let announce = Announce {
+            update: blob,
+            topk: 32,
+            tokens: 64,
+            loss: 1.0,
+        };
+        if let Ok(signed) = Message::sign(net.secret_key(), run, m.round, Body::Announce(announce))
+        {
+            for _ in 0..3 {
+                let _ = net.broadcast(signed.clone()).await;
+                tokio::time::sleep(Duration::from_millis(300)).await;
+            }
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn hostile_member_is_rejected_logged_and_dropped_while_the_run_goes_on() {
+    let dir = std::env::temp_dir().join(format!("starling-hostile-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let spec = RunFile::parse(RUN)
+        .unwrap()
+        .resolve(std::path::Path::new("."))
+        .unwrap();
+    let device = select_device(DeviceChoice::Cpu).unwrap();
+    let rounds = 6;
+    let (tx, mut events) = mpsc::unbounded_channel();
+    let host = Host::start(
+        HostOptions {
+            state_dir: dir.clone(),
+            spec: spec.clone(),
+            allow: vec![],
+            bind: "127.0.0.1:0".parse().unwrap(),
+            traffic: Traffic::new(None, None),
+            device: device.clone(),
+            max_rounds: Some(rounds),
+        },
+        tx.clone(),
+    )
+    .await
+    .unwrap();
+    let ticket = host.ticket();
+    let host_member = Member {
+        id: ticket.host,
+        addrs: ticket.addrs.clone(),
+    };
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let host_task = tokio::spawn(host.run(stop_rx.clone()));
+    let mut honest = Vec::new();
+    for _ in 0..2 {
+        honest.push(tokio::spawn(run_volunteer(
+            VolunteerOptions {
+                ticket: ticket.clone(),
+                key: SecretKey::generate(),
+                bind: "127.0.0.1:0".parse().unwrap(),
+                traffic: Traffic::new(None, None),
+                device: device.clone(),
+                max_rounds: Some(rounds),
+                usage_file: None,
+                monthly_cap: None,
+            },
+            tx.clone(),
+            stop_rx.clone(),
+        )));
+    }
+    drop(tx);
+
+    let key = SecretKey::generate();
+    let bad_id = key.public();
+    let (net, rx) = Net::spawn(NetConfig {
+        secret_key: key,
+        bind: "127.0.0.1:0".parse().unwrap(),
+        run_id: ticket.run_id,
+        traffic: Traffic::new(None, None),
+        open: false,
+        control: None,
+        bootstrap: vec![host_member.clone()],
+    })
+    .await
+    .unwrap();
+    let joined = net
+        .request(
+            &host_member,
+            &Request::Join {
+                run_id: ticket.run_id,
+                addrs: net.addrs(),
+                since: None,
+            },
+        )
+        .await
+        .unwrap();
+    assert!(matches!(joined, Response::State(_)));
+    let replica = Replica::new(&spec, &device, ticket.run_id.0, *bad_id.as_bytes()).unwrap();
+    let attack = tokio::spawn(attacker(net, host_member, replica, rx));
+
+    let mut seen = Vec::new();
+    let collect = async {
+        while let Some(e) = events.recv().await {
+            seen.push(e);
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(300), async {
+        tokio::join!(collect, async {
+            for h in honest {
+                h.await.unwrap().unwrap();
+            }
+            let _ = stop_tx.send(true);
+        });
+    })
+    .await
+    .expect("run finished");
+    host_task.await.unwrap().unwrap();
+    attack.abort();
+
+    let bad = short(&bad_id);
+    let rejected = |needle: &str| {
+        seen.iter().any(|e| matches!(e, NodeEvent::Rejected { peer, reason, .. } if *peer == bad && reason.contains(needle)))
+    };
+    assert!(rejected("malformed update"), "{seen:#?}");
+    assert!(rejected("median"), "{seen:#?}");
+    assert!(
+        seen.iter().any(
+            |e| matches!(e, NodeEvent::Rejected { reason, .. } if reason.contains("bad signature"))
+        ),
+        "{seen:#?}"
+    );
+    assert!(
+        seen.iter()
+            .any(|e| matches!(e, NodeEvent::Dropped { peer, .. } if *peer == bad))
+    );
+    // No round ever applied the attacker's update, and all replicas agree.
+    let last: Vec<u64> = seen
+        .iter()
+        .filter_map(|e| match e {
+            NodeEvent::RoundApplied { round, digest, .. } if *round == rounds - 1 => Some(*digest),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(
+        last.len(),
+        3,
+        "host and both volunteers applied the last round"
+    );
+    assert!(last.windows(2).all(|w| w[0] == w[1]), "{last:?}");
+    assert!(
+        seen.iter()
+            .all(|e| !matches!(e, NodeEvent::RoundApplied { updates, .. } if *updates > 2))
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}
