@@ -307,6 +307,8 @@ pub fn run_demo(args: &DemoArgs) -> Result<()> {
     }
     let mut file = RunFile::parse(DEMO_RUN)?;
     file.run.total_rounds = args.rounds;
+    // Start training once every volunteer is in.
+    file.rounds.min_members = args.volunteers;
     let spec = file.resolve(Path::new("."))?;
     let device = select_device(DeviceChoice::Cpu)?;
     if args.dir.exists() {
@@ -358,14 +360,13 @@ pub fn run_demo(args: &DemoArgs) -> Result<()> {
             )));
         }
         drop(tx);
-        // When every volunteer is done, stop the host (it would otherwise
-        // serve the last round for one more window).
-        let stopper = tokio::spawn(async move {
+        // The host would serve the last round for one more window; it is
+        // stopped once every node has applied the last round (below).
+        let volunteers = tokio::spawn(async move {
             let mut results = Vec::new();
             for v in volunteers {
                 results.push(v.await);
             }
-            let _ = stop_tx.send(true);
             results
         });
         say!(
@@ -407,6 +408,9 @@ pub fn run_demo(args: &DemoArgs) -> Result<()> {
                     last_digests.insert(node.clone(), (round, digest));
                     let row = rounds.entry(round).or_default();
                     row.push((node, bytes_up, bytes_down, digest));
+                    if row.len() == nodes && round + 1 == args.rounds {
+                        let _ = stop_tx.send(true);
+                    }
                     if row.len() == nodes {
                         let (loss, eval, updates, allreduce) = meta[&round];
                         let traffic: Vec<String> = row
@@ -440,7 +444,7 @@ pub fn run_demo(args: &DemoArgs) -> Result<()> {
             Ok(Err(e)) => failures.push(format!("host: {e}")),
             Err(e) => failures.push(format!("host task: {e}")),
         }
-        for (i, v) in stopper.await?.into_iter().enumerate() {
+        for (i, v) in volunteers.await?.into_iter().enumerate() {
             match v {
                 Ok(Ok(())) => {}
                 Ok(Err(e)) => failures.push(format!("volunteer {i}: {e}")),

@@ -367,10 +367,11 @@ impl Host {
     }
 
     async fn round(&mut self, round: u64) -> Result<(), HostError> {
-        // Wait for at least one member.
+        // Wait for enough members (members that left ask again on their own).
+        let min = self.state.spec.rounds.min_members.max(1);
         let members = loop {
             let m = self.members();
-            if !m.is_empty() {
+            if m.len() >= min {
                 break m;
             }
             self.drain_events(round);

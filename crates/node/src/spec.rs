@@ -128,6 +128,8 @@ pub struct RoundsSection {
     pub window_secs: f64,
     /// Close a round early once every member has announced.
     pub close_when_complete: bool,
+    /// Open a round only once this many members have joined.
+    pub min_members: usize,
     /// Write a checkpoint every this many rounds.
     pub checkpoint_every: u64,
     /// Members report their weight hash every this many rounds.
@@ -147,6 +149,7 @@ impl Default for RoundsSection {
         Self {
             window_secs: 30.0,
             close_when_complete: true,
+            min_members: 1,
             checkpoint_every: 10,
             report_every: 5,
             eval_every: 5,
@@ -268,6 +271,9 @@ impl RunSpec {
         let rd = &self.rounds;
         if !(rd.window_secs.is_finite() && rd.window_secs >= 0.5 && rd.window_secs <= 86_400.0) {
             return bad("rounds.window_secs must be between 0.5 and 86400");
+        }
+        if rd.min_members == 0 {
+            return bad("rounds.min_members must be at least 1");
         }
         if rd.checkpoint_every == 0 || rd.report_every == 0 || rd.eval_every == 0 {
             return bad("checkpoint_every, report_every and eval_every must be at least 1");
