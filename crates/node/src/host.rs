@@ -322,6 +322,11 @@ impl Host {
         mut stop: tokio::sync::watch::Receiver<bool>,
     ) -> Result<(), HostError> {
         let first = self.state.next_round;
+        self.emit(NodeEvent::State {
+            node: self.name.clone(),
+            state: NodeState::Coordinating,
+            detail: format!("from round {first}"),
+        });
         loop {
             let round = self.state.next_round;
             let total = self.state.spec.run.total_rounds;

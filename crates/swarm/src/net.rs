@@ -565,7 +565,7 @@ impl Net {
     }
 
     /// Bytes of a blob this node holds completely, if it does.
-    pub async fn local(&self, blob: &BlobRef) -> Option<Bytes> {
+    async fn local(&self, blob: &BlobRef) -> Option<Bytes> {
         let hash = Hash::from_bytes(blob.hash);
         match self.store.has(hash).await {
             Ok(true) => self.store.get_bytes(hash).await.ok(),
