@@ -187,6 +187,13 @@ impl Volunteer {
         });
     }
 
+    fn warn(&self, message: String) {
+        self.emit(NodeEvent::Warning {
+            node: self.name.clone(),
+            message,
+        });
+    }
+
     fn replica(&self) -> Result<SharedReplica, VolunteerError> {
         self.replica
             .clone()
@@ -213,9 +220,16 @@ impl Volunteer {
             if let Some(members) = self.admit.take() {
                 self.net.set_members(&members, &[self.host.id]).await;
             }
-            if self.apply_ready().await? {
-                last_news = Instant::now();
-                continue;
+            match self.apply_ready().await {
+                Ok(true) => {
+                    last_news = Instant::now();
+                    continue;
+                }
+                Ok(false) => {}
+                // A peer or the host went away mid-transfer: retry on the
+                // next tick instead of leaving the run.
+                Err(VolunteerError::Net(message)) => self.warn(message),
+                Err(e) => return Err(e),
             }
             self.maybe_train().await?;
             tokio::select! {
@@ -232,7 +246,11 @@ impl Volunteer {
                         let _ = self.net.broadcast(signed.clone()).await;
                     }
                     if last_news.elapsed() > POLL_AFTER {
-                        self.sync().await?;
+                        match self.sync().await {
+                            Ok(()) => {}
+                            Err(VolunteerError::Net(message)) => self.warn(message),
+                            Err(e) => return Err(e),
+                        }
                         last_news = Instant::now();
                     }
                 }
@@ -362,10 +380,10 @@ impl Volunteer {
         match ev {
             NetEvent::Message(m) => self.on_message(m),
             NetEvent::Refused(id) => {
-                self.emit(NodeEvent::Warning {
-                    node: self.name.clone(),
-                    message: format!("refused a connection from non-member {}", short(&id)),
-                });
+                self.warn(format!(
+                    "refused a connection from non-member {}",
+                    short(&id)
+                ));
                 false
             }
             NetEvent::BadMessage { via, error } => {
