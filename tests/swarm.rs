@@ -434,3 +434,67 @@ fn a_volunteer_pauses_at_its_monthly_cap_and_keeps_the_ledger() {
         trained_before
     );
 }
+
+#[test]
+fn volunteers_train_on_prepared_shards_they_fetch_by_range_from_the_host() {
+    let dir = scratch("shards");
+    let text: String = (0..6000)
+        .map(|i| format!("line {i}: volunteers fetch only the windows they train on.\n"))
+        .collect();
+    std::fs::write(dir.join("corpus.txt"), text).unwrap();
+    let shards = dir.join("shards");
+    let prepared = Command::new(BIN)
+        .args(["data", "prepare", "--input"])
+        .arg(dir.join("corpus.txt"))
+        .arg("--output")
+        .arg(&shards)
+        .args(["--shard-tokens", "100000"])
+        .output()
+        .unwrap();
+    assert!(prepared.status.success(), "{prepared:?}");
+    let run = RUN.replace("corpus_bytes = 262144", "data = \"shards\"");
+    let (mut host, ticket) = start_host(&dir, &run, &["--rounds", "4"]);
+    let volunteers: Vec<Node> = (0..2)
+        .map(|i| join(&dir, &ticket, &format!("v{i}"), &["--rounds", "4"]))
+        .collect();
+    let limit = Duration::from_secs(300);
+    let mut host_events = Vec::new();
+    assert!(
+        host.until(limit, &mut host_events, |e| applied(e, 3).is_some()),
+        "{}",
+        host.stderr()
+    );
+    for r in 0..4 {
+        assert_eq!(applied(&host_events, r).unwrap()["updates"], 2, "round {r}");
+    }
+    for v in &volunteers {
+        let mut events = Vec::new();
+        assert!(
+            v.until(limit, &mut events, |e| applied(e, 3).is_some()),
+            "{}",
+            v.stderr()
+        );
+        assert_eq!(
+            applied(&events, 3).unwrap()["digest"],
+            applied(&host_events, 3).unwrap()["digest"]
+        );
+    }
+    assert!(host.wait(Duration::from_secs(60)).is_some());
+    // The run is bound to its data: a changed shard stops a restart.
+    let shard = shards.join("shard-00001.bin");
+    let mut bytes = std::fs::read(&shard).unwrap();
+    bytes[10] ^= 1;
+    std::fs::write(&shard, bytes).unwrap();
+    let run_file = dir.join("run.toml");
+    let out = Command::new(BIN)
+        .arg("host")
+        .arg(&run_file)
+        .arg("--state-dir")
+        .arg(dir.join("host"))
+        .args(["--listen", "127.0.0.1:0", "--device", "cpu"])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(err.contains("not the data this run started with"), "{err}");
+}

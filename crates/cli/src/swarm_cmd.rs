@@ -143,7 +143,7 @@ fn stop_on_ctrl_c() -> watch::Receiver<bool> {
 pub fn run_host(args: &HostArgs) -> Result<()> {
     let file = RunFile::load(&args.run)?;
     let base = args.run.parent().unwrap_or(Path::new("."));
-    let spec = file
+    let (spec, tokens) = file
         .resolve(base)
         .with_context(|| format!("{} is not a usable run", args.run.display()))?;
     let allow = file
@@ -179,6 +179,7 @@ pub fn run_host(args: &HostArgs) -> Result<()> {
             HostOptions {
                 state_dir: args.state_dir.clone(),
                 spec,
+                tokens,
                 allow,
                 bind: args.node.listen,
                 traffic: traffic.clone(),
@@ -309,7 +310,7 @@ pub fn run_demo(args: &DemoArgs) -> Result<()> {
     file.run.total_rounds = args.rounds;
     // Start training once every volunteer is in.
     file.rounds.min_members = args.volunteers;
-    let spec = file.resolve(Path::new("."))?;
+    let (spec, tokens) = file.resolve(Path::new("."))?;
     let device = select_device(DeviceChoice::Cpu)?;
     if args.dir.exists() {
         std::fs::remove_dir_all(&args.dir)
@@ -330,6 +331,7 @@ pub fn run_demo(args: &DemoArgs) -> Result<()> {
             HostOptions {
                 state_dir: args.dir.join("host"),
                 spec,
+                tokens,
                 allow: vec![],
                 bind: "127.0.0.1:0".parse()?,
                 traffic: Traffic::new(args.up_mbit, args.down_mbit),

@@ -22,10 +22,11 @@ use starling_swarm::{
     Message, Net, NetConfig, NetEvent, Request, Response, RoundOpen, RunId, RunState, SecretKey,
     Ticket, Traffic, WeightReport, unix_ms,
 };
-use starling_train::{SelectedDevice, atomic::write_atomic};
+use starling_train::{SelectedDevice, atomic::write_atomic, data::shards::TokenStore};
 use tokio::{sync::mpsc, task::JoinSet, time::Instant};
 
 use crate::{
+    data::{DataError, Tokens},
     events::{NodeEvent, NodeState},
     replica::{self, CheckedUpdate, Replica, SharedReplica, lock},
     short,
@@ -50,6 +51,9 @@ pub enum HostError {
     /// The reference replica failed.
     #[error("replica: {0}")]
     Replica(String),
+    /// The run's data is not the data the run was started with.
+    #[error("{0}")]
+    Data(#[from] DataError),
 }
 
 /// How to start a host.
@@ -58,6 +62,9 @@ pub struct HostOptions {
     pub state_dir: PathBuf,
     /// The run (ignored when resuming: the saved spec wins).
     pub spec: RunSpec,
+    /// The run's tokens (from `RunFile::resolve`); they must be the data the
+    /// spec describes, also when resuming.
+    pub tokens: TokenStore,
     /// Members allowed to join (empty: anyone with the ticket).
     pub allow: Vec<EndpointId>,
     /// Where to listen (port 0: any; a resumed host reuses its saved port).
@@ -88,6 +95,8 @@ const STATE_FILE: &str = "host.json";
 const KEY_FILE: &str = "host.key";
 const CHECKPOINT_FILE: &str = "checkpoint.safetensors";
 const UPDATES_DIR: &str = "updates";
+/// Blob tag the run's data is served under for the whole run.
+const DATA_TAG: &str = "data";
 
 /// What the control handler shares with the round loop.
 struct Shared {
@@ -194,11 +203,24 @@ impl Host {
             net.set_members(&[], &opts.allow).await;
         }
         state.port = net.addrs().first().map(|a| a.port()).unwrap_or(0);
+        let data_bytes = state.spec.data.matches(&opts.tokens)?;
+        let served = net
+            .publish(DATA_TAG, data_bytes)
+            .await
+            .map_err(|e| HostError::Net(e.to_string()))?;
+        if served != state.spec.data.blob {
+            return Err(HostError::Net(format!(
+                "the blob store hashed the data to {}, the spec says {}",
+                served.hex(),
+                state.spec.data.blob.hex()
+            )));
+        }
         let replica = Replica::new(
             &state.spec,
             &opts.device,
             run_id.0,
             *key.public().as_bytes(),
+            Tokens::All(opts.tokens),
         )
         .map_err(|e| HostError::Replica(e.to_string()))?;
         let mut host = Self {

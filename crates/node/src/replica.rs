@@ -15,9 +15,9 @@ use starling_distro::wire::{self, DecodeLimits, UpdateHeader};
 use starling_distro::{IncomingUpdate, TensorBudget, budget_topk};
 use starling_train::{
     Batch, Checkpoint, DistroPeer, OptimizerSnapshot, Sampler, SelectedDevice, Trainer,
-    data::shards::TokenStore, embedded_store,
 };
 
+use crate::data::Tokens;
 use crate::spec::RunSpec;
 
 static TRAIN_LOCK: Mutex<()> = Mutex::new(());
@@ -107,30 +107,25 @@ pub struct Replica {
     id: [u8; 32],
     trainer: Trainer,
     peer: DistroPeer,
-    store: TokenStore,
+    tokens: Tokens,
     sampler: Sampler,
     budgets: Vec<TensorBudget>,
     limits: DecodeLimits,
 }
 
 impl Replica {
-    /// A replica at the run's initial weights with zero momentum.
+    /// A replica at the run's initial weights with zero momentum, reading
+    /// `tokens` (all of them, or windows fetched before each round; a whole
+    /// store must be the spec's data: the caller checks with `DataRef::matches`).
     pub fn new(
         spec: &RunSpec,
         device: &SelectedDevice,
         run_id: [u8; 16],
         id: [u8; 32],
+        tokens: Tokens,
     ) -> Result<Self, ReplicaError> {
-        let store = embedded_store(spec.run.corpus_bytes, spec.run.seed)
-            .map_err(|e| ReplicaError::Data(e.to_string()))?;
-        if store.index.vocab_size > spec.model.vocab_size {
-            return Err(ReplicaError::Data(format!(
-                "the data's vocabulary ({}) exceeds the model's ({})",
-                store.index.vocab_size, spec.model.vocab_size
-            )));
-        }
         let sampler = Sampler::new(
-            store.tokens().len() as u64,
+            spec.data.tokens,
             spec.run.seq_len,
             EVAL_FRACTION,
             spec.run.seed,
@@ -156,7 +151,7 @@ impl Replica {
             id,
             trainer,
             peer,
-            store,
+            tokens,
             sampler,
             budgets,
             limits,
@@ -187,6 +182,50 @@ impl Replica {
             .min(ceiling)
     }
 
+    /// The windows (start offset, bytes in the data blob) this member needs
+    /// for its share of `round` and does not hold yet.
+    pub fn missing_windows(&self, round: u64, slot: u32) -> Vec<(u64, std::ops::Range<u64>)> {
+        let len = self.sampler.window();
+        self.sampler
+            .train_windows(round, slot, self.spec.run.batch)
+            .into_iter()
+            .filter(|&o| self.tokens.window(o, len).is_none())
+            .map(|o| (o, self.spec.data.byte_range(o, len)))
+            .collect()
+    }
+
+    /// Keep a window fetched for the coming round, after checking its length
+    /// and ids against the spec.
+    pub fn add_window(&mut self, offset: u64, bytes: &[u8]) -> Result<(), ReplicaError> {
+        let len = self.sampler.window();
+        let tokens = self
+            .spec
+            .data
+            .decode_window(offset, len, bytes)
+            .map_err(|e| ReplicaError::Data(e.to_string()))?;
+        match &mut self.tokens {
+            Tokens::Fetched(windows) => {
+                windows.insert(offset, tokens);
+                Ok(())
+            }
+            Tokens::All(_) => Ok(()),
+        }
+    }
+
+    fn batch(&self, offsets: &[u64]) -> Result<Batch, String> {
+        let len = self.sampler.window();
+        let windows = offsets
+            .iter()
+            .map(|&o| {
+                self.tokens
+                    .window(o, len)
+                    .ok_or_else(|| format!("the data window at token {o} has not been fetched"))
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        Batch::from_windows(&windows, self.spec.run.seq_len, self.spec.model.vocab_size)
+            .map_err(|e| e.to_string())
+    }
+
     /// Train this member's share of `round` (slot `slot` of the members) and
     /// encode the update, sending at most `topk` components per chunk.
     pub fn train(
@@ -198,9 +237,12 @@ impl Replica {
         let _guard = TRAIN_LOCK.lock().unwrap_or_else(|e| e.into_inner());
         let train = |e: &dyn std::fmt::Display| ReplicaError::Train(e.to_string());
         let r = &self.spec.run;
-        let windows = self.sampler.train_windows(round, slot, r.batch);
-        let batch = Batch::from_store(&self.store, &windows, r.seq_len, self.spec.model.vocab_size)
-            .map_err(|e| train(&e))?;
+        let offsets = self.sampler.train_windows(round, slot, r.batch);
+        let batch = self.batch(&offsets).map_err(|e| train(&e))?;
+        if let Tokens::Fetched(windows) = &mut self.tokens {
+            // Each window is trained on once: keep memory to one round's worth.
+            windows.clear();
+        }
         let grads = self
             .trainer
             .gradients(&batch, r.micro_batch, r.clip)
@@ -287,8 +329,9 @@ impl Replica {
     pub fn eval_loss(&self) -> Result<f32, ReplicaError> {
         let _guard = TRAIN_LOCK.lock().unwrap_or_else(|e| e.into_inner());
         let r = &self.spec.run;
-        let windows = self.sampler.eval_windows(r.eval_sequences);
-        let batch = Batch::from_store(&self.store, &windows, r.seq_len, self.spec.model.vocab_size)
+        let offsets = self.sampler.eval_windows(r.eval_sequences);
+        let batch = self
+            .batch(&offsets)
             .map_err(|e| ReplicaError::Train(e.to_string()))?;
         self.trainer
             .eval_loss(&batch, r.micro_batch)

@@ -11,7 +11,9 @@ use std::path::Path;
 
 use serde::{Deserialize, Serialize};
 use starling_distro::{DistroConfig, ValueEncoding};
-use starling_train::{ModelConfig, Schedule};
+use starling_train::{ModelConfig, Schedule, data::shards::TokenStore};
+
+use crate::data::{DataError, DataRef, load_tokens};
 
 /// Why a run file was rejected.
 #[derive(Debug, thiserror::Error)]
@@ -42,6 +44,9 @@ pub enum SpecError {
     /// A value is out of range.
     #[error("{0}")]
     Invalid(String),
+    /// The run's data is missing or unusable.
+    #[error("data: {0}")]
+    Data(#[from] DataError),
 }
 
 /// The host's run file, as written by a person.
@@ -71,7 +76,10 @@ pub struct RunSection {
     pub seed: u64,
     /// Rounds to run (0: until stopped).
     pub total_rounds: u64,
-    /// Bytes of the embedded corpus every replica generates.
+    /// A shard directory from `starling data prepare` (relative to the run
+    /// file); empty: the embedded corpus.
+    pub data: String,
+    /// Bytes of the embedded corpus (when `data` is empty).
     pub corpus_bytes: usize,
     /// Sequences each member trains on per round.
     pub batch: usize,
@@ -104,6 +112,7 @@ impl Default for RunSection {
             model: "nano".into(),
             seed: 0,
             total_rounds: 0,
+            data: String::new(),
             corpus_bytes: 2 << 20,
             batch: 4,
             micro_batch: 4,
@@ -178,6 +187,8 @@ pub struct RunSpec {
     pub run: RunSection,
     /// Round settings.
     pub rounds: RoundsSection,
+    /// The token stream the host serves.
+    pub data: DataRef,
 }
 
 fn parse_values(s: &str) -> Result<ValueEncoding, SpecError> {
@@ -189,6 +200,15 @@ fn parse_values(s: &str) -> Result<ValueEncoding, SpecError> {
             "values = {other:?}: use \"f32\", \"bf16\" or \"sign\""
         ))),
     }
+}
+
+fn check_corpus_bytes(n: usize) -> Result<(), SpecError> {
+    if !(64 * 1024..=1 << 30).contains(&n) {
+        return Err(SpecError::Invalid(
+            "corpus_bytes must be between 64 KiB and 1 GiB".into(),
+        ));
+    }
+    Ok(())
 }
 
 impl RunFile {
@@ -206,21 +226,28 @@ impl RunFile {
         Ok(toml::from_str(text)?)
     }
 
-    /// Resolve presets and check every value; `base` is where relative paths start.
-    pub fn resolve(&self, base: &Path) -> Result<RunSpec, SpecError> {
+    /// Resolve presets, load the data and check every value; `base` is
+    /// where relative paths start. Returns the spec and the tokens it describes.
+    pub fn resolve(&self, base: &Path) -> Result<(RunSpec, TokenStore), SpecError> {
         let r = &self.run;
         let model =
             ModelConfig::preset_or_file(&r.model, base).map_err(|source| SpecError::Model {
                 name: r.model.clone(),
                 source,
             })?;
+        if r.data.is_empty() {
+            check_corpus_bytes(r.corpus_bytes)?;
+        }
+        let tokens = load_tokens(&r.data, r.corpus_bytes, r.seed, base)?;
+        let (data, _) = DataRef::describe(&tokens);
         let spec = RunSpec {
             model,
             run: r.clone(),
             rounds: self.rounds.clone(),
+            data,
         };
         spec.check()?;
-        Ok(spec)
+        Ok((spec, tokens))
     }
 }
 
@@ -255,8 +282,12 @@ impl RunSpec {
         if r.seq_len == 0 || r.seq_len > self.model.max_seq_len {
             return bad("seq_len must be between 1 and the model's max_seq_len");
         }
-        if r.corpus_bytes < 64 * 1024 || r.corpus_bytes > 1 << 30 {
-            return bad("corpus_bytes must be between 64 KiB and 1 GiB");
+        self.data.check()?;
+        if self.data.vocab_size > self.model.vocab_size {
+            return Err(SpecError::Invalid(format!(
+                "the data's vocabulary ({}) exceeds the model's ({})",
+                self.data.vocab_size, self.model.vocab_size
+            )));
         }
         if !(r.lr.is_finite() && r.lr > 0.0 && r.final_lr.is_finite()) {
             return bad("lr must be positive and final_lr finite");
@@ -306,8 +337,9 @@ mod tests {
 
     #[test]
     fn defaults_resolve_and_round_trip() {
-        let spec = RunFile::parse("").unwrap().resolve(Path::new(".")).unwrap();
+        let (spec, tokens) = RunFile::parse("").unwrap().resolve(Path::new(".")).unwrap();
         assert_eq!(spec.model.name, "nano");
+        assert_eq!(spec.data.tokens, tokens.tokens().len() as u64);
         assert_eq!(spec.distro().unwrap().topk, 32);
         assert_eq!(RunSpec::from_bytes(&spec.to_bytes()).unwrap(), spec);
     }
@@ -327,5 +359,10 @@ mod tests {
             .unwrap_err();
         assert!(window.to_string().contains("window_secs"));
         assert!(RunSpec::from_bytes(b"{\"name\": 3}").is_err());
+        let missing = RunFile::parse("[run]\ndata = \"no-such-shards\"\n")
+            .unwrap()
+            .resolve(Path::new("."))
+            .unwrap_err();
+        assert!(missing.to_string().contains("no-such-shards"), "{missing}");
     }
 }

@@ -27,6 +27,7 @@ use tokio::{
 };
 
 use crate::{
+    data::Tokens,
     events::{NodeEvent, NodeState},
     host::{round_prefix, update_tag},
     replica::{self, Replica, ReplicaError, SharedReplica, lock},
@@ -299,10 +300,11 @@ impl Volunteer {
                 self.net.run_id().0,
                 *self.net.id().as_bytes(),
             );
-            let replica =
-                tokio::task::spawn_blocking(move || Replica::new(&spec, &device, run_id, id))
-                    .await
-                    .map_err(|e| ReplicaError::Train(format!("worker thread failed: {e}")))??;
+            let replica = tokio::task::spawn_blocking(move || {
+                Replica::new(&spec, &device, run_id, id, Tokens::fetched())
+            })
+            .await
+            .map_err(|e| ReplicaError::Train(format!("worker thread failed: {e}")))??;
             let params = replica.spec().model.param_count();
             let run = replica.spec().run.name.clone();
             self.replica = Some(Arc::new(Mutex::new(replica)));
@@ -423,8 +425,10 @@ impl Volunteer {
             return self.sync().await;
         };
         self.trained.insert(round);
-        self.state(NodeState::Training, format!("round {round}"));
         let replica = self.replica()?;
+        let deadline = Duration::from_millis(open.deadline_ms.saturating_sub(unix_ms()));
+        self.fetch_windows(round, slot as u32, deadline).await?;
+        self.state(NodeState::Training, format!("round {round}"));
         let topk = lock(&replica).topk_for_cap(self.net.traffic().up.rate());
         let trained =
             replica::blocking(&replica, move |r| r.train(round, slot as u32, topk)).await?;
@@ -461,6 +465,39 @@ impl Volunteer {
             NodeState::Syncing,
             format!("round {round}: waiting for the manifest"),
         );
+        Ok(())
+    }
+
+    /// Fetch the data windows this member trains on in `round` from the
+    /// host: only the byte ranges they cover, BLAKE3-verified.
+    async fn fetch_windows(
+        &mut self,
+        round: u64,
+        slot: u32,
+        time_limit: Duration,
+    ) -> Result<(), VolunteerError> {
+        let replica = self.replica()?;
+        let (missing, data) = {
+            let r = lock(&replica);
+            (r.missing_windows(round, slot), r.spec().data.blob)
+        };
+        if missing.is_empty() {
+            return Ok(());
+        }
+        self.state(
+            NodeState::Training,
+            format!("round {round}: fetching {} data windows", missing.len()),
+        );
+        let ranges: Vec<_> = missing.iter().map(|(_, r)| r.clone()).collect();
+        let fetched = self
+            .net
+            .fetch_ranges(&data, &ranges, &[self.host.id], time_limit)
+            .await
+            .map_err(|e| VolunteerError::Net(format!("training data: {e}")))?;
+        let mut r = lock(&replica);
+        for ((offset, _), bytes) in missing.iter().zip(&fetched) {
+            r.add_window(*offset, bytes)?;
+        }
         Ok(())
     }
 

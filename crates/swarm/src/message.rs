@@ -59,6 +59,14 @@ pub struct BlobRef {
 }
 
 impl BlobRef {
+    /// The reference a blob of `bytes` will have once published.
+    pub fn of(bytes: &[u8]) -> Self {
+        Self {
+            hash: *iroh_blobs::Hash::new(bytes).as_bytes(),
+            size: bytes.len() as u64,
+        }
+    }
+
     /// The hash as lowercase hex (file names, logs).
     pub fn hex(&self) -> String {
         data_encoding::HEXLOWER.encode(&self.hash)

@@ -27,6 +27,14 @@ pub enum TrainError {
         /// Tokens in the store.
         tokens: u64,
     },
+    /// A window held the wrong number of tokens.
+    #[error("batch window of {len} tokens, expected {expected}")]
+    WindowLength {
+        /// Tokens in the window.
+        len: usize,
+        /// Sequence length + 1.
+        expected: usize,
+    },
     /// A token id was outside the model's vocabulary.
     #[error("token id {id} is outside the model's vocabulary of {vocab}")]
     Token {
@@ -116,25 +124,46 @@ impl Batch {
         seq_len: usize,
         vocab: usize,
     ) -> Result<Self, TrainError> {
-        if offsets.is_empty() || seq_len == 0 {
+        let len = seq_len as u64 + 1;
+        let windows = offsets
+            .iter()
+            .map(|&offset| {
+                store.window(offset, len).ok_or(TrainError::Window {
+                    offset,
+                    tokens: store.tokens().len() as u64,
+                })
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        Self::from_windows(&windows, seq_len, vocab)
+    }
+
+    /// A batch of windows already in memory (fetched from a peer), each
+    /// `seq_len + 1` tokens, checking every token against the vocabulary.
+    pub fn from_windows(
+        windows: &[&[u32]],
+        seq_len: usize,
+        vocab: usize,
+    ) -> Result<Self, TrainError> {
+        if windows.is_empty() || seq_len == 0 {
             return Err(TrainError::EmptyBatch);
         }
-        let len = seq_len as u64 + 1;
-        let mut windows = Vec::with_capacity(offsets.len() * (seq_len + 1));
-        for &offset in offsets {
-            let w = store.window(offset, len).ok_or(TrainError::Window {
-                offset,
-                tokens: store.tokens().len() as u64,
-            })?;
+        let mut flat = Vec::with_capacity(windows.len() * (seq_len + 1));
+        for w in windows {
+            if w.len() != seq_len + 1 {
+                return Err(TrainError::WindowLength {
+                    len: w.len(),
+                    expected: seq_len + 1,
+                });
+            }
             if let Some(&id) = w.iter().find(|&&t| t as usize >= vocab) {
                 return Err(TrainError::Token { id, vocab });
             }
-            windows.extend_from_slice(w);
+            flat.extend_from_slice(w);
         }
         Ok(Self {
-            rows: offsets.len(),
+            rows: windows.len(),
             seq_len,
-            windows,
+            windows: flat,
         })
     }
 
@@ -629,5 +658,18 @@ pub(crate) mod tests {
             Batch::from_store(&s, &[], 8, 32),
             Err(TrainError::EmptyBatch)
         ));
+        let short = &s.tokens()[..5];
+        assert!(matches!(
+            Batch::from_windows(&[short], 8, 32),
+            Err(TrainError::WindowLength {
+                len: 5,
+                expected: 9
+            })
+        ));
+        let fetched = [&s.tokens()[10..19], &s.tokens()[40..49]];
+        assert_eq!(
+            Batch::from_windows(&fetched, 8, 32).unwrap(),
+            Batch::from_store(&s, &[10, 40], 8, 32).unwrap()
+        );
     }
 }

@@ -14,7 +14,9 @@ use starling_train::{DeviceChoice, select_device};
 use tokio::sync::{mpsc, watch};
 
 use super::{Host, HostOptions};
-use crate::{NodeEvent, RunFile, VolunteerOptions, replica::Replica, run_volunteer, short};
+use crate::{
+    NodeEvent, RunFile, VolunteerOptions, data::Tokens, replica::Replica, run_volunteer, short,
+};
 
 const RUN: &str = r#"
 [run]
@@ -131,7 +133,7 @@ async fn attacker(net: Net, host: Member, replica: Replica, mut rx: mpsc::Receiv
 async fn hostile_member_is_rejected_logged_and_dropped_while_the_run_goes_on() {
     let dir = std::env::temp_dir().join(format!("starling-hostile-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
-    let spec = RunFile::parse(RUN)
+    let (spec, tokens) = RunFile::parse(RUN)
         .unwrap()
         .resolve(std::path::Path::new("."))
         .unwrap();
@@ -142,6 +144,7 @@ async fn hostile_member_is_rejected_logged_and_dropped_while_the_run_goes_on() {
         HostOptions {
             state_dir: dir.clone(),
             spec: spec.clone(),
+            tokens: tokens.clone(),
             allow: vec![],
             bind: "127.0.0.1:0".parse().unwrap(),
             traffic: Traffic::new(None, None),
@@ -203,7 +206,14 @@ async fn hostile_member_is_rejected_logged_and_dropped_while_the_run_goes_on() {
         .await
         .unwrap();
     assert!(matches!(joined, Response::State(_)));
-    let replica = Replica::new(&spec, &device, ticket.run_id.0, *bad_id.as_bytes()).unwrap();
+    let replica = Replica::new(
+        &spec,
+        &device,
+        ticket.run_id.0,
+        *bad_id.as_bytes(),
+        Tokens::All(tokens),
+    )
+    .unwrap();
     let attack = tokio::spawn(attacker(net, host_member, replica, rx));
 
     let mut seen = Vec::new();

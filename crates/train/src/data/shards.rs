@@ -45,6 +45,32 @@ impl TokenDtype {
             Self::U32 => 4,
         }
     }
+
+    /// Little-endian bytes of `tokens` at this width (ids must fit it).
+    pub fn encode(self, tokens: &[u32]) -> Vec<u8> {
+        match self {
+            Self::U16 => tokens
+                .iter()
+                .flat_map(|&t| (t as u16).to_le_bytes())
+                .collect(),
+            Self::U32 => tokens.iter().flat_map(|&t| t.to_le_bytes()).collect(),
+        }
+    }
+
+    /// Token ids from little-endian bytes at this width; a trailing partial
+    /// token is ignored (callers check lengths first).
+    pub fn decode(self, bytes: &[u8]) -> Vec<u32> {
+        match self {
+            Self::U16 => bytes
+                .chunks_exact(2)
+                .map(|b| u32::from(u16::from_le_bytes([b[0], b[1]])))
+                .collect(),
+            Self::U32 => bytes
+                .chunks_exact(4)
+                .map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+                .collect(),
+        }
+    }
 }
 
 /// One shard file.
@@ -196,14 +222,7 @@ pub fn prepare(
     let mut shards = Vec::new();
     for (n, part) in tokens.chunks(shard_tokens.max(1)).enumerate() {
         let file = format!("shard-{n:05}.bin");
-        let bytes: Vec<u8> = match dtype {
-            TokenDtype::U16 => part
-                .iter()
-                .flat_map(|&t| (t as u16).to_le_bytes())
-                .collect(),
-            TokenDtype::U32 => part.iter().flat_map(|&t| t.to_le_bytes()).collect(),
-        };
-        write_atomic(&out_dir.join(&file), &bytes)?;
+        write_atomic(&out_dir.join(&file), &dtype.encode(part))?;
         shards.push(ShardEntry {
             file,
             tokens: part.len() as u64,
@@ -272,18 +291,7 @@ impl TokenStore {
                 });
             }
             let start = tokens.len();
-            match index.dtype {
-                TokenDtype::U16 => tokens.extend(
-                    bytes
-                        .chunks_exact(2)
-                        .map(|b| u32::from(u16::from_le_bytes([b[0], b[1]]))),
-                ),
-                TokenDtype::U32 => tokens.extend(
-                    bytes
-                        .chunks_exact(4)
-                        .map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]])),
-                ),
-            }
+            tokens.extend(index.dtype.decode(&bytes));
             if let Some(bad) = tokens[start..]
                 .iter()
                 .find(|&&t| t as usize >= index.vocab_size)
