@@ -12,6 +12,7 @@ use std::{
 
 use anyhow::{Context, Result, bail};
 use clap::Args;
+use starling_node::caps::{Caps, watch_caps};
 use starling_node::metrics::{Metrics, serve as serve_metrics};
 use starling_node::{
     Host, HostOptions, NodeEvent, RunFile, Ticket, Traffic, VolunteerOptions, keyfile,
@@ -44,9 +45,63 @@ pub struct NodeOpts {
     /// Serve OpenMetrics text at http://ADDR/metrics (e.g. 127.0.0.1:9464).
     #[arg(long)]
     pub metrics_addr: Option<SocketAddr>,
+    /// Caps file (`{"up_mbit": 10, "down_mbit": 100}`) re-read whenever it
+    /// changes; if it exists at start it wins over --up-mbit/--down-mbit,
+    /// otherwise it is written from them.
+    #[arg(long)]
+    pub caps_file: Option<PathBuf>,
 }
 
 impl NodeOpts {
+    /// The caps to start with (the caps file's, if there is one) and the
+    /// traffic handle they apply to.
+    fn traffic(&self) -> Result<(Caps, Traffic)> {
+        let flags = Caps {
+            up_mbit: self.up_mbit,
+            down_mbit: self.down_mbit,
+        };
+        flags
+            .check()
+            .map_err(|e| anyhow::anyhow!("--up-mbit/--down-mbit: {e}"))?;
+        let caps = match &self.caps_file {
+            Some(path) if path.exists() => Caps::load(path)?,
+            Some(path) => {
+                flags.save(path)?;
+                flags
+            }
+            None => flags,
+        };
+        Ok((caps, Traffic::new(caps.up_mbit, caps.down_mbit)))
+    }
+
+    /// Report the starting caps and, with a caps file, apply its changes live.
+    fn watch_caps(
+        &self,
+        caps: Caps,
+        traffic: &Traffic,
+        node: String,
+        tx: &mpsc::UnboundedSender<NodeEvent>,
+    ) {
+        match &self.caps_file {
+            Some(path) => {
+                tokio::spawn(watch_caps(
+                    path.clone(),
+                    traffic.clone(),
+                    node,
+                    tx.clone(),
+                    std::time::Duration::from_secs(1),
+                ));
+            }
+            None => {
+                let _ = tx.send(NodeEvent::Caps {
+                    node,
+                    up_mbit: caps.up_mbit,
+                    down_mbit: caps.down_mbit,
+                });
+            }
+        }
+    }
+
     /// Start the metrics endpoint if asked for, and the event printer.
     async fn renderer(
         &self,
@@ -172,7 +227,7 @@ pub fn run_host(args: &HostArgs) -> Result<()> {
     }
     let device = select_device(args.node.device)?;
     eprintln!("device: {} ({})", device.name, device.reason);
-    let traffic = Traffic::new(args.node.up_mbit, args.node.down_mbit);
+    let (caps, traffic) = args.node.traffic()?;
     runtime()?.block_on(async {
         let (tx, rx) = mpsc::unbounded_channel();
         let host = Host::start(
@@ -189,6 +244,12 @@ pub fn run_host(args: &HostArgs) -> Result<()> {
             tx.clone(),
         )
         .await?;
+        args.node.watch_caps(
+            caps,
+            &traffic,
+            starling_node::short(&host.ticket().host),
+            &tx,
+        );
         let ticket = host.ticket().to_string();
         if let Some(path) = &args.ticket_file {
             starling_train::atomic::write_atomic(path, ticket.as_bytes())
@@ -209,6 +270,7 @@ pub fn run_host(args: &HostArgs) -> Result<()> {
                     device,
                     max_rounds: args.node.rounds,
                     usage_file: None,
+                    port_file: None,
                     monthly_cap: None,
                 },
                 tx.clone(),
@@ -236,18 +298,22 @@ pub fn run_join(args: &JoinArgs) -> Result<()> {
         .with_context(|| format!("cannot use key file {}", args.key_file.display()))?;
     let device = select_device(args.node.device)?;
     eprintln!("device: {} ({})", device.name, device.reason);
+    let (caps, traffic) = args.node.traffic()?;
     runtime()?.block_on(async {
         let (tx, rx) = mpsc::unbounded_channel();
         let printer = args.node.renderer(rx).await?;
+        args.node
+            .watch_caps(caps, &traffic, starling_node::short(&key.public()), &tx);
         let result = run_volunteer(
             VolunteerOptions {
                 ticket,
                 key,
                 bind: args.node.listen,
-                traffic: Traffic::new(args.node.up_mbit, args.node.down_mbit),
+                traffic,
                 device,
                 max_rounds: args.node.rounds,
                 usage_file: Some(args.key_file.with_file_name("usage.json")),
+                port_file: Some(args.key_file.with_file_name("node.port")),
                 monthly_cap: args.monthly_cap_gb.map(|gb| (gb * 1e9) as u64),
             },
             tx,
@@ -355,6 +421,7 @@ pub fn run_demo(args: &DemoArgs) -> Result<()> {
                     device: device.clone(),
                     max_rounds: Some(args.rounds),
                     usage_file: None,
+                    port_file: None,
                     monthly_cap: None,
                 },
                 tx.clone(),

@@ -154,6 +154,15 @@ pub enum NodeEvent {
         /// What happened.
         message: String,
     },
+    /// The bandwidth caps changed while running.
+    Caps {
+        /// Which node.
+        node: String,
+        /// Upload cap in Mbit/s (`None`: unlimited).
+        up_mbit: Option<f64>,
+        /// Download cap in Mbit/s.
+        down_mbit: Option<f64>,
+    },
 }
 
 impl NodeEvent {
@@ -240,6 +249,21 @@ impl NodeEvent {
                 )
             }
             NodeEvent::Warning { node, message } => format!("[{node}] warning: {message}"),
+            NodeEvent::Caps {
+                node,
+                up_mbit,
+                down_mbit,
+            } => {
+                let cap = |c: &Option<f64>| {
+                    c.map(|v| format!("{v} Mbit/s"))
+                        .unwrap_or_else(|| "unlimited".into())
+                };
+                format!(
+                    "[{node}] caps now: upload {}, download {}",
+                    cap(up_mbit),
+                    cap(down_mbit)
+                )
+            }
         }
     }
 }

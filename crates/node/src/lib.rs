@@ -3,6 +3,7 @@
 //! swarm (network) and train (model) layers, reporting one [`NodeEvent`]
 //! stream.
 
+pub mod caps;
 pub mod data;
 pub mod events;
 pub mod host;

@@ -34,6 +34,8 @@ struct NodeStats {
     diverged: u64,
     month_bytes: Option<u64>,
     monthly_cap: Option<u64>,
+    up_cap: Option<f64>,
+    down_cap: Option<f64>,
 }
 
 /// Counters and gauges per node, fed from events.
@@ -57,7 +59,8 @@ impl Metrics {
             | NodeEvent::Diverged { node, .. }
             | NodeEvent::Checkpoint { node, .. }
             | NodeEvent::Usage { node, .. }
-            | NodeEvent::Warning { node, .. } => node,
+            | NodeEvent::Warning { node, .. }
+            | NodeEvent::Caps { node, .. } => node,
         };
         let s = nodes.entry(node.clone()).or_default();
         match event {
@@ -86,6 +89,12 @@ impl Metrics {
             NodeEvent::Usage { up, down, cap, .. } => {
                 s.month_bytes = Some(up + down);
                 s.monthly_cap = *cap;
+            }
+            NodeEvent::Caps {
+                up_mbit, down_mbit, ..
+            } => {
+                s.up_cap = *up_mbit;
+                s.down_cap = *down_mbit;
             }
             _ => {}
         }
@@ -168,6 +177,18 @@ impl Metrics {
             "counter",
             "Weight digests that disagreed.",
             &|s| n(s.diverged),
+        );
+        family(
+            "upload_cap_mbit",
+            "gauge",
+            "Upload cap in Mbit/s (absent: unlimited).",
+            &|s| s.up_cap,
+        );
+        family(
+            "download_cap_mbit",
+            "gauge",
+            "Download cap in Mbit/s (absent: unlimited).",
+            &|s| s.down_cap,
         );
         family(
             "month_bytes",

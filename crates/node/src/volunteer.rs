@@ -89,6 +89,11 @@ pub struct VolunteerOptions {
     pub max_rounds: Option<u64>,
     /// Where this month's data use is kept (`None`: not kept, no monthly cap).
     pub usage_file: Option<PathBuf>,
+    /// Where the listening port is kept so a restart with port 0 binds the
+    /// same one again: peers' paths to this node stay valid and they reach
+    /// the new process at once instead of after their connections to the old
+    /// one time out (`None`: a fresh port each start).
+    pub port_file: Option<PathBuf>,
     /// Pause participation once this many bytes moved this month.
     pub monthly_cap: Option<u64>,
 }
@@ -127,17 +132,39 @@ pub async fn run_volunteer(
         id: opts.ticket.host,
         addrs: opts.ticket.addrs.clone(),
     };
-    let (net, rx) = Net::spawn(NetConfig {
+    let config = |bind| NetConfig {
         secret_key: opts.key.clone(),
-        bind: opts.bind,
+        bind,
         run_id: opts.ticket.run_id,
         traffic: opts.traffic.clone(),
         open: false,
         control: None,
         bootstrap: vec![host.clone()],
-    })
-    .await
-    .map_err(|e| VolunteerError::Net(e.to_string()))?;
+    };
+    let saved_port = opts
+        .port_file
+        .as_deref()
+        .filter(|_| opts.bind.port() == 0)
+        .and_then(|p| std::fs::read_to_string(p).ok())
+        .and_then(|s| s.trim().parse::<u16>().ok())
+        .filter(|&p| p != 0);
+    let spawned = match saved_port {
+        Some(port) => {
+            let mut bind = opts.bind;
+            bind.set_port(port);
+            match Net::spawn(config(bind)).await {
+                Ok(n) => Ok(n),
+                // Taken by another program meanwhile: any port will do.
+                Err(_) => Net::spawn(config(opts.bind)).await,
+            }
+        }
+        None => Net::spawn(config(opts.bind)).await,
+    };
+    let (net, rx) = spawned.map_err(|e| VolunteerError::Net(e.to_string()))?;
+    if let (Some(path), Some(addr)) = (&opts.port_file, net.addrs().first()) {
+        // Best effort: without it a restart only reconnects more slowly.
+        let _ = starling_train::atomic::write_atomic(path, addr.port().to_string().as_bytes());
+    }
     let mut v = Volunteer {
         net: Arc::new(net),
         rx,
@@ -232,7 +259,12 @@ impl Volunteer {
                 Err(VolunteerError::Net(message)) => self.warn(message),
                 Err(e) => return Err(e),
             }
-            self.maybe_train().await?;
+            match self.maybe_train().await {
+                Ok(()) => {}
+                // The host went away while we fetched our data: retry.
+                Err(VolunteerError::Net(message)) => self.warn(message),
+                Err(e) => return Err(e),
+            }
             tokio::select! {
                 ev = self.rx.recv() => {
                     let Some(ev) = ev else { return Err(VolunteerError::Net("network stopped".into())) };
@@ -424,10 +456,12 @@ impl Volunteer {
             self.trained.insert(round);
             return self.sync().await;
         };
-        self.trained.insert(round);
         let replica = self.replica()?;
         let deadline = Duration::from_millis(open.deadline_ms.saturating_sub(unix_ms()));
+        // On failure the round stays untrained: the next tick tries again
+        // until the deadline.
         self.fetch_windows(round, slot as u32, deadline).await?;
+        self.trained.insert(round);
         self.state(NodeState::Training, format!("round {round}"));
         let topk = lock(&replica).topk_for_cap(self.net.traffic().up.rate());
         let trained =

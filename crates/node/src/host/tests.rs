@@ -173,6 +173,7 @@ async fn hostile_member_is_rejected_logged_and_dropped_while_the_run_goes_on() {
                 device: device.clone(),
                 max_rounds: Some(rounds),
                 usage_file: None,
+                port_file: None,
                 monthly_cap: None,
             },
             tx.clone(),
