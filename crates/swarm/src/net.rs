@@ -24,7 +24,7 @@ use std::{
     ops::Range,
     pin::Pin,
     sync::{
-        Arc, RwLock,
+        Arc, OnceLock, RwLock,
         atomic::{AtomicBool, Ordering},
     },
     time::Duration,
@@ -43,11 +43,12 @@ use iroh::{
 };
 use iroh_blobs::{
     BlobsProtocol, Hash,
+    api::Store,
     get::{StreamPair, request::get_verified_size},
     protocol::{ChunkRanges, ChunkRangesExt, GetRequest},
     provider::events::{EventMask, EventSender, ProviderMessage, ThrottleMode},
     store::{
-        GcConfig,
+        GcConfig, ProtectCb, ProtectOutcome,
         mem::{MemStore, Options},
     },
 };
@@ -278,6 +279,71 @@ impl ProtocolHandler for ControlProtocol {
     }
 }
 
+/// Keeps blob creation out of the store's garbage-collection window.
+///
+/// iroh-blobs' GC marks the blobs its tags reach, then lists the store and
+/// deletes the rest; `MemStore` does not protect blobs created in between, so
+/// an update published (or a download started) during that window was
+/// deleted while tagged, and its fetchers got "stream reset" (seen in the
+/// demo). Every operation that creates a blob or its first tag holds a read
+/// guard for those few milliseconds; each GC run takes the write guard in
+/// its protect callback (before marking) and holds it until an untagged
+/// canary blob added there is gone, i.e. until the sweep has taken its list.
+#[derive(Clone, Default)]
+struct GcGate(Arc<tokio::sync::RwLock<()>>);
+
+/// Longest a GC run may hold back blob creation (a canary that outlived its
+/// sweep only costs this once).
+const GC_HOLD_LIMIT: Duration = Duration::from_secs(2);
+
+impl GcGate {
+    /// Wait out a GC run in progress and keep the next one from starting.
+    async fn creating(&self) -> tokio::sync::RwLockReadGuard<'_, ()> {
+        self.0.read().await
+    }
+
+    /// The store's protect callback: take the write guard for this run.
+    fn protect(&self, store: Arc<OnceLock<Store>>) -> ProtectCb {
+        let gate = self.0.clone();
+        Arc::new(move |_live| {
+            let (gate, store) = (gate.clone(), store.clone());
+            // The callback's future must be `Sync`; the store's futures are
+            // not, so the work runs in a task and the callback awaits it.
+            let task = tokio::spawn(async move {
+                let Some(store) = store.get().cloned() else {
+                    return ProtectOutcome::Abort;
+                };
+                let guard = gate.write_owned().await;
+                let canary: [u8; 16] = rand_bytes();
+                let hash = match store.add_slice(canary).temp_tag().await {
+                    // Dropping the temp tag leaves the canary unreferenced.
+                    Ok(tt) => tt.hash(),
+                    Err(_) => return ProtectOutcome::Abort,
+                };
+                tokio::spawn(async move {
+                    let end = tokio::time::Instant::now() + GC_HOLD_LIMIT;
+                    while tokio::time::Instant::now() < end
+                        && store.has(hash).await.unwrap_or(false)
+                    {
+                        tokio::time::sleep(Duration::from_millis(2)).await;
+                    }
+                    drop(guard);
+                });
+                ProtectOutcome::Continue
+            });
+            Box::pin(async move { task.await.unwrap_or(ProtectOutcome::Abort) })
+        })
+    }
+}
+
+/// 16 random bytes (a canary unique to one GC run).
+fn rand_bytes() -> [u8; 16] {
+    let key = SecretKey::generate();
+    let mut out = [0u8; 16];
+    out.copy_from_slice(&key.to_bytes()[..16]);
+    out
+}
+
 /// A receive stream that takes download tokens before handing bytes on.
 struct Throttled<R> {
     inner: R,
@@ -355,6 +421,7 @@ fn endpoint_addr(member: &Member) -> EndpointAddr {
 pub struct Net {
     router: Router,
     store: MemStore,
+    gc_gate: GcGate,
     gossip: Gossip,
     sender: GossipSender,
     lookup: MemoryLookup,
@@ -402,12 +469,15 @@ impl Net {
             .bind()
             .await
             .map_err(|e| bind_err(e.to_string()))?;
+        let gc_gate = GcGate::default();
+        let store_slot = Arc::new(OnceLock::new());
         let store = MemStore::new_with_opts(Options {
             gc_config: Some(GcConfig {
                 interval: GC_INTERVAL,
-                add_protected: None,
+                add_protected: Some(gc_gate.protect(store_slot.clone())),
             }),
         });
+        let _ = store_slot.set(Store::clone(&store));
         let blobs = BlobsProtocol::new(&store, Some(upload_throttle(config.traffic.clone())));
         let gossip = Gossip::builder()
             .max_message_size(GOSSIP_MAX_MESSAGE)
@@ -458,6 +528,7 @@ impl Net {
             Self {
                 router,
                 store,
+                gc_gate,
                 gossip,
                 sender,
                 lookup,
@@ -558,6 +629,7 @@ impl Net {
     /// Store `bytes` as a blob kept under `tag` until [`Net::forget`] drops it.
     pub async fn publish(&self, tag: &str, bytes: Vec<u8>) -> Result<BlobRef, PublishError> {
         let size = bytes.len() as u64;
+        let _creating = self.gc_gate.creating().await;
         let hf = self
             .store
             .add_bytes(bytes)
@@ -605,6 +677,15 @@ impl Net {
         }
         let hash = Hash::from_bytes(blob.hash);
         let store_err = |e: &dyn std::fmt::Display| FetchError::Store(e.to_string());
+        // Hold the data against garbage collection until it is tagged.
+        let _guard = {
+            let _creating = self.gc_gate.creating().await;
+            self.store
+                .tags()
+                .temp_tag(hash)
+                .await
+                .map_err(|e| store_err(&e))?
+        };
         if let Some(bytes) = self.local(blob).await {
             self.store
                 .tags()
@@ -613,13 +694,6 @@ impl Net {
                 .map_err(|e| store_err(&e))?;
             return Ok(bytes);
         }
-        // Hold the data against garbage collection until it is tagged.
-        let _guard = self
-            .store
-            .tags()
-            .temp_tag(hash)
-            .await
-            .map_err(|e| store_err(&e))?;
         let me = self.id();
         let mut last = String::from("no provider");
         for &provider in providers.iter().filter(|p| **p != me) {
@@ -665,12 +739,14 @@ impl Net {
         for r in ranges {
             wanted |= ChunkRanges::bytes(r.clone());
         }
-        let _guard = self
-            .store
-            .tags()
-            .temp_tag(hash)
-            .await
-            .map_err(|e| store_err(&e))?;
+        let _guard = {
+            let _creating = self.gc_gate.creating().await;
+            self.store
+                .tags()
+                .temp_tag(hash)
+                .await
+                .map_err(|e| store_err(&e))?
+        };
         let local = self
             .store
             .remote()
@@ -1035,6 +1111,46 @@ mod tests {
         ));
         a.shutdown().await;
         b.shutdown().await;
+    }
+
+    /// Blobs published while the store collects garbage stay: before the GC
+    /// gate, one published in the window between the GC's mark and its sweep
+    /// was deleted although tagged.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn blobs_published_during_garbage_collection_survive_it() {
+        let (a, _) = Net::spawn(config(9, RunId([9; 16]), true, vec![]))
+            .await
+            .unwrap();
+        let start = tokio::time::Instant::now();
+        let mut kept = Vec::new();
+        let mut i = 0u32;
+        // Two GC runs (every 5 s), each with garbage to sweep.
+        while start.elapsed() < GC_INTERVAL * 2 + Duration::from_millis(500) {
+            let blob = a
+                .publish(&format!("keep/{i}"), i.to_le_bytes().repeat(8))
+                .await
+                .unwrap();
+            a.publish(&format!("junk/{i}"), ((i + 1) << 20).to_le_bytes().to_vec())
+                .await
+                .unwrap();
+            if i.is_multiple_of(50) {
+                a.forget("junk/").await;
+            }
+            kept.push(blob);
+            i += 1;
+        }
+        let mut lost = 0;
+        for blob in &kept {
+            if a.local(blob).await.is_none() {
+                lost += 1;
+            }
+        }
+        eprintln!(
+            "published {} kept blobs during 2 GC runs, lost {lost}",
+            kept.len()
+        );
+        assert_eq!(lost, 0);
+        a.shutdown().await;
     }
 
     /// Fetch `size` bytes from `from` to `to` while sampling `counter` every
