@@ -37,6 +37,8 @@ enum Command {
     Host(swarm_cmd::HostArgs),
     /// Join a run as a volunteer with the ticket its host printed.
     Join(swarm_cmd::JoinArgs),
+    /// What this machine has (GPUs, VRAM, CPU, RAM) and which models each device can train.
+    Check(CheckArgs),
     /// Inspect DisTrO: byte budgets, compress and decompress real tensors.
     #[command(subcommand)]
     Distro(distro_cmd::DistroCommand),
@@ -50,6 +52,23 @@ enum Command {
     /// Benchmarks that answer a question with one table.
     #[command(subcommand)]
     Bench(sim_cmd::BenchCommand),
+}
+
+#[derive(clap::Args, Debug)]
+struct CheckArgs {
+    /// Print the report as JSON.
+    #[arg(long)]
+    json: bool,
+}
+
+fn run_check(args: &CheckArgs) -> Result<()> {
+    let report = starling_node::machine::probe();
+    if args.json {
+        say!("{}", serde_json::to_string_pretty(&report)?);
+    } else {
+        say!("{}", report.render().trim_end());
+    }
+    Ok(())
 }
 
 fn write_stdout(args: std::fmt::Arguments<'_>) -> Result<()> {
@@ -66,6 +85,7 @@ fn main() -> Result<()> {
         Command::Demo(args) => swarm_cmd::run_demo(&args),
         Command::Host(args) => swarm_cmd::run_host(&args),
         Command::Join(args) => swarm_cmd::run_join(&args),
+        Command::Check(args) => run_check(&args),
         Command::Distro(cmd) => distro_cmd::run(cmd),
         Command::Data(cmd) => data_cmd::run(cmd),
         Command::Sim(args) => sim_cmd::run_sim(&args),
