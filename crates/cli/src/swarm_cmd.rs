@@ -15,7 +15,7 @@ use clap::Args;
 use starling_node::caps::{Caps, watch_caps};
 use starling_node::metrics::{Metrics, serve as serve_metrics};
 use starling_node::{
-    Host, HostOptions, NodeEvent, RunFile, Ticket, Traffic, VolunteerOptions, keyfile,
+    Host, HostOptions, MonthlyCap, NodeEvent, RunFile, Ticket, Traffic, VolunteerOptions, keyfile,
     run_volunteer,
 };
 use starling_train::{DeviceChoice, select_device};
@@ -271,7 +271,7 @@ pub fn run_host(args: &HostArgs) -> Result<()> {
                     max_rounds: args.node.rounds,
                     usage_file: None,
                     port_file: None,
-                    monthly_cap: None,
+                    monthly_cap: MonthlyCap::default(),
                 },
                 tx.clone(),
                 stop.clone(),
@@ -314,7 +314,7 @@ pub fn run_join(args: &JoinArgs) -> Result<()> {
                 max_rounds: args.node.rounds,
                 usage_file: Some(args.key_file.with_file_name("usage.json")),
                 port_file: Some(args.key_file.with_file_name("node.port")),
-                monthly_cap: args.monthly_cap_gb.map(|gb| (gb * 1e9) as u64),
+                monthly_cap: MonthlyCap::new(args.monthly_cap_gb.map(|gb| (gb * 1e9) as u64)),
             },
             tx,
             stop_on_ctrl_c(),
@@ -422,7 +422,7 @@ pub fn run_demo(args: &DemoArgs) -> Result<()> {
                     max_rounds: Some(args.rounds),
                     usage_file: None,
                     port_file: None,
-                    monthly_cap: None,
+                    monthly_cap: MonthlyCap::default(),
                 },
                 tx.clone(),
                 stop_rx.clone(),

@@ -11,6 +11,7 @@ pub mod keyfile;
 pub mod machine;
 pub mod metrics;
 pub mod replica;
+pub mod session;
 pub mod settings;
 pub mod spec;
 pub mod usage;
@@ -20,7 +21,7 @@ pub use events::{NodeEvent, NodeState};
 pub use host::{Host, HostError, HostOptions};
 pub use spec::{RunFile, RunSpec, SpecError};
 pub use starling_swarm::{EndpointId, SecretKey, Ticket, Traffic};
-pub use usage::Usage;
+pub use usage::{MonthlyCap, Usage};
 pub use volunteer::{VolunteerError, VolunteerOptions, run_volunteer};
 
 /// A short, stable name for a node in logs.

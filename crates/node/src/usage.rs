@@ -92,3 +92,32 @@ mod tests {
         assert_eq!(Usage::load(&path).unwrap(), Usage::default());
     }
 }
+
+/// A monthly data cap the owner can change while the node runs (the app's
+/// settings); clones share the value.
+#[derive(Clone, Debug, Default)]
+pub struct MonthlyCap(std::sync::Arc<std::sync::atomic::AtomicU64>);
+
+impl MonthlyCap {
+    /// A cap of `bytes` (`None`: no cap).
+    pub fn new(bytes: Option<u64>) -> Self {
+        let cap = Self::default();
+        cap.set(bytes);
+        cap
+    }
+
+    /// Change the cap; a node paused at the old cap resumes within seconds
+    /// of a higher one.
+    pub fn set(&self, bytes: Option<u64>) {
+        self.0
+            .store(bytes.unwrap_or(0), std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// The cap now.
+    pub fn get(&self) -> Option<u64> {
+        match self.0.load(std::sync::atomic::Ordering::Relaxed) {
+            0 => None,
+            n => Some(n),
+        }
+    }
+}

@@ -33,7 +33,7 @@ use crate::{
     replica::{self, Replica, ReplicaError, SharedReplica, lock},
     short,
     spec::RunSpec,
-    usage::Usage,
+    usage::{MonthlyCap, Usage},
 };
 
 /// Largest checkpoint a volunteer downloads.
@@ -95,7 +95,7 @@ pub struct VolunteerOptions {
     /// one time out (`None`: a fresh port each start).
     pub port_file: Option<PathBuf>,
     /// Pause participation once this many bytes moved this month.
-    pub monthly_cap: Option<u64>,
+    pub monthly_cap: MonthlyCap,
 }
 
 struct Volunteer {
@@ -119,7 +119,7 @@ struct Volunteer {
     admit: Option<Vec<Member>>,
     /// This month's data use and where it is kept.
     usage: Option<(PathBuf, Usage)>,
-    monthly_cap: Option<u64>,
+    monthly_cap: MonthlyCap,
 }
 
 /// Join the run and take part until `stop` turns true or `max_rounds` are applied.
@@ -644,7 +644,7 @@ impl Volunteer {
             month: usage.month.clone(),
             up: usage.month_up,
             down: usage.month_down,
-            cap: self.monthly_cap,
+            cap: self.monthly_cap.get(),
         };
         self.emit(event);
         Ok(())
@@ -652,7 +652,7 @@ impl Volunteer {
 
     /// Whether this month's data use has reached the cap.
     fn over_cap(&mut self) -> bool {
-        match (&mut self.usage, self.monthly_cap) {
+        match (&mut self.usage, self.monthly_cap.get()) {
             (Some((_, usage)), Some(cap)) => {
                 usage.roll(unix_ms() / 1000);
                 usage.month_bytes() >= cap
@@ -671,11 +671,11 @@ impl Volunteer {
             NodeState::Paused,
             format!(
                 "monthly data cap reached: {used} of {} bytes in {month}; resuming next month",
-                self.monthly_cap.unwrap_or(0)
+                self.monthly_cap.get().unwrap_or(0)
             ),
         );
         while self.over_cap() {
-            tokio::time::sleep(Duration::from_secs(60)).await;
+            tokio::time::sleep(Duration::from_secs(2)).await;
             // Keep the event queue from filling while we sit out.
             while self.rx.try_recv().is_ok() {}
         }

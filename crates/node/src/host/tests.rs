@@ -15,7 +15,8 @@ use tokio::sync::{mpsc, watch};
 
 use super::{Host, HostOptions};
 use crate::{
-    NodeEvent, RunFile, VolunteerOptions, data::Tokens, replica::Replica, run_volunteer, short,
+    MonthlyCap, NodeEvent, RunFile, VolunteerOptions, data::Tokens, replica::Replica,
+    run_volunteer, short,
 };
 
 const RUN: &str = r#"
@@ -174,7 +175,7 @@ async fn hostile_member_is_rejected_logged_and_dropped_while_the_run_goes_on() {
                 max_rounds: Some(rounds),
                 usage_file: None,
                 port_file: None,
-                monthly_cap: None,
+                monthly_cap: MonthlyCap::default(),
             },
             tx.clone(),
             stop_rx.clone(),
