@@ -5,8 +5,13 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
+# lavapipe for wgpu; WebKitGTK, the tray library and friends for the Tauri
+# app; Node.js for its page (Debian's nodejs if the machine has none).
 need=()
-for pkg in mesa-vulkan-drivers libvulkan1; do
+pkgs=(mesa-vulkan-drivers libvulkan1 libwebkit2gtk-4.1-dev libayatana-appindicator3-dev
+  librsvg2-dev libxdo-dev libssl-dev build-essential pkg-config)
+command -v npm >/dev/null 2>&1 || pkgs+=(nodejs npm)
+for pkg in "${pkgs[@]}"; do
   dpkg -s "$pkg" >/dev/null 2>&1 || need+=("$pkg")
 done
 if [ ${#need[@]} -gt 0 ]; then
@@ -18,6 +23,11 @@ fi
 # lavapipe complains without a runtime dir; its shader cache makes reruns fast.
 export XDG_RUNTIME_DIR="${XDG_RUNTIME_DIR:-/tmp/xdg-runtime-$(id -u)}"
 mkdir -p "$XDG_RUNTIME_DIR" && chmod 700 "$XDG_RUNTIME_DIR"
+
+# The app's page: its unit tests, then the bundle the Tauri build embeds.
+npm ci --prefix ui --no-audit --no-fund
+npm test --prefix ui
+npm run build --prefix ui
 
 cargo fmt --all --check
 cargo clippy --workspace --all-targets -- -D warnings

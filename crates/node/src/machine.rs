@@ -314,6 +314,75 @@ fn nvml_readings(gpus: &mut [GpuReport]) -> bool {
     true
 }
 
+/// A live reading of the first NVIDIA GPU.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Serialize)]
+pub struct GpuSample {
+    /// Busy percentage.
+    pub util: Option<u32>,
+    /// Core temperature in °C.
+    pub temp_c: Option<u32>,
+    /// Memory in use, bytes.
+    pub mem_used: Option<u64>,
+    /// Total memory, bytes.
+    pub mem_total: Option<u64>,
+}
+
+/// Samples the GPU once a second for the dashboard and the temperature
+/// rule; NVML is opened once (it is slow to open) and only where it exists.
+pub struct GpuMonitor(Option<nvml_wrapper::Nvml>);
+
+impl GpuMonitor {
+    /// Open NVML if this machine has it.
+    pub fn open() -> Self {
+        Self(nvml_wrapper::Nvml::init().ok())
+    }
+
+    /// The first GPU's numbers (all `None` without NVML).
+    pub fn sample(&self) -> GpuSample {
+        use nvml_wrapper::enum_wrappers::device::TemperatureSensor;
+        let Some(d) = self.0.as_ref().and_then(|n| n.device_by_index(0).ok()) else {
+            return GpuSample::default();
+        };
+        let mem = d.memory_info().ok();
+        GpuSample {
+            util: d.utilization_rates().ok().map(|u| u.gpu),
+            temp_c: d.temperature(TemperatureSensor::Gpu).ok(),
+            mem_used: mem.as_ref().map(|m| m.used),
+            mem_total: mem.as_ref().map(|m| m.total),
+        }
+    }
+}
+
+/// Whether the machine runs on battery: `None` where it cannot tell (no
+/// mains adapter reported; only Linux's `/sys/class/power_supply` is read).
+pub fn on_battery() -> Option<bool> {
+    let dir = std::fs::read_dir("/sys/class/power_supply").ok()?;
+    let mut mains = None;
+    for entry in dir.flatten() {
+        let p = entry.path();
+        let kind = std::fs::read_to_string(p.join("type")).unwrap_or_default();
+        if kind.trim() == "Mains" {
+            let online = std::fs::read_to_string(p.join("online")).unwrap_or_default();
+            // Any adapter online means not on battery.
+            mains = Some(mains.unwrap_or(true) && online.trim() != "1");
+        }
+    }
+    mains
+}
+
+/// What the settings' rules look at, now. Idle time is not measured yet
+/// (`None`: the idle rule holds nothing).
+pub fn conditions(gpu: &GpuSample) -> crate::settings::Conditions {
+    use chrono::Timelike;
+    let now = chrono::Local::now();
+    crate::settings::Conditions {
+        minute_of_day: now.hour() * 60 + now.minute(),
+        idle_secs: None,
+        on_battery: on_battery(),
+        gpu_temp_c: gpu.temp_c,
+    }
+}
+
 /// Probe this machine: adapters, NVML, CPU and RAM, and the verdicts.
 pub fn probe() -> MachineReport {
     let cpu = match sysinfo::System::new() {

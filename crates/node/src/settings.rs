@@ -359,6 +359,13 @@ impl Settings {
     }
 }
 
+/// Where the node's key, data-use ledger and port live: the platform's data
+/// directory (`~/.local/share/starling` on Linux).
+pub fn data_dir() -> Option<PathBuf> {
+    directories::ProjectDirs::from("org", "Starling", "starling")
+        .map(|d| d.data_dir().to_path_buf())
+}
+
 /// Where the settings live: the platform's config directory
 /// (`~/.config/starling/settings.json` on Linux).
 pub fn default_path() -> Option<PathBuf> {

@@ -1,0 +1,5 @@
+//! Generates the Tauri context (config, icons, capabilities) the app embeds.
+
+fn main() {
+    tauri_build::build();
+}

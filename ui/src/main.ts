@@ -1,0 +1,199 @@
+// The dashboard page: draws the state folded from the node's events and
+// sends the volunteer's clicks to the shell's commands.
+
+import { invoke } from "@tauri-apps/api/core";
+import { listen } from "@tauri-apps/api/event";
+import uPlot from "uplot";
+import "uplot/dist/uPlot.min.css";
+import "./style.css";
+import { formatBytes, formatDuration, formatNumber, formatRate } from "./format";
+import { fromForm, toForm, type FieldError, type Settings } from "./settings";
+import { empty, onTick, reduce, secondsPerRound, share, type Dashboard, type NodeEvent, type Tick } from "./state";
+
+interface Verdict {
+  device: string;
+  name: string;
+  usable: boolean;
+  summary: string;
+}
+interface MachineReport {
+  verdicts: Verdict[];
+}
+interface Status {
+  activity: { activity: string };
+  ticket: string | null;
+  settings: Settings;
+}
+
+const $ = <T extends HTMLElement>(id: string) => document.getElementById(id) as T;
+let dash: Dashboard = empty();
+let settings: Settings | null = null;
+
+function dark(): boolean {
+  return window.matchMedia?.("(prefers-color-scheme: dark)").matches ?? false;
+}
+
+function chart(el: HTMLElement, title: string, series: uPlot.Series[], time: boolean): uPlot {
+  const axis = dark() ? "#ccc" : "#333";
+  const grid = dark() ? "#444" : "#ddd";
+  return new uPlot(
+    {
+      title,
+      width: Math.max(320, el.clientWidth || 600),
+      height: 220,
+      scales: { x: { time } },
+      axes: [
+        { stroke: axis, grid: { stroke: grid } },
+        { stroke: axis, grid: { stroke: grid } },
+      ],
+      series: [{}, ...series],
+    },
+    [[], ...series.map(() => [])] as uPlot.AlignedData,
+    el,
+  );
+}
+
+const lossChart = chart(
+  $("loss-chart"),
+  "Run loss by round",
+  [
+    { label: "loss", stroke: "#3b82f6", width: 2 },
+    { label: "eval loss", stroke: "#f59e0b", width: 2, points: { show: true } },
+  ],
+  false,
+);
+const rateChart = chart(
+  $("rate-chart"),
+  "Bandwidth (Mbit/s)",
+  [
+    { label: "upload", stroke: "#10b981", width: 2 },
+    { label: "upload cap", stroke: "#10b981", dash: [6, 4] },
+    { label: "download", stroke: "#8b5cf6", width: 2 },
+    { label: "download cap", stroke: "#8b5cf6", dash: [6, 4] },
+  ],
+  true,
+);
+
+function render(): void {
+  $("activity").textContent = dash.activity;
+  $("activity").dataset.state = dash.state;
+  $("detail").textContent = dash.detail;
+  $("round").textContent = dash.round === null ? "–" : String(dash.round);
+  $("trained").textContent = String(dash.roundsTrained);
+  $("tokens").textContent = formatNumber(dash.tokensTrained);
+  const s = share(dash.roundsTrained, dash.roundsApplied, dash.peers);
+  $("share").textContent = s === null ? "–" : `${formatNumber(s * 100)} %`;
+  $("peers").textContent = String(dash.peers);
+  const pace = secondsPerRound(dash);
+  $("pace").textContent = pace === null ? "–" : formatDuration(pace);
+  const t = dash.lastTick;
+  const up = dash.upMbit.at(-1) ?? 0;
+  const down = dash.downMbit.at(-1) ?? 0;
+  $("up-rate").textContent = formatRate((up * 1e6) / 8);
+  $("down-rate").textContent = formatRate((down * 1e6) / 8);
+  $("up-cap").textContent = t?.up_cap_mbit ? `limit ${t.up_cap_mbit} Mbit/s` : "no limit";
+  $("down-cap").textContent = t?.down_cap_mbit ? `limit ${t.down_cap_mbit} Mbit/s` : "no limit";
+  $("round-bytes").textContent = `${formatBytes(dash.roundUp)} up, ${formatBytes(dash.roundDown)} down`;
+  $("month-bytes").textContent = dash.month ? formatBytes(dash.monthBytes) : "–";
+  $("month-cap").textContent = dash.monthlyCap ? `of ${formatBytes(dash.monthlyCap)}` : "";
+  $("gpu-util").textContent = t?.gpu_util == null ? "not reported" : `${t.gpu_util} %`;
+  $("gpu-temp").textContent = t?.gpu_temp_c == null ? "not reported" : `${t.gpu_temp_c} °C`;
+  $("gpu-mem").textContent =
+    t?.gpu_mem_used == null || t.gpu_mem_total == null
+      ? "not reported"
+      : `${formatBytes(t.gpu_mem_used)} of ${formatBytes(t.gpu_mem_total)}`;
+  lossChart.setData([dash.lossRounds, dash.loss, dash.evalLoss] as uPlot.AlignedData);
+  rateChart.setData([dash.times, dash.upMbit, dash.upCap, dash.downMbit, dash.downCap] as uPlot.AlignedData);
+  $("log").textContent = dash.log.slice(-200).join("\n");
+}
+
+function showErrors(el: HTMLElement, errors: FieldError[]): void {
+  el.textContent = errors.map((e) => `${e.field}: ${e.message}`).join("\n");
+}
+
+function fillSettings(s: Settings): void {
+  settings = s;
+  const form = $("settings") as HTMLFormElement;
+  for (const [name, value] of Object.entries(toForm(s))) {
+    const input = form.elements.namedItem(name) as HTMLInputElement | HTMLSelectElement | null;
+    if (!input) continue;
+    if (input instanceof HTMLInputElement && input.type === "checkbox") input.checked = value === true;
+    else input.value = String(value);
+  }
+}
+
+function readForm(): Record<string, string | boolean> {
+  const form = $("settings") as HTMLFormElement;
+  const out: Record<string, string | boolean> = {};
+  for (const el of Array.from(form.elements)) {
+    if (!(el instanceof HTMLInputElement || el instanceof HTMLSelectElement) || !el.name) continue;
+    out[el.name] = el instanceof HTMLInputElement && el.type === "checkbox" ? el.checked : el.value;
+  }
+  return out;
+}
+
+async function call(cmd: string, args?: Record<string, unknown>, errorEl = $("join-error")): Promise<boolean> {
+  try {
+    await invoke(cmd, args);
+    errorEl.textContent = "";
+    return true;
+  } catch (e) {
+    const err = e as { message?: string; fields?: FieldError[] };
+    if (err.fields?.length) showErrors(errorEl, err.fields);
+    else errorEl.textContent = err.message ?? String(e);
+    return false;
+  }
+}
+
+async function start(): Promise<void> {
+  $("join").addEventListener("click", () => void call("join", { ticket: ($("ticket") as HTMLInputElement).value }));
+  $("pause").addEventListener("click", () => void call("pause"));
+  $("resume").addEventListener("click", () => void call("resume"));
+  $("snooze").addEventListener("click", () => void call("snooze", { minutes: 60 }));
+  for (const b of Array.from(document.querySelectorAll<HTMLButtonElement>("[data-preset]"))) {
+    b.addEventListener("click", async () => {
+      if (await call("apply_preset", { preset: b.dataset.preset }, $("settings-errors"))) {
+        fillSettings((await invoke<Status>("status")).settings);
+      }
+    });
+  }
+  $("settings").addEventListener("submit", async (ev) => {
+    ev.preventDefault();
+    if (!settings) return;
+    const { settings: next, errors } = fromForm(readForm(), settings);
+    if (errors.length) return showErrors($("settings-errors"), errors);
+    if (await call("save_settings", { settings: next }, $("settings-errors"))) settings = next;
+  });
+  await listen<NodeEvent>("node-event", (e) => {
+    dash = reduce(dash, e.payload);
+    render();
+  });
+  await listen<Tick>("tick", (e) => {
+    dash = onTick(dash, e.payload);
+    render();
+  });
+  await listen<string>("deep-link", (e) => {
+    ($("ticket") as HTMLInputElement).value = e.payload;
+    $("join-section").scrollIntoView();
+  });
+  const status = await invoke<Status>("status");
+  fillSettings(status.settings);
+  if (status.ticket) ($("ticket") as HTMLInputElement).value = status.ticket;
+  const report = await invoke<MachineReport>("machine_report");
+  const select = ($("settings") as HTMLFormElement).elements.namedItem("device") as HTMLSelectElement;
+  select.innerHTML = "";
+  for (const [value, label] of [["auto", "Automatic"], ...report.verdicts.filter((v) => v.usable).map((v) => [v.device, `${v.device}: ${v.name}`])]) {
+    select.add(new Option(label, value));
+  }
+  select.value = status.settings.device;
+  $("verdicts").innerHTML = "";
+  for (const v of report.verdicts) {
+    const li = document.createElement("li");
+    li.textContent = `${v.device}: ${v.summary}`;
+    li.className = v.usable ? "ok" : "no";
+    $("verdicts").append(li);
+  }
+  render();
+}
+
+void start();

@@ -1,0 +1,61 @@
+import { describe, expect, it } from "vitest";
+import { empty, onTick, reduce, secondsPerRound, share, type Tick, WINDOW } from "./state";
+
+const tick = (t: number, up: number, down: number, cap: number | null = 10): Tick => ({
+  t,
+  bytes_up: up,
+  bytes_down: down,
+  up_cap_mbit: cap,
+  down_cap_mbit: 100,
+  activity: "running",
+  gpu_util: null,
+  gpu_temp_c: null,
+  gpu_mem_used: null,
+  gpu_mem_total: null,
+});
+
+describe("dashboard state", () => {
+  it("turns counter ticks into rates and keeps a bounded window", () => {
+    let d = onTick(empty(), tick(100, 0, 0));
+    d = onTick(d, tick(101, 1_250_000, 2_500_000));
+    expect(d.upMbit.at(-1)).toBe(10);
+    expect(d.downMbit.at(-1)).toBe(20);
+    expect(d.upCap.at(-1)).toBe(10);
+    for (let i = 0; i < WINDOW + 50; i++) d = onTick(d, tick(102 + i, 1_250_000, 2_500_000));
+    expect(d.times.length).toBe(WINDOW);
+    expect(d.upMbit.at(-1)).toBe(0);
+  });
+
+  it("moves the limit line when the caps change", () => {
+    let d = onTick(empty(), tick(1, 0, 0, 10));
+    d = reduce(d, { event: "caps", up_mbit: 4, down_mbit: null });
+    expect(d.upCap.at(-1)).toBe(4);
+    expect(d.downCap.at(-1)).toBeNull();
+  });
+
+  it("collects rounds, losses and contribution", () => {
+    let d = empty();
+    d = reduce(d, { event: "joined", run: "r", params: 1000, round: 0 }, 10);
+    d = reduce(d, { event: "round_opened", round: 0, members: 3 });
+    d = reduce(d, { event: "trained", round: 0, tokens: 128, loss: 5.5 });
+    d = reduce(d, { event: "round_applied", round: 0, updates: 3, loss: 5.5, eval_loss: null, bytes_up: 10, bytes_down: 20 }, 20);
+    d = reduce(d, { event: "trained", round: 1, tokens: 128, loss: 5 });
+    d = reduce(d, { event: "round_applied", round: 1, updates: 3, loss: 5, eval_loss: 4.9, bytes_up: 11, bytes_down: 21 }, 30);
+    expect(d.round).toBe(1);
+    expect(d.lossRounds).toEqual([0, 1]);
+    expect(d.loss).toEqual([5.5, 5]);
+    expect(d.evalLoss).toEqual([null, 4.9]);
+    expect(d.tokensTrained).toBe(256);
+    expect(d.peers).toBe(3);
+    expect(d.roundUp).toBe(11);
+    expect(secondsPerRound(d, 40)).toBe(20);
+    expect(share(d.roundsTrained, d.roundsApplied, d.peers)).toBeCloseTo(1 / 3);
+    expect(d.log.at(-1)).toContain("round 1: applied 3 updates");
+  });
+
+  it("ignores malformed values instead of drawing them", () => {
+    const d = reduce(empty(), { event: "round_applied", round: "x" });
+    expect(d.round).toBeNull();
+    expect(d.lossRounds).toEqual([]);
+  });
+});

@@ -1,0 +1,201 @@
+// The dashboard's model: a pure fold over the node's event stream and the
+// shell's once-a-second traffic ticks, so every number on screen is
+// unit-tested without a window.
+
+/** One event from starling-node (serde tag "event"). */
+export type NodeEvent = { event: string; node?: string; [key: string]: unknown };
+
+/** What the shell sends every second. */
+export interface Tick {
+  t: number; // unix seconds
+  bytes_up: number; // since the app started
+  bytes_down: number;
+  up_cap_mbit: number | null;
+  down_cap_mbit: number | null;
+  activity: string;
+  gpu_util: number | null;
+  gpu_temp_c: number | null;
+  gpu_mem_used: number | null;
+  gpu_mem_total: number | null;
+}
+
+export interface Dashboard {
+  state: string; // connecting, training, paused, ...
+  detail: string;
+  activity: string;
+  run: string | null;
+  params: number | null;
+  round: number | null;
+  roundsApplied: number;
+  roundsTrained: number;
+  tokensTrained: number;
+  peers: number;
+  lossRounds: number[];
+  loss: (number | null)[];
+  evalLoss: (number | null)[];
+  times: number[];
+  upMbit: number[];
+  downMbit: number[];
+  upCap: (number | null)[];
+  downCap: (number | null)[];
+  roundUp: number;
+  roundDown: number;
+  month: string | null;
+  monthBytes: number;
+  monthlyCap: number | null;
+  lastTick: Tick | null;
+  startedAt: number | null;
+  firstRoundAt: number | null;
+  log: string[];
+}
+
+/** Samples of traffic kept for the chart (10 minutes at one a second). */
+export const WINDOW = 600;
+/** Log lines kept. */
+export const LOG_LINES = 300;
+
+export function empty(): Dashboard {
+  return {
+    state: "idle",
+    detail: "",
+    activity: "idle",
+    run: null,
+    params: null,
+    round: null,
+    roundsApplied: 0,
+    roundsTrained: 0,
+    tokensTrained: 0,
+    peers: 0,
+    lossRounds: [],
+    loss: [],
+    evalLoss: [],
+    times: [],
+    upMbit: [],
+    downMbit: [],
+    upCap: [],
+    downCap: [],
+    roundUp: 0,
+    roundDown: 0,
+    month: null,
+    monthBytes: 0,
+    monthlyCap: null,
+    lastTick: null,
+    startedAt: null,
+    firstRoundAt: null,
+    log: [],
+  };
+}
+
+function num(v: unknown): number | null {
+  return typeof v === "number" && isFinite(v) ? v : null;
+}
+
+function pushLog(d: Dashboard, line: string): string[] {
+  const log = [...d.log, line];
+  return log.length > LOG_LINES ? log.slice(log.length - LOG_LINES) : log;
+}
+
+/** A one-line description of an event for the log view. */
+export function describe(e: NodeEvent): string {
+  switch (e.event) {
+    case "state":
+      return `${e.state}: ${e.detail}`;
+    case "joined":
+      return `joined "${e.run}" at round ${e.round}`;
+    case "round_opened":
+      return `round ${e.round} open with ${e.members} members`;
+    case "trained":
+      return `round ${e.round}: trained ${e.tokens} tokens, loss ${num(e.loss)?.toFixed(4)}`;
+    case "round_applied":
+      return `round ${e.round}: applied ${e.updates} updates`;
+    case "rejected":
+      return `round ${e.round}: rejected ${e.peer}: ${e.reason}`;
+    case "caps":
+      return `caps: up ${e.up_mbit ?? "unlimited"}, down ${e.down_mbit ?? "unlimited"} Mbit/s`;
+    case "warning":
+      return `warning: ${e.message}`;
+    case "usage":
+      return `${e.month}: ${Number(e.up) + Number(e.down)} bytes used`;
+    default:
+      return e.event;
+  }
+}
+
+export function reduce(d: Dashboard, e: NodeEvent, now = Date.now() / 1000): Dashboard {
+  const next: Dashboard = { ...d, log: pushLog(d, describe(e)) };
+  switch (e.event) {
+    case "state":
+      next.state = String(e.state);
+      next.detail = String(e.detail ?? "");
+      break;
+    case "joined":
+      next.run = String(e.run);
+      next.params = num(e.params);
+      next.startedAt = now;
+      break;
+    case "round_opened":
+      next.peers = num(e.members) ?? next.peers;
+      break;
+    case "trained":
+      next.roundsTrained += 1;
+      next.tokensTrained += num(e.tokens) ?? 0;
+      break;
+    case "round_applied": {
+      const round = num(e.round);
+      if (round === null) break;
+      next.round = round;
+      next.roundsApplied += 1;
+      next.roundUp = num(e.bytes_up) ?? 0;
+      next.roundDown = num(e.bytes_down) ?? 0;
+      next.firstRoundAt ??= now;
+      next.lossRounds = [...d.lossRounds, round];
+      next.loss = [...d.loss, num(e.loss)];
+      next.evalLoss = [...d.evalLoss, num(e.eval_loss)];
+      break;
+    }
+    case "caps":
+      next.upCap = d.upCap.length ? [...d.upCap.slice(0, -1), num(e.up_mbit)] : [];
+      next.downCap = d.downCap.length ? [...d.downCap.slice(0, -1), num(e.down_mbit)] : [];
+      break;
+    case "usage":
+      next.month = String(e.month);
+      next.monthBytes = (num(e.up) ?? 0) + (num(e.down) ?? 0);
+      next.monthlyCap = num(e.cap);
+      break;
+  }
+  return next;
+}
+
+function keep<T>(xs: T[], x: T): T[] {
+  const out = [...xs, x];
+  return out.length > WINDOW ? out.slice(out.length - WINDOW) : out;
+}
+
+export function onTick(d: Dashboard, t: Tick): Dashboard {
+  const prev = d.lastTick;
+  const dt = prev ? t.t - prev.t : 0;
+  const up = prev && dt > 0 ? Math.max(0, t.bytes_up - prev.bytes_up) / dt : 0;
+  const down = prev && dt > 0 ? Math.max(0, t.bytes_down - prev.bytes_down) / dt : 0;
+  return {
+    ...d,
+    activity: t.activity,
+    lastTick: t,
+    times: keep(d.times, t.t),
+    upMbit: keep(d.upMbit, (up * 8) / 1e6),
+    downMbit: keep(d.downMbit, (down * 8) / 1e6),
+    upCap: keep(d.upCap, t.up_cap_mbit),
+    downCap: keep(d.downCap, t.down_cap_mbit),
+  };
+}
+
+/** Seconds per applied round since the first one (null before two). */
+export function secondsPerRound(d: Dashboard, now = Date.now() / 1000): number | null {
+  if (d.firstRoundAt === null || d.roundsApplied < 2) return null;
+  return (now - d.firstRoundAt) / (d.roundsApplied - 1);
+}
+
+/** This node's share of the run's work: its updates over all updates applied. */
+export function share(trained: number, applied: number, members: number): number | null {
+  if (applied === 0 || members === 0) return null;
+  return Math.min(1, trained / (applied * members));
+}
