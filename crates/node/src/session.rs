@@ -261,7 +261,7 @@ impl Session {
         let opts = VolunteerOptions {
             ticket,
             key: self.key.clone(),
-            bind: "0.0.0.0:0".parse().map_err(|_| SessionError::NoRun)?,
+            bind: std::net::SocketAddr::from(([0, 0, 0, 0], 0)),
             traffic: self.traffic.clone(),
             device,
             max_rounds: None,
