@@ -25,6 +25,12 @@ export XDG_RUNTIME_DIR="${XDG_RUNTIME_DIR:-/tmp/xdg-runtime-$(id -u)}"
 mkdir -p "$XDG_RUNTIME_DIR" && chmod 700 "$XDG_RUNTIME_DIR"
 
 # The app's page: its unit tests, then the bundle the Tauri build embeds.
+# Vitest 4 needs Node.js 20 or newer (Debian 12's own nodejs is 18).
+node_major=$(node -p 'process.versions.node.split(".")[0]')
+if [ "$node_major" -lt 20 ]; then
+  echo "Node.js $(node --version) is too old for the UI tests: install Node.js 20 or newer" >&2
+  exit 1
+fi
 npm ci --prefix ui --no-audit --no-fund
 npm test --prefix ui
 npm run build --prefix ui

@@ -649,6 +649,17 @@ impl Net {
         }
     }
 
+    /// A temporary tag that keeps `hash` (and whatever arrives for it) from
+    /// the garbage collector until dropped.
+    async fn hold(&self, hash: Hash) -> Result<iroh_blobs::api::TempTag, FetchError> {
+        let _creating = self.gc_gate.creating().await;
+        self.store
+            .tags()
+            .temp_tag(hash)
+            .await
+            .map_err(|e| FetchError::Store(e.to_string()))
+    }
+
     /// Bytes of a blob this node holds completely, if it does.
     async fn local(&self, blob: &BlobRef) -> Option<Bytes> {
         let hash = Hash::from_bytes(blob.hash);
@@ -678,14 +689,7 @@ impl Net {
         let hash = Hash::from_bytes(blob.hash);
         let store_err = |e: &dyn std::fmt::Display| FetchError::Store(e.to_string());
         // Hold the data against garbage collection until it is tagged.
-        let _guard = {
-            let _creating = self.gc_gate.creating().await;
-            self.store
-                .tags()
-                .temp_tag(hash)
-                .await
-                .map_err(|e| store_err(&e))?
-        };
+        let _guard = self.hold(hash).await?;
         if let Some(bytes) = self.local(blob).await {
             self.store
                 .tags()
@@ -739,14 +743,7 @@ impl Net {
         for r in ranges {
             wanted |= ChunkRanges::bytes(r.clone());
         }
-        let _guard = {
-            let _creating = self.gc_gate.creating().await;
-            self.store
-                .tags()
-                .temp_tag(hash)
-                .await
-                .map_err(|e| store_err(&e))?
-        };
+        let _guard = self.hold(hash).await?;
         let local = self
             .store
             .remote()
