@@ -8,8 +8,10 @@ cd "$(dirname "$0")/.."
 # lavapipe for wgpu; WebKitGTK, the tray library and friends for the Tauri
 # app; Node.js for its page (Debian's nodejs if the machine has none).
 need=()
+# Xvfb, D-Bus and WebKitWebDriver for the app's end-to-end test.
 pkgs=(mesa-vulkan-drivers libvulkan1 libwebkit2gtk-4.1-dev libayatana-appindicator3-dev
-  librsvg2-dev libxdo-dev libssl-dev build-essential pkg-config)
+  librsvg2-dev libxdo-dev libssl-dev build-essential pkg-config
+  xvfb xauth dbus-daemon webkit2gtk-driver)
 command -v npm >/dev/null 2>&1 || pkgs+=(nodejs npm)
 for pkg in "${pkgs[@]}"; do
   dpkg -s "$pkg" >/dev/null 2>&1 || need+=("$pkg")
@@ -40,6 +42,10 @@ cargo clippy --workspace --all-targets -- -D warnings
 # CI has lavapipe, so the GPU tests must run rather than skip.
 export STARLING_REQUIRE_GPU=1
 cargo test --workspace
+
+# The real app window, driven through WebDriver against a local run
+# (screenshots in runs/e2e-screenshots).
+bash scripts/e2e.sh
 
 # The CUDA backend cannot be built offline (Burn 0.22's cubecl-llvm downloads
 # LLVM in its build script; DOCS_RS=1 skips that), so CI keeps it type-checked.

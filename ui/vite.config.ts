@@ -5,5 +5,7 @@ import { defineConfig } from "vite";
 export default defineConfig({
   base: "./",
   build: { outDir: "dist", emptyOutDir: true, target: "es2021" },
-  test: { environment: "node" },
+  // uPlot goes through Vitest's module graph so each test loads it afresh
+  // (Node caches a module that failed to load, which the locale test needs).
+  test: { environment: "node", server: { deps: { inline: ["uplot"] } } },
 });

@@ -22,6 +22,8 @@ describe("format", () => {
     expect(formatBytes(2_500_000)).toBe("2.5 MB");
     expect(toMbit(1_250_000)).toBe(10);
     expect(formatRate(1_250_000)).toBe("10 Mbit/s");
+    expect(formatDuration(0.44)).toBe("0.4 s");
+    expect(formatDuration(42)).toBe("42 s");
     expect(formatDuration(90)).toBe("2 min");
     expect(formatDuration(-1)).toBe("–");
   });

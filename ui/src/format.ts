@@ -39,6 +39,7 @@ export function formatRate(bytesPerSec: number): string {
 
 export function formatDuration(secs: number): string {
   if (!isFinite(secs) || secs < 0) return "–";
+  if (secs < 10) return `${num.format(Math.round(secs * 10) / 10)} s`;
   if (secs < 60) return `${Math.round(secs)} s`;
   if (secs < 3600) return `${Math.round(secs / 60)} min`;
   return `${num.format(secs / 3600)} h`;

@@ -1,6 +1,8 @@
 // The dashboard page: draws the state folded from the node's events and
 // sends the volunteer's clicks to the shell's commands.
 
+// First: makes navigator.language usable by Intl before uPlot loads.
+import "./locale";
 import { invoke } from "@tauri-apps/api/core";
 import { listen } from "@tauri-apps/api/event";
 import uPlot from "uplot";
@@ -62,17 +64,33 @@ const lossChart = chart(
   ],
   false,
 );
-const rateChart = chart(
-  $("rate-chart"),
-  "Bandwidth (Mbit/s)",
+// Upload and download on their own scales, so a 5 Mbit/s cap next to a
+// 50 Mbit/s one still reads clearly.
+const upChart = chart(
+  $("up-chart"),
+  "Upload (Mbit/s)",
   [
     { label: "upload", stroke: "#10b981", width: 2 },
-    { label: "upload cap", stroke: "#10b981", dash: [6, 4] },
-    { label: "download", stroke: "#8b5cf6", width: 2 },
-    { label: "download cap", stroke: "#8b5cf6", dash: [6, 4] },
+    { label: "limit", stroke: "#dc2626", dash: [6, 4], width: 1.5 },
   ],
   true,
 );
+const downChart = chart(
+  $("down-chart"),
+  "Download (Mbit/s)",
+  [
+    { label: "download", stroke: "#8b5cf6", width: 2 },
+    { label: "limit", stroke: "#dc2626", dash: [6, 4], width: 1.5 },
+  ],
+  true,
+);
+
+// The charts follow the window's width.
+window.addEventListener("resize", () => {
+  for (const [c, id] of [[lossChart, "loss-chart"], [upChart, "up-chart"], [downChart, "down-chart"]] as const) {
+    c.setSize({ width: Math.max(320, $(id).clientWidth), height: 220 });
+  }
+});
 
 function render(): void {
   $("activity").textContent = dash.activity;
@@ -93,7 +111,8 @@ function render(): void {
   $("down-rate").textContent = formatRate((down * 1e6) / 8);
   $("up-cap").textContent = t?.up_cap_mbit ? `limit ${t.up_cap_mbit} Mbit/s` : "no limit";
   $("down-cap").textContent = t?.down_cap_mbit ? `limit ${t.down_cap_mbit} Mbit/s` : "no limit";
-  $("round-bytes").textContent = `${formatBytes(dash.roundUp)} up, ${formatBytes(dash.roundDown)} down`;
+  $("round-up").textContent = dash.round === null ? "–" : `${formatBytes(dash.roundUp)} sent`;
+  $("round-down").textContent = dash.round === null ? "" : `${formatBytes(dash.roundDown)} received`;
   $("month-bytes").textContent = dash.month ? formatBytes(dash.monthBytes) : "–";
   $("month-cap").textContent = dash.monthlyCap ? `of ${formatBytes(dash.monthlyCap)}` : "";
   $("gpu-util").textContent = t?.gpu_util == null ? "not reported" : `${t.gpu_util} %`;
@@ -103,7 +122,12 @@ function render(): void {
       ? "not reported"
       : `${formatBytes(t.gpu_mem_used)} of ${formatBytes(t.gpu_mem_total)}`;
   lossChart.setData([dash.lossRounds, dash.loss, dash.evalLoss] as uPlot.AlignedData);
-  rateChart.setData([dash.times, dash.upMbit, dash.upCap, dash.downMbit, dash.downCap] as uPlot.AlignedData);
+  upChart.setData([dash.times, dash.upMbit, dash.upCap] as uPlot.AlignedData);
+  downChart.setData([dash.times, dash.downMbit, dash.downCap] as uPlot.AlignedData);
+  // What the canvases plot, readable by the end-to-end test and assistive tools.
+  $("loss-chart").dataset.points = String(dash.lossRounds.length);
+  $("up-chart").dataset.limit = String(dash.upCap.at(-1) ?? "none");
+  $("down-chart").dataset.limit = String(dash.downCap.at(-1) ?? "none");
   $("log").textContent = dash.log.slice(-200).join("\n");
 }
 
