@@ -134,10 +134,11 @@ async function scenario(page) {
   });
   log(`round ${first} applied`);
   const target = first + 3;
-  await until(`round ${target} and loss points`, 180, async () => {
+  // The run evaluates every 2 rounds (tests/e2e/run.toml).
+  await until(`round ${target}, loss and eval-loss points`, 180, async () => {
     const round = await page.int("#round");
-    const points = Number(await page.js("return document.getElementById('loss-chart').dataset.points"));
-    return round !== null && round >= target && points >= 3;
+    const chart = await page.js("const d = document.getElementById('loss-chart').dataset; return [d.points, d.evalPoints]");
+    return round !== null && round >= target && Number(chart[0]) >= 3 && Number(chart[1]) >= 1;
   });
   const trained = await page.int("#trained");
   if (!(trained > 0)) throw new Error(`the dashboard shows ${trained} rounds trained by this machine`);

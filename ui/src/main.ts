@@ -60,7 +60,7 @@ const lossChart = chart(
   "Run loss by round",
   [
     { label: "loss", stroke: "#3b82f6", width: 2 },
-    { label: "eval loss", stroke: "#f59e0b", width: 2, points: { show: true } },
+    { label: "eval loss", stroke: "#f59e0b", width: 2, points: { show: true }, spanGaps: true },
   ],
   false,
 );
@@ -126,6 +126,7 @@ function render(): void {
   downChart.setData([dash.times, dash.downMbit, dash.downCap] as uPlot.AlignedData);
   // What the canvases plot, readable by the end-to-end test and assistive tools.
   $("loss-chart").dataset.points = String(dash.lossRounds.length);
+  $("loss-chart").dataset.evalPoints = String(dash.evalLoss.filter((v) => v !== null).length);
   $("up-chart").dataset.limit = String(dash.upCap.at(-1) ?? "none");
   $("down-chart").dataset.limit = String(dash.downCap.at(-1) ?? "none");
   $("log").textContent = dash.log.slice(-200).join("\n");

@@ -33,6 +33,17 @@ describe("dashboard state", () => {
     expect(d.downCap.at(-1)).toBeNull();
   });
 
+  it("puts the run's eval loss on its round, whichever event comes first", () => {
+    let d = empty();
+    d = reduce(d, { event: "round_applied", round: 0, loss: 5, eval_loss: null });
+    d = reduce(d, { event: "evaluated", round: 0, eval_loss: 4.5 });
+    d = reduce(d, { event: "evaluated", round: 1, eval_loss: 4.25 });
+    d = reduce(d, { event: "round_applied", round: 1, loss: 4.75, eval_loss: null });
+    d = reduce(d, { event: "round_applied", round: 2, loss: 4.5, eval_loss: null });
+    expect(d.lossRounds).toEqual([0, 1, 2]);
+    expect(d.evalLoss).toEqual([4.5, 4.25, null]);
+  });
+
   it("collects rounds, losses and contribution", () => {
     let d = empty();
     d = reduce(d, { event: "joined", run: "r", params: 1000, round: 0 }, 10);

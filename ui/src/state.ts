@@ -33,6 +33,8 @@ export interface Dashboard {
   lossRounds: number[];
   loss: (number | null)[];
   evalLoss: (number | null)[];
+  /** The run's eval losses by round, which may arrive before that round's apply. */
+  evals: Record<number, number>;
   times: number[];
   upMbit: number[];
   downMbit: number[];
@@ -69,6 +71,7 @@ export function empty(): Dashboard {
     lossRounds: [],
     loss: [],
     evalLoss: [],
+    evals: {},
     times: [],
     upMbit: [],
     downMbit: [],
@@ -116,6 +119,8 @@ export function describe(e: NodeEvent): string {
       return `warning: ${e.message}`;
     case "usage":
       return `${e.month}: ${Number(e.up) + Number(e.down)} bytes used`;
+    case "evaluated":
+      return `round ${e.round}: run eval loss ${num(e.eval_loss)?.toFixed(4)}`;
     default:
       return e.event;
   }
@@ -150,7 +155,16 @@ export function reduce(d: Dashboard, e: NodeEvent, now = Date.now() / 1000): Das
       next.firstRoundAt ??= now;
       next.lossRounds = [...d.lossRounds, round];
       next.loss = [...d.loss, num(e.loss)];
-      next.evalLoss = [...d.evalLoss, num(e.eval_loss)];
+      next.evalLoss = [...d.evalLoss, num(e.eval_loss) ?? d.evals[round] ?? null];
+      break;
+    }
+    case "evaluated": {
+      const round = num(e.round);
+      const loss = num(e.eval_loss);
+      if (round === null || loss === null) break;
+      next.evals = { ...d.evals, [round]: loss };
+      const i = d.lossRounds.lastIndexOf(round);
+      if (i >= 0) next.evalLoss = d.evalLoss.map((v, j) => (j === i ? loss : v));
       break;
     }
     case "caps":

@@ -116,6 +116,16 @@ pub enum NodeEvent {
         /// Faults counted.
         faults: u32,
     },
+    /// The coordinator's held-out loss after a round (volunteers learn it
+    /// from the next round's open, usually after their own apply event).
+    Evaluated {
+        /// Which node heard it.
+        node: String,
+        /// The round after whose apply it was measured.
+        round: u64,
+        /// The held-out loss.
+        eval_loss: f32,
+    },
     /// A replica's weights differ from the coordinator's.
     Diverged {
         /// Which node noticed.
@@ -229,6 +239,11 @@ impl NodeEvent {
             NodeEvent::Dropped { node, peer, faults } => {
                 format!("[{node}] removed {peer} from the run after {faults} faults")
             }
+            NodeEvent::Evaluated {
+                node,
+                round,
+                eval_loss,
+            } => format!("[{node}] round {round}: run eval loss {eval_loss:.4}"),
             NodeEvent::Diverged { node, peer, round } => {
                 format!("[{node}] {peer}'s weights differ from the coordinator's at round {round}")
             }

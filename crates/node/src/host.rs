@@ -89,6 +89,9 @@ struct SavedState {
     manifests: Vec<(u64, Vec<u8>)>,
     members: Vec<Member>,
     dropped: Vec<EndpointId>,
+    /// The latest held-out loss and its round (sent with each round's open).
+    #[serde(default)]
+    last_eval: Option<(u64, f32)>,
 }
 
 const STATE_FILE: &str = "host.json";
@@ -164,6 +167,7 @@ impl Host {
                 manifests: Vec::new(),
                 members: Vec::new(),
                 dropped: Vec::new(),
+                last_eval: None,
             }
         };
         let name = short(&key.public());
@@ -412,6 +416,7 @@ impl Host {
             deadline_ms: unix_ms() + window.as_millis() as u64,
             checkpoint: self.state.checkpoint,
             max_update_bytes: rounds.max_update_bytes,
+            eval: self.state.last_eval,
         };
         let signed_open = Message::sign(
             self.net.secret_key(),
@@ -574,6 +579,9 @@ impl Host {
         })
         .await
         .map_err(|e| HostError::Replica(e.to_string()))?;
+        if let Some(l) = eval_loss {
+            self.state.last_eval = Some((round, l));
+        }
         self.digests.insert(round, digest);
         while self.digests.len() > 64 {
             self.digests.pop_first();

@@ -57,6 +57,7 @@ impl Metrics {
             | NodeEvent::Rejected { node, .. }
             | NodeEvent::Dropped { node, .. }
             | NodeEvent::Diverged { node, .. }
+            | NodeEvent::Evaluated { node, .. }
             | NodeEvent::Checkpoint { node, .. }
             | NodeEvent::Usage { node, .. }
             | NodeEvent::Warning { node, .. }
@@ -86,6 +87,7 @@ impl Metrics {
             NodeEvent::Rejected { .. } => s.rejected += 1,
             NodeEvent::Dropped { .. } => s.dropped += 1,
             NodeEvent::Diverged { .. } => s.diverged += 1,
+            NodeEvent::Evaluated { eval_loss, .. } => s.eval_loss = Some(*eval_loss),
             NodeEvent::Usage { up, down, cap, .. } => {
                 s.month_bytes = Some(up + down);
                 s.monthly_cap = *cap;

@@ -486,6 +486,15 @@ eval_every = 100
         })
         .await;
         assert_eq!(session.status().await.activity, Activity::Running);
+        // The host's eval after round 0 reaches the volunteer with round 1's open.
+        let NodeEvent::Evaluated { eval_loss, .. } = until(&mut rx, "the run's eval loss", |e| {
+            matches!(e, NodeEvent::Evaluated { round: 0, .. })
+        })
+        .await
+        else {
+            unreachable!()
+        };
+        assert!(eval_loss > 1.0 && eval_loss < 20.0, "eval loss {eval_loss}");
 
         // Caps apply to the running node at once.
         let mut capped = settings.clone();

@@ -108,6 +108,8 @@ struct Volunteer {
     replica: Option<SharedReplica>,
     next: u64,
     opens: BTreeMap<u64, RoundOpen>,
+    /// The round of the last run eval loss reported.
+    last_eval: Option<u64>,
     manifests: BTreeMap<u64, Manifest>,
     host_reports: BTreeMap<u64, u64>,
     my_digests: BTreeMap<u64, u64>,
@@ -175,6 +177,7 @@ pub async fn run_volunteer(
         replica: None,
         next: 0,
         opens: BTreeMap::new(),
+        last_eval: None,
         manifests: BTreeMap::new(),
         host_reports: BTreeMap::new(),
         my_digests: BTreeMap::new(),
@@ -392,6 +395,17 @@ impl Volunteer {
                     round: m.round,
                     members: open.members.len(),
                 });
+                if let Some((round, eval_loss)) = open.eval
+                    && eval_loss.is_finite()
+                    && self.last_eval.is_none_or(|r| round > r)
+                {
+                    self.last_eval = Some(round);
+                    self.emit(NodeEvent::Evaluated {
+                        node: self.name.clone(),
+                        round,
+                        eval_loss,
+                    });
+                }
                 self.admit = Some(open.members.clone());
                 self.opens.insert(m.round, open);
                 true

@@ -91,7 +91,7 @@ pub struct Member {
 }
 
 /// The coordinator's statement that a round is open.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct RoundOpen {
     /// Who may train and send updates this round (sorted by id).
     pub members: Vec<Member>,
@@ -104,6 +104,10 @@ pub struct RoundOpen {
     pub checkpoint: Option<(u64, BlobRef)>,
     /// Largest update (bytes) the coordinator will accept this round.
     pub max_update_bytes: u64,
+    /// The coordinator's latest held-out loss and the round after whose
+    /// apply it was measured (volunteers do not evaluate; this is how the
+    /// run's eval curve reaches them).
+    pub eval: Option<(u64, f32)>,
 }
 
 /// A member's statement that its update for a round is available as a blob.
