@@ -287,6 +287,20 @@ fn a_late_joiner_catches_up_from_the_checkpoint_to_identical_weights() {
     );
     // It trained too: the last rounds carry the host's, the early and the late updates.
     assert_eq!(applied(&host_events, 13).unwrap()["updates"], 3);
+    // What the app's progress bar and status line show: the checkpoint's
+    // download up to its full size, then the first step's warm-up.
+    let fetched: Vec<_> = late_events
+        .iter()
+        .filter(|e| e["event"] == "fetching" && e["what"] == "checkpoint")
+        .collect();
+    let last = fetched.last().expect("checkpoint progress reported");
+    assert_eq!(last["done"], last["total"]);
+    assert!(last["total"].as_u64().unwrap() > 1_000_000);
+    assert!(
+        late_events
+            .iter()
+            .any(|e| e["event"] == "state" && e["state"] == "warming_up")
+    );
     drop(early);
 }
 

@@ -168,7 +168,7 @@ fn dot(rgb: [u8; 3]) -> Image<'static> {
 
 fn state_colour(state: NodeState) -> [u8; 3] {
     match state {
-        NodeState::Training | NodeState::Syncing => [22, 163, 74],
+        NodeState::WarmingUp | NodeState::Training | NodeState::Syncing => [22, 163, 74],
         NodeState::Paused => [202, 138, 4],
         NodeState::Stopped => [220, 38, 38],
         _ => [107, 114, 128],

@@ -10,7 +10,7 @@ import "uplot/dist/uPlot.min.css";
 import "./style.css";
 import { formatBytes, formatDuration, formatNumber, formatRate } from "./format";
 import { fromForm, toForm, type FieldError, type Settings } from "./settings";
-import { empty, onTick, reduce, secondsPerRound, share, type Dashboard, type NodeEvent, type Tick } from "./state";
+import { empty, fetchEta, onTick, reduce, secondsPerRound, share, type Dashboard, type NodeEvent, type Tick } from "./state";
 
 interface Verdict {
   device: string;
@@ -129,6 +129,15 @@ function render(): void {
   $("loss-chart").dataset.evalPoints = String(dash.evalLoss.filter((v) => v !== null).length);
   $("up-chart").dataset.limit = String(dash.upCap.at(-1) ?? "none");
   $("down-chart").dataset.limit = String(dash.downCap.at(-1) ?? "none");
+  const f = dash.fetch;
+  $("fetch").hidden = f === null;
+  if (f) {
+    ($("fetch-bar") as HTMLProgressElement).value = f.total > 0 ? f.done / f.total : 0;
+    const { rate, left } = fetchEta(f);
+    $("fetch-text").textContent =
+      `Downloading the ${f.what}: ${formatBytes(f.done)} of ${formatBytes(f.total)}` +
+      (rate === null || left === null ? "" : ` at ${formatRate(rate)}, about ${formatDuration(left)} left`);
+  }
   $("log").textContent = dash.log.slice(-200).join("\n");
 }
 

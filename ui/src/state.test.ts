@@ -1,5 +1,5 @@
 import { describe, expect, it } from "vitest";
-import { empty, onTick, reduce, secondsPerRound, share, type Tick, WINDOW } from "./state";
+import { empty, fetchEta, onTick, reduce, secondsPerRound, share, type Tick, WINDOW } from "./state";
 
 const tick = (t: number, up: number, down: number, cap: number | null = 10): Tick => ({
   t,
@@ -42,6 +42,23 @@ describe("dashboard state", () => {
     d = reduce(d, { event: "round_applied", round: 2, loss: 4.5, eval_loss: null });
     expect(d.lossRounds).toEqual([0, 1, 2]);
     expect(d.evalLoss).toEqual([4.5, 4.25, null]);
+  });
+
+  it("tracks a checkpoint download with its rate and time left", () => {
+    let d = empty();
+    d = reduce(d, { event: "state", state: "catching_up", detail: "fetching the checkpoint" }, 0);
+    d = reduce(d, { event: "fetching", what: "checkpoint", done: 1_000_000, total: 11_000_000 }, 10);
+    expect(fetchEta(d.fetch!)).toEqual({ rate: null, left: null });
+    d = reduce(d, { event: "fetching", what: "checkpoint", done: 3_000_000, total: 11_000_000 }, 12);
+    expect(fetchEta(d.fetch!)).toEqual({ rate: 1_000_000, left: 8 });
+    const logged = d.log.length;
+    d = reduce(d, { event: "fetching", what: "checkpoint", done: 11_000_000, total: 11_000_000 }, 20);
+    expect(d.fetch).toBeNull();
+    expect(d.log.length).toBe(logged + 1);
+    // A download cut off by a new state leaves no stale bar behind.
+    d = reduce(d, { event: "fetching", what: "checkpoint", done: 5, total: 10 }, 21);
+    d = reduce(d, { event: "state", state: "connecting", detail: "retrying" }, 22);
+    expect(d.fetch).toBeNull();
   });
 
   it("collects rounds, losses and contribution", () => {

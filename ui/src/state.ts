@@ -19,6 +19,17 @@ export interface Tick {
   gpu_mem_total: number | null;
 }
 
+/** A download in progress (the checkpoint), as the node reports it. */
+export interface Fetch {
+  what: string;
+  done: number;
+  total: number;
+  /** When and at how many bytes the first report came, for the rate. */
+  since: number;
+  sinceDone: number;
+  at: number;
+}
+
 export interface Dashboard {
   state: string; // connecting, training, paused, ...
   detail: string;
@@ -46,6 +57,7 @@ export interface Dashboard {
   monthBytes: number;
   monthlyCap: number | null;
   lastTick: Tick | null;
+  fetch: Fetch | null;
   startedAt: number | null;
   firstRoundAt: number | null;
   log: string[];
@@ -83,6 +95,7 @@ export function empty(): Dashboard {
     monthBytes: 0,
     monthlyCap: null,
     lastTick: null,
+    fetch: null,
     startedAt: null,
     firstRoundAt: null,
     log: [],
@@ -127,11 +140,13 @@ export function describe(e: NodeEvent): string {
 }
 
 export function reduce(d: Dashboard, e: NodeEvent, now = Date.now() / 1000): Dashboard {
-  const next: Dashboard = { ...d, log: pushLog(d, describe(e)) };
+  // Progress reports come several times a second: they update the bar, not the log.
+  const next: Dashboard = e.event === "fetching" ? { ...d } : { ...d, log: pushLog(d, describe(e)) };
   switch (e.event) {
     case "state":
       next.state = String(e.state);
       next.detail = String(e.detail ?? "");
+      if (next.state !== "catching_up") next.fetch = null;
       break;
     case "joined":
       next.run = String(e.run);
@@ -165,6 +180,20 @@ export function reduce(d: Dashboard, e: NodeEvent, now = Date.now() / 1000): Das
       next.evals = { ...d.evals, [round]: loss };
       const i = d.lossRounds.lastIndexOf(round);
       if (i >= 0) next.evalLoss = d.evalLoss.map((v, j) => (j === i ? loss : v));
+      break;
+    }
+    case "fetching": {
+      const done = num(e.done) ?? 0;
+      const total = num(e.total) ?? 0;
+      const what = String(e.what);
+      const same = d.fetch !== null && d.fetch.what === what && d.fetch.total === total && done >= d.fetch.done;
+      next.fetch = same
+        ? { ...d.fetch!, done, at: now }
+        : { what, done, total, since: now, sinceDone: done, at: now };
+      if (total > 0 && done >= total) {
+        next.fetch = null;
+        next.log = pushLog(d, `${what}: ${total} bytes received`);
+      }
       break;
     }
     case "caps":
@@ -212,4 +241,13 @@ export function secondsPerRound(d: Dashboard, now = Date.now() / 1000): number |
 export function share(trained: number, applied: number, members: number): number | null {
   if (applied === 0 || members === 0) return null;
   return Math.min(1, trained / (applied * members));
+}
+
+/** Bytes per second of a download so far, and seconds left at that rate (null until measurable). */
+export function fetchEta(f: Fetch): { rate: number | null; left: number | null } {
+  const secs = f.at - f.since;
+  const bytes = f.done - f.sinceDone;
+  if (secs < 0.5 || bytes <= 0) return { rate: null, left: null };
+  const rate = bytes / secs;
+  return { rate, left: Math.max(0, f.total - f.done) / rate };
 }

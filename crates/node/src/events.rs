@@ -14,6 +14,8 @@ pub enum NodeState {
     CatchingUp,
     /// Waiting to be included in a round.
     Waiting,
+    /// The first step on this device: kernels compile, memory is laid out.
+    WarmingUp,
     /// Computing this round's update.
     Training,
     /// Waiting for the round's manifest and applying it.
@@ -115,6 +117,17 @@ pub enum NodeEvent {
         peer: String,
         /// Faults counted.
         faults: u32,
+    },
+    /// Progress of a large download (the checkpoint), a few times a second.
+    Fetching {
+        /// Which node.
+        node: String,
+        /// What is downloaded.
+        what: String,
+        /// Verified bytes received so far.
+        done: u64,
+        /// Its size in bytes.
+        total: u64,
     },
     /// The coordinator's held-out loss after a round (volunteers learn it
     /// from the next round's open, usually after their own apply event).
@@ -244,6 +257,12 @@ impl NodeEvent {
                 round,
                 eval_loss,
             } => format!("[{node}] round {round}: run eval loss {eval_loss:.4}"),
+            NodeEvent::Fetching {
+                node,
+                what,
+                done,
+                total,
+            } => format!("[{node}] {what}: {done} of {total} bytes"),
             NodeEvent::Diverged { node, peer, round } => {
                 format!("[{node}] {peer}'s weights differ from the coordinator's at round {round}")
             }

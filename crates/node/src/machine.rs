@@ -131,6 +131,36 @@ pub fn training_bytes(model: &ModelConfig, micro_batch: usize, seq_len: usize) -
     ((16.0 * params + 4.0 * (activations + logits)) * 1.25) as u64
 }
 
+/// Bytes training may use on a GPU with `vram_total` bytes under the
+/// volunteer's `limit_gb`: the smaller of 85 % of the memory and the limit;
+/// `None` when neither is known.
+pub fn memory_budget(vram_total: Option<u64>, limit_gb: Option<f64>) -> Option<u64> {
+    let share = vram_total.map(|t| (t as f64 * MEMORY_SHARE) as u64);
+    let limit = limit_gb.map(|gb| (gb * 1e9) as u64);
+    match (share, limit) {
+        (Some(s), Some(l)) => Some(s.min(l)),
+        (s, l) => s.or(l),
+    }
+}
+
+/// [`memory_budget`] for the device named `device` ("wgpu:N" as in
+/// [`probe`]; "cpu" has none: the verdicts judge CPUs by model size).
+pub fn device_memory_budget(device: &str, limit_gb: Option<f64>) -> Option<u64> {
+    if device == "cpu" {
+        return None;
+    }
+    let vram = if device.starts_with("wgpu:") {
+        probe()
+            .gpus
+            .into_iter()
+            .find(|g| g.device == device)
+            .and_then(|g| g.vram_total)
+    } else {
+        None
+    };
+    memory_budget(vram, limit_gb)
+}
+
 /// A human-readable size ("3.2 GB").
 pub fn human_bytes(n: u64) -> String {
     let n = n as f64;
@@ -498,6 +528,25 @@ impl MachineReport {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_memory_budget_is_the_smaller_of_the_vram_share_and_the_limit() {
+        assert_eq!(memory_budget(None, None), None);
+        assert_eq!(
+            memory_budget(Some(8_000_000_000), None),
+            Some(6_800_000_000)
+        );
+        assert_eq!(memory_budget(None, Some(4.0)), Some(4_000_000_000));
+        assert_eq!(
+            memory_budget(Some(8_000_000_000), Some(4.0)),
+            Some(4_000_000_000)
+        );
+        assert_eq!(
+            memory_budget(Some(8_000_000_000), Some(12.0)),
+            Some(6_800_000_000)
+        );
+        assert_eq!(device_memory_budget("cpu", Some(1.0)), None);
+    }
 
     fn cpu(ram_gb: u64) -> CpuReport {
         CpuReport {

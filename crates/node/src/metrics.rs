@@ -58,6 +58,7 @@ impl Metrics {
             | NodeEvent::Dropped { node, .. }
             | NodeEvent::Diverged { node, .. }
             | NodeEvent::Evaluated { node, .. }
+            | NodeEvent::Fetching { node, .. }
             | NodeEvent::Checkpoint { node, .. }
             | NodeEvent::Usage { node, .. }
             | NodeEvent::Warning { node, .. }

@@ -18,6 +18,7 @@ use tokio::sync::{Mutex, mpsc, watch};
 use tokio::task::JoinHandle;
 
 use crate::events::{NodeEvent, NodeState};
+use crate::machine;
 use crate::settings::{Conditions, Hold, Settings, SettingsError};
 use crate::usage::MonthlyCap;
 use crate::volunteer::{VolunteerError, VolunteerOptions, run_volunteer};
@@ -139,6 +140,10 @@ pub fn advice(e: &VolunteerError, endpoint_id: &str) -> String {
         VolunteerError::Usage(reason) => {
             format!("Your data-use ledger cannot be written ({reason}): is the disk full?")
         }
+        e @ VolunteerError::TooSmall { .. } => format!(
+            "This device is too small for this run: {e}. Pick another device or raise the VRAM \
+             limit in Settings, or join a run with a smaller model."
+        ),
         other => format!("{other}. Press Resume to try again."),
     }
 }
@@ -249,10 +254,15 @@ impl Session {
             .device
             .parse::<starling_train::DeviceChoice>()
             .map_err(|e| SessionError::Device(e.to_string()))?;
-        let device = tokio::task::spawn_blocking(move || starling_train::select_device(choice))
-            .await
-            .map_err(|e| SessionError::Device(e.to_string()))?
-            .map_err(|e| SessionError::Device(e.to_string()))?;
+        let vram_limit = inner.settings.vram_limit_gb;
+        let (device, memory_budget) = tokio::task::spawn_blocking(move || {
+            let device = starling_train::select_device(choice)?;
+            let budget = machine::device_memory_budget(&device.name, vram_limit);
+            Ok::<_, starling_train::DeviceError>((device, budget))
+        })
+        .await
+        .map_err(|e| SessionError::Device(e.to_string()))?
+        .map_err(|e| SessionError::Device(e.to_string()))?;
         self.state(
             NodeState::Connecting,
             format!("training on {} ({})", device.name, device.reason),
@@ -268,6 +278,7 @@ impl Session {
             usage_file: Some(self.paths.data_dir.join("usage.json")),
             port_file: Some(self.paths.data_dir.join("node.port")),
             monthly_cap: self.monthly_cap.clone(),
+            memory_budget,
         };
         let task = tokio::spawn(run_volunteer(opts, self.out.clone(), stop_rx));
         inner.running = Some(Running { stop, task });

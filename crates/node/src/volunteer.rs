@@ -60,6 +60,20 @@ pub enum VolunteerError {
     /// The data-use ledger could not be read or written.
     #[error("data use ledger: {0}")]
     Usage(String),
+    /// The run's model needs more memory than this device may use.
+    #[error(
+        "this run trains a {params}-parameter model that needs about {need} to train; {device} may use {have}"
+    )]
+    TooSmall {
+        /// The model's parameters.
+        params: usize,
+        /// Estimated training memory.
+        need: String,
+        /// What the device may use.
+        have: String,
+        /// The device.
+        device: String,
+    },
     /// The coordinator's manifest lists an update that fails our checks.
     #[error("round {round}: the host accepted an invalid update from {sender}: {reason}")]
     InvalidAccepted {
@@ -96,6 +110,10 @@ pub struct VolunteerOptions {
     pub port_file: Option<PathBuf>,
     /// Pause participation once this many bytes moved this month.
     pub monthly_cap: MonthlyCap,
+    /// Bytes of device memory training may use (from the device's memory
+    /// and the volunteer's limit); a run whose model needs more is refused
+    /// before anything is downloaded. `None`: unknown, not checked.
+    pub memory_budget: Option<u64>,
 }
 
 struct Volunteer {
@@ -110,6 +128,8 @@ struct Volunteer {
     opens: BTreeMap<u64, RoundOpen>,
     /// The round of the last run eval loss reported.
     last_eval: Option<u64>,
+    /// Whether this process has finished a training step yet.
+    trained_any: bool,
     manifests: BTreeMap<u64, Manifest>,
     host_reports: BTreeMap<u64, u64>,
     my_digests: BTreeMap<u64, u64>,
@@ -122,6 +142,7 @@ struct Volunteer {
     /// This month's data use and where it is kept.
     usage: Option<(PathBuf, Usage)>,
     monthly_cap: MonthlyCap,
+    memory_budget: Option<u64>,
 }
 
 /// Join the run and take part until `stop` turns true or `max_rounds` are applied.
@@ -178,6 +199,7 @@ pub async fn run_volunteer(
         next: 0,
         opens: BTreeMap::new(),
         last_eval: None,
+        trained_any: false,
         manifests: BTreeMap::new(),
         host_reports: BTreeMap::new(),
         my_digests: BTreeMap::new(),
@@ -188,6 +210,7 @@ pub async fn run_volunteer(
         admit: None,
         usage: None,
         monthly_cap: opts.monthly_cap,
+        memory_budget: opts.memory_budget,
     };
     if let Some(path) = opts.usage_file {
         let usage = Usage::load(&path)
@@ -208,6 +231,26 @@ pub async fn run_volunteer(
 impl Volunteer {
     fn emit(&self, e: NodeEvent) {
         let _ = self.out.send(e);
+    }
+
+    /// A progress callback for downloading `total` bytes of `what`: emits
+    /// [`NodeEvent::Fetching`] at most every 250 ms, and at the end.
+    fn progress(&self, what: &str, total: u64) -> impl Fn(u64) + Send + Sync + use<> {
+        let (out, node, what) = (self.out.clone(), self.name.clone(), what.to_string());
+        let last = std::sync::Mutex::new(None::<Instant>);
+        move |done| {
+            let mut last = last.lock().unwrap_or_else(|e| e.into_inner());
+            if done < total && last.is_some_and(|t| t.elapsed() < Duration::from_millis(250)) {
+                return;
+            }
+            *last = Some(Instant::now());
+            let _ = out.send(NodeEvent::Fetching {
+                node: node.clone(),
+                what: what.clone(),
+                done,
+                total,
+            });
+        }
     }
 
     fn state(&self, state: NodeState, detail: String) {
@@ -320,7 +363,11 @@ impl Volunteer {
                 Err(e) => {
                     self.state(
                         NodeState::Connecting,
-                        format!("{e}; retrying in {backoff:?}"),
+                        format!(
+                            "cannot reach the host yet ({e}): is it running, and is the ticket \
+                             from its current run? Trying again in {} s",
+                            backoff.as_secs_f32()
+                        ),
                     );
                     tokio::time::sleep(backoff).await;
                     backoff = (backoff * 2).min(Duration::from_secs(5));
@@ -330,6 +377,18 @@ impl Volunteer {
         if self.replica.is_none() {
             let spec = RunSpec::from_bytes(&state.spec)
                 .map_err(|e| VolunteerError::Spec(e.to_string()))?;
+            let need =
+                crate::machine::training_bytes(&spec.model, spec.run.micro_batch, spec.run.seq_len);
+            if let Some(have) = self.memory_budget
+                && need > have
+            {
+                return Err(VolunteerError::TooSmall {
+                    params: spec.model.param_count(),
+                    need: crate::machine::human_bytes(need),
+                    have: crate::machine::human_bytes(have),
+                    device: self.device.name.clone(),
+                });
+            }
             let (device, run_id, id) = (
                 self.device.clone(),
                 self.net.run_id().0,
@@ -360,14 +419,16 @@ impl Volunteer {
                     blob.size
                 ),
             );
+            let progress = self.progress("checkpoint", blob.size);
             let bytes = self
                 .net
-                .fetch(
+                .fetch_observed(
                     &blob,
                     &[self.host.id],
                     MAX_CHECKPOINT_BYTES,
                     "checkpoint",
                     Duration::from_secs(3600),
+                    &progress,
                 )
                 .await
                 .map_err(|e| VolunteerError::Net(format!("checkpoint: {e}")))?;
@@ -476,7 +537,18 @@ impl Volunteer {
         // until the deadline.
         self.fetch_windows(round, slot as u32, deadline).await?;
         self.trained.insert(round);
-        self.state(NodeState::Training, format!("round {round}"));
+        if self.trained_any {
+            self.state(NodeState::Training, format!("round {round}"));
+        } else {
+            self.state(
+                NodeState::WarmingUp,
+                format!(
+                    "round {round}: the first step on {} prepares its kernels and memory \
+                     (up to a minute on some GPUs)",
+                    self.device.name
+                ),
+            );
+        }
         let topk = lock(&replica).topk_for_cap(self.net.traffic().up.rate());
         let trained =
             replica::blocking(&replica, move |r| r.train(round, slot as u32, topk)).await?;
@@ -501,6 +573,7 @@ impl Volunteer {
         .map_err(|e| VolunteerError::Net(e.to_string()))?;
         let _ = self.net.broadcast(signed.clone()).await;
         self.announce = Some((round, signed));
+        self.trained_any = true;
         self.emit(NodeEvent::Trained {
             node: self.name.clone(),
             round,

@@ -43,7 +43,7 @@ use iroh::{
 };
 use iroh_blobs::{
     BlobsProtocol, Hash,
-    api::Store,
+    api::{Store, remote::GetProgressItem},
     get::{StreamPair, request::get_verified_size},
     protocol::{ChunkRanges, ChunkRangesExt, GetRequest},
     provider::events::{EventMask, EventSender, ProviderMessage, ThrottleMode},
@@ -680,6 +680,22 @@ impl Net {
         tag: &str,
         time_limit: Duration,
     ) -> Result<Bytes, FetchError> {
+        self.fetch_observed(blob, providers, max_bytes, tag, time_limit, &|_| {})
+            .await
+    }
+
+    /// [`Net::fetch`], telling `progress` the verified payload bytes received
+    /// so far from the current provider as they arrive (for progress bars on
+    /// large blobs such as checkpoints).
+    pub async fn fetch_observed(
+        &self,
+        blob: &BlobRef,
+        providers: &[EndpointId],
+        max_bytes: u64,
+        tag: &str,
+        time_limit: Duration,
+        progress: &(dyn Fn(u64) + Send + Sync),
+    ) -> Result<Bytes, FetchError> {
         if blob.size > max_bytes {
             return Err(FetchError::TooLarge {
                 size: blob.size,
@@ -701,7 +717,8 @@ impl Net {
         let me = self.id();
         let mut last = String::from("no provider");
         for &provider in providers.iter().filter(|p| **p != me) {
-            match timeout(time_limit, self.fetch_from(provider, hash, blob.size)).await {
+            let fetch = self.fetch_from(provider, hash, blob.size, progress);
+            match timeout(time_limit, fetch).await {
                 Ok(Ok(())) => {
                     self.store
                         .tags()
@@ -835,6 +852,7 @@ impl Net {
         provider: EndpointId,
         hash: Hash,
         declared: u64,
+        progress: &(dyn Fn(u64) + Send + Sync),
     ) -> Result<(), FetchError> {
         let unavailable = |e: &dyn std::fmt::Display| FetchError::Unavailable(e.to_string());
         let conn = self.blob_connection(provider).await?;
@@ -845,12 +863,15 @@ impl Net {
             return Err(FetchError::SizeMismatch { declared, actual });
         }
         let pair = self.throttled_pair(&conn).await?;
-        self.store
-            .remote()
-            .fetch(pair, hash)
-            .await
-            .map_err(|e| unavailable(&e))?;
-        Ok(())
+        let mut items = std::pin::pin!(self.store.remote().fetch(pair, hash).stream());
+        while let Some(item) = items.next().await {
+            match item {
+                GetProgressItem::Progress(bytes) => progress(bytes),
+                GetProgressItem::Done(_) => return Ok(()),
+                GetProgressItem::Error(e) => return Err(unavailable(&e)),
+            }
+        }
+        Err(unavailable(&"the transfer ended without a result"))
     }
 
     /// Send a control request to the coordinator and wait for its answer.
@@ -1048,6 +1069,37 @@ mod tests {
             "downloaded {}",
             b.traffic().total.down()
         );
+        a.shutdown().await;
+        b.shutdown().await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn fetch_reports_progress_up_to_the_size() {
+        let run = RunId([10; 16]);
+        let (a, _) = Net::spawn(config(1, run, true, vec![])).await.unwrap();
+        let (b, _) = Net::spawn(config(2, run, true, vec![a.member()]))
+            .await
+            .unwrap();
+        let size = 3 << 20;
+        let data: Vec<u8> = (0..size).map(|i| (i * 7 % 251) as u8).collect();
+        let blob = a.publish("ckpt", data.clone()).await.unwrap();
+        let seen = std::sync::Mutex::new(Vec::new());
+        let got = b
+            .fetch_observed(
+                &blob,
+                &[a.id()],
+                1 << 30,
+                "ckpt",
+                Duration::from_secs(30),
+                &|n| seen.lock().unwrap().push(n),
+            )
+            .await
+            .unwrap();
+        assert_eq!(&got[..], &data[..]);
+        let seen = seen.into_inner().unwrap();
+        assert!(seen.len() > 10, "only {} progress reports", seen.len());
+        assert!(seen.windows(2).all(|w| w[0] <= w[1]), "not monotonic");
+        assert_eq!(*seen.last().unwrap(), size as u64);
         a.shutdown().await;
         b.shutdown().await;
     }

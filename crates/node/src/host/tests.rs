@@ -176,6 +176,7 @@ async fn hostile_member_is_rejected_logged_and_dropped_while_the_run_goes_on() {
                 usage_file: None,
                 port_file: None,
                 monthly_cap: MonthlyCap::default(),
+                memory_budget: None,
             },
             tx.clone(),
             stop_rx.clone(),
@@ -271,5 +272,63 @@ async fn hostile_member_is_rejected_logged_and_dropped_while_the_run_goes_on() {
         seen.iter()
             .all(|e| !matches!(e, NodeEvent::RoundApplied { updates, .. } if *updates > 2))
     );
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_device_too_small_for_the_model_is_refused_before_any_download() {
+    let dir = std::env::temp_dir().join(format!("starling-small-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let (spec, tokens) = RunFile::parse(RUN)
+        .unwrap()
+        .resolve(std::path::Path::new("."))
+        .unwrap();
+    let device = select_device(DeviceChoice::Cpu).unwrap();
+    let (tx, _events) = mpsc::unbounded_channel();
+    let host = Host::start(
+        HostOptions {
+            state_dir: dir.clone(),
+            spec,
+            tokens,
+            allow: vec![],
+            bind: "127.0.0.1:0".parse().unwrap(),
+            traffic: Traffic::new(None, None),
+            device: device.clone(),
+            max_rounds: None,
+        },
+        tx.clone(),
+    )
+    .await
+    .unwrap();
+    let ticket = host.ticket();
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let host_task = tokio::spawn(host.run(stop_rx.clone()));
+    let traffic = Traffic::new(None, None);
+    let result = run_volunteer(
+        VolunteerOptions {
+            ticket,
+            key: SecretKey::generate(),
+            bind: "127.0.0.1:0".parse().unwrap(),
+            traffic: traffic.clone(),
+            device,
+            max_rounds: None,
+            usage_file: None,
+            port_file: None,
+            monthly_cap: MonthlyCap::default(),
+            // nano needs tens of MB to train; 1 MB is far too little.
+            memory_budget: Some(1 << 20),
+        },
+        tx,
+        stop_rx,
+    )
+    .await;
+    let Err(e @ crate::VolunteerError::TooSmall { .. }) = result else {
+        panic!("expected TooSmall, got {result:?}");
+    };
+    assert!(e.to_string().contains("1 MB"), "{e}");
+    // Only the control exchange: no checkpoint, no data.
+    assert!(traffic.total.down() < 64 * 1024, "{}", traffic.total.down());
+    let _ = stop_tx.send(true);
+    let _ = host_task.await;
     let _ = std::fs::remove_dir_all(&dir);
 }
