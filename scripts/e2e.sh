@@ -6,6 +6,11 @@
 # runs/e2e-screenshots (override with STARLING_E2E_SHOTS); the host's, the
 # driver's and the app's output in runs/e2e-logs.
 #
+# STARLING_E2E_VOLUNTEERS=N adds N headless volunteers to the run;
+# STARLING_E2E_FINAL_SHOT=FILE (with STARLING_E2E_FINAL_WAIT seconds, default
+# 60) lets the run go on after the test and saves the dashboard to FILE
+# (how docs/img/dashboard.png is made).
+#
 # Needs: the Debian packages xvfb, xauth, dbus, webkit2gtk-driver (test.sh
 # installs them) and tauri-driver 2 (installed here with cargo if missing).
 set -euo pipefail
@@ -37,10 +42,10 @@ work=$(mktemp -d /tmp/starling-e2e.XXXXXX)
 host_pid=""
 cleanup() {
   local rc=$?
-  if [ -n "$host_pid" ]; then
-    kill "$host_pid" 2>/dev/null || true
-    wait "$host_pid" 2>/dev/null || true
-  fi
+  for pid in $host_pid; do
+    kill "$pid" 2>/dev/null || true
+    wait "$pid" 2>/dev/null || true
+  done
   rm -rf "$work"
   exit $rc
 }
@@ -55,6 +60,11 @@ for _ in $(seq 120); do
   sleep 0.5
 done
 [ -s "$work/ticket" ] || { echo "the host printed no ticket within 60 s" >&2; exit 1; }
+for i in $(seq "${STARLING_E2E_VOLUNTEERS:-0}"); do
+  "$starling" join "$(cat "$work/ticket")" --key-file "$work/v$i/node.key" --listen 127.0.0.1:0 \
+    --device cpu >"$logs/volunteer$i.log" 2>&1 &
+  host_pid="$host_pid $!"
+done
 
 # A free port for the driver (WebKitWebDriver takes the one after it).
 port=$(node -e 'const s = require("net").createServer().listen(0, "127.0.0.1", () => { console.log(s.address().port); s.close(); })')

@@ -106,6 +106,16 @@ async function main() {
   let failed = null;
   try {
     await scenario(page);
+    const final = process.env.STARLING_E2E_FINAL_SHOT;
+    if (final) {
+      const secs = Number(process.env.STARLING_E2E_FINAL_WAIT ?? 60);
+      log(`letting the run go on for ${secs} s for ${final}`);
+      await sleep(secs * 1000);
+      await page.js("window.scrollTo(0, 0)");
+      await sleep(500);
+      writeFileSync(final, Buffer.from(await wd("GET", `${page.s}/screenshot`), "base64"));
+      log(`screenshot ${final}`);
+    }
   } catch (e) {
     failed = e;
     await page.shot("failure").catch(() => {});

@@ -20,6 +20,8 @@ describe("format", () => {
   it("formats sizes, rates and durations", () => {
     expect(formatBytes(999)).toBe("999 B");
     expect(formatBytes(2_500_000)).toBe("2.5 MB");
+    expect(formatBytes(176_520)).toBe("177 kB");
+    expect(formatBytes(41_823_000)).toBe("41.8 MB");
     expect(toMbit(1_250_000)).toBe(10);
     expect(formatRate(1_250_000)).toBe("10 Mbit/s");
     expect(formatDuration(0.44)).toBe("0.4 s");

@@ -21,11 +21,14 @@ export function formatNumber(n: number): string {
   return num.format(n);
 }
 
+const three = new Intl.NumberFormat(locale, { maximumSignificantDigits: 3 });
+
+/** Bytes in decimal units with three significant digits ("177 kB", "2.5 MB"). */
 export function formatBytes(n: number): string {
-  if (n >= 1e9) return `${num.format(n / 1e9)} GB`;
-  if (n >= 1e6) return `${num.format(n / 1e6)} MB`;
-  if (n >= 1e3) return `${num.format(n / 1e3)} kB`;
-  return `${num.format(n)} B`;
+  if (n >= 1e9) return `${three.format(n / 1e9)} GB`;
+  if (n >= 1e6) return `${three.format(n / 1e6)} MB`;
+  if (n >= 1e3) return `${three.format(n / 1e3)} kB`;
+  return `${three.format(n)} B`;
 }
 
 /** Bytes per second as Mbit/s. */
