@@ -153,6 +153,8 @@ async function scenario(page) {
   const trained = await page.int("#trained");
   if (!(trained > 0)) throw new Error(`the dashboard shows ${trained} rounds trained by this machine`);
   log(`round ${await page.int("#round")}, ${trained} rounds trained here`);
+  const eta = await page.text("#eta");
+  if (!/^[0-9.,]+ (s|min|h)$/.test(eta)) throw new Error(`the run's end shows "${eta}"`);
   await page.shot("training");
 
   const upCap = () => page.js("return document.getElementById('up-chart').dataset.limit");

@@ -10,7 +10,7 @@ import "uplot/dist/uPlot.min.css";
 import "./style.css";
 import { formatBytes, formatDuration, formatNumber, formatRate } from "./format";
 import { fromForm, toForm, type FieldError, type Settings } from "./settings";
-import { empty, fetchEta, onTick, reduce, secondsPerRound, share, type Dashboard, type NodeEvent, type Tick } from "./state";
+import { empty, fetchEta, onTick, reduce, runEta, secondsPerRound, share, type Dashboard, type NodeEvent, type Tick } from "./state";
 
 interface Verdict {
   device: string;
@@ -104,6 +104,12 @@ function render(): void {
   $("peers").textContent = String(dash.peers);
   const pace = secondsPerRound(dash);
   $("pace").textContent = pace === null ? "–" : formatDuration(pace);
+  $("compute").textContent = formatDuration(dash.computeSecs);
+  $("run-tokens").textContent = formatNumber(dash.runTokens);
+  const eta = runEta(dash);
+  $("eta").textContent = dash.totalRounds <= 0 ? "no set end" : eta === null ? "–" : formatDuration(eta);
+  $("eta-rounds").textContent =
+    dash.totalRounds > 0 && dash.round !== null ? `round ${dash.round + 1} of ${dash.totalRounds}` : "";
   const t = dash.lastTick;
   const up = dash.upMbit.at(-1) ?? 0;
   const down = dash.downMbit.at(-1) ?? 0;

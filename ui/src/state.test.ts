@@ -1,5 +1,5 @@
 import { describe, expect, it } from "vitest";
-import { empty, fetchEta, onTick, reduce, secondsPerRound, share, type Tick, WINDOW } from "./state";
+import { empty, fetchEta, onTick, reduce, runEta, secondsPerRound, share, type Tick, WINDOW } from "./state";
 
 const tick = (t: number, up: number, down: number, cap: number | null = 10): Tick => ({
   t,
@@ -59,6 +59,20 @@ describe("dashboard state", () => {
     d = reduce(d, { event: "fetching", what: "checkpoint", done: 5, total: 10 }, 21);
     d = reduce(d, { event: "state", state: "connecting", detail: "retrying" }, 22);
     expect(d.fetch).toBeNull();
+  });
+
+  it("adds up compute time and run tokens and estimates the end of the run", () => {
+    let d = empty();
+    d = reduce(d, { event: "joined", run: "r", params: 10, round: 0, total_rounds: 100 }, 0);
+    d = reduce(d, { event: "trained", round: 0, tokens: 64, loss: 5, secs: 0.5 });
+    d = reduce(d, { event: "round_applied", round: 0, loss: 5, eval_loss: null, tokens: 192 }, 10);
+    d = reduce(d, { event: "trained", round: 1, tokens: 64, loss: 4, secs: 0.25 });
+    d = reduce(d, { event: "round_applied", round: 1, loss: 4, eval_loss: null, tokens: 192 }, 12);
+    expect(d.computeSecs).toBe(0.75);
+    expect(d.runTokens).toBe(384);
+    // 2 s a round, 98 rounds to go.
+    expect(runEta(d, 12)).toBe(196);
+    expect(runEta({ ...d, totalRounds: 0 }, 12)).toBeNull();
   });
 
   it("collects rounds, losses and contribution", () => {

@@ -40,6 +40,12 @@ export interface Dashboard {
   roundsApplied: number;
   roundsTrained: number;
   tokensTrained: number;
+  /** Seconds this machine spent in training steps. */
+  computeSecs: number;
+  /** Tokens in the updates the run applied since this node joined. */
+  runTokens: number;
+  /** Rounds the run lasts (0: no set end). */
+  totalRounds: number;
   peers: number;
   lossRounds: number[];
   loss: (number | null)[];
@@ -79,6 +85,9 @@ export function empty(): Dashboard {
     roundsApplied: 0,
     roundsTrained: 0,
     tokensTrained: 0,
+    computeSecs: 0,
+    runTokens: 0,
+    totalRounds: 0,
     peers: 0,
     lossRounds: [],
     loss: [],
@@ -151,6 +160,7 @@ export function reduce(d: Dashboard, e: NodeEvent, now = Date.now() / 1000): Das
     case "joined":
       next.run = String(e.run);
       next.params = num(e.params);
+      next.totalRounds = num(e.total_rounds) ?? 0;
       next.startedAt = now;
       break;
     case "round_opened":
@@ -159,12 +169,14 @@ export function reduce(d: Dashboard, e: NodeEvent, now = Date.now() / 1000): Das
     case "trained":
       next.roundsTrained += 1;
       next.tokensTrained += num(e.tokens) ?? 0;
+      next.computeSecs += num(e.secs) ?? 0;
       break;
     case "round_applied": {
       const round = num(e.round);
       if (round === null) break;
       next.round = round;
       next.roundsApplied += 1;
+      next.runTokens += num(e.tokens) ?? 0;
       next.roundUp = num(e.bytes_up) ?? 0;
       next.roundDown = num(e.bytes_down) ?? 0;
       next.firstRoundAt ??= now;
@@ -250,4 +262,11 @@ export function fetchEta(f: Fetch): { rate: number | null; left: number | null }
   if (secs < 0.5 || bytes <= 0) return { rate: null, left: null };
   const rate = bytes / secs;
   return { rate, left: Math.max(0, f.total - f.done) / rate };
+}
+
+/** Seconds until the run's last round at the pace seen so far (null without an end or a pace). */
+export function runEta(d: Dashboard, now = Date.now() / 1000): number | null {
+  const pace = secondsPerRound(d, now);
+  if (d.totalRounds <= 0 || d.round === null || pace === null) return null;
+  return Math.max(0, d.totalRounds - 1 - d.round) * pace;
 }

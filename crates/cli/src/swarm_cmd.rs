@@ -470,6 +470,7 @@ pub fn run_demo(args: &DemoArgs) -> Result<()> {
                     bytes_up,
                     bytes_down,
                     allreduce_bytes,
+                    ..
                 } => {
                     let m = meta
                         .entry(round)

@@ -52,6 +52,8 @@ pub enum NodeEvent {
         params: usize,
         /// First round this node takes part in.
         round: u64,
+        /// Rounds the run lasts (0: no set end).
+        total_rounds: u64,
     },
     /// The coordinator opened a round.
     RoundOpened {
@@ -76,6 +78,8 @@ pub enum NodeEvent {
         topk: usize,
         /// Update size in bytes.
         bytes: u64,
+        /// Seconds the training step took on this node's device.
+        secs: f64,
     },
     /// A round's manifest was applied (or, on the host, signed).
     RoundApplied {
@@ -97,6 +101,8 @@ pub enum NodeEvent {
         bytes_down: u64,
         /// Bytes a fp32 all-reduce would have moved per member.
         allreduce_bytes: u64,
+        /// Tokens the applied updates were trained on (the run's progress).
+        tokens: u64,
     },
     /// An update or message was refused.
     Rejected {
@@ -202,6 +208,7 @@ impl NodeEvent {
                 run,
                 params,
                 round,
+                ..
             } => {
                 format!("[{node}] joined run \"{run}\" ({params} parameters) at round {round}")
             }
@@ -219,8 +226,9 @@ impl NodeEvent {
                 tokens,
                 topk,
                 bytes,
+                secs,
             } => format!(
-                "[{node}] round {round}: trained {tokens} tokens, loss {loss:.4}, sent top-{topk} update of {bytes} bytes"
+                "[{node}] round {round}: trained {tokens} tokens in {secs:.2} s, loss {loss:.4}, sent top-{topk} update of {bytes} bytes"
             ),
             NodeEvent::RoundApplied {
                 node,

@@ -248,6 +248,7 @@ impl Host {
             run: host.state.spec.run.name.clone(),
             params,
             round,
+            total_rounds: host.state.spec.run.total_rounds,
         });
         Ok(host)
     }
@@ -529,6 +530,7 @@ impl Host {
         }
         let manifest = Manifest { entries };
         let loss = manifest.mean_loss();
+        let tokens = manifest.entries.iter().map(|e| e.tokens).sum();
         let signed = Message::sign(
             self.net.secret_key(),
             self.state.run_id,
@@ -607,6 +609,7 @@ impl Host {
             bytes_up: self.net.traffic().total.up() - up0,
             bytes_down: self.net.traffic().total.down() - down0,
             allreduce_bytes: allreduce,
+            tokens,
         });
         if (round + 1).is_multiple_of(rounds.checkpoint_every) {
             self.checkpoint(round).await?;

@@ -275,6 +275,7 @@ mod tests {
             bytes_up: 100,
             bytes_down: 200,
             allreduce_bytes: 4000,
+            tokens: 256,
         });
         metrics.observe(&NodeEvent::RoundApplied {
             node: "n1".into(),
@@ -286,6 +287,7 @@ mod tests {
             bytes_up: 10,
             bytes_down: 20,
             allreduce_bytes: 4000,
+            tokens: 256,
         });
         let text = metrics.render();
         assert!(text.contains("starling_round{node=\"n1\"} 5\n"), "{text}");

@@ -401,12 +401,14 @@ impl Volunteer {
             .map_err(|e| ReplicaError::Train(format!("worker thread failed: {e}")))??;
             let params = replica.spec().model.param_count();
             let run = replica.spec().run.name.clone();
+            let total_rounds = replica.spec().run.total_rounds;
             self.replica = Some(Arc::new(Mutex::new(replica)));
             self.emit(NodeEvent::Joined {
                 node: self.name.clone(),
                 run,
                 params,
                 round: state.next_round,
+                total_rounds,
             });
         }
         if let Some((round, blob)) = state.checkpoint
@@ -550,8 +552,10 @@ impl Volunteer {
             );
         }
         let topk = lock(&replica).topk_for_cap(self.net.traffic().up.rate());
+        let step = Instant::now();
         let trained =
             replica::blocking(&replica, move |r| r.train(round, slot as u32, topk)).await?;
+        let secs = step.elapsed().as_secs_f64();
         let size = trained.bytes.len() as u64;
         let blob = self
             .net
@@ -581,6 +585,7 @@ impl Volunteer {
             tokens: trained.tokens,
             topk: trained.topk,
             bytes: size,
+            secs,
         });
         self.state(
             NodeState::Syncing,
@@ -688,6 +693,7 @@ impl Volunteer {
             bytes_up: up - self.counters.0,
             bytes_down: down - self.counters.1,
             allreduce_bytes: allreduce,
+            tokens: manifest.entries.iter().map(|e| e.tokens).sum(),
         });
         self.account(up - self.counters.0, down - self.counters.1)?;
         self.counters = (up, down);
