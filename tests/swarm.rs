@@ -157,7 +157,10 @@ fn applied(events: &[Value], round: u64) -> Option<&Value> {
 #[test]
 fn host_and_three_volunteers_train_twenty_rounds_to_identical_weights() {
     let dir = scratch("twenty");
-    let (host, ticket) = start_host(&dir, RUN, &["--rounds", "20"]);
+    // Round 0 waits for all three (RUN ends in its [rounds] section), so a
+    // volunteer slow to start on a busy machine cannot miss it.
+    let run = format!("{RUN}min_members = 3\n");
+    let (host, ticket) = start_host(&dir, &run, &["--rounds", "20"]);
     let volunteers: Vec<Node> = (0..3)
         .map(|i| join(&dir, &ticket, &format!("v{i}"), &["--rounds", "20"]))
         .collect();
