@@ -119,6 +119,7 @@ function render(): void {
   $("down-cap").textContent = t?.down_cap_mbit ? `limit ${t.down_cap_mbit} Mbit/s` : "no limit";
   $("round-up").textContent = dash.round === null ? "–" : `${formatBytes(dash.roundUp)} sent`;
   $("round-down").textContent = dash.round === null ? "" : `${formatBytes(dash.roundDown)} received`;
+  $("today-bytes").textContent = dash.todayBytes === null ? "–" : formatBytes(dash.todayBytes);
   $("month-bytes").textContent = dash.month ? formatBytes(dash.monthBytes) : "–";
   $("month-cap").textContent = dash.monthlyCap ? `of ${formatBytes(dash.monthlyCap)}` : "";
   $("gpu-util").textContent = t?.gpu_util == null ? "not reported" : `${t.gpu_util} %`;

@@ -75,6 +75,11 @@ describe("dashboard state", () => {
     expect(runEta({ ...d, totalRounds: 0 }, 12)).toBeNull();
   });
 
+  it("shows the ledger's month and today against the monthly cap", () => {
+    const d = reduce(empty(), { event: "usage", month: "2026-12", up: 300, down: 700, cap: 5000, today: 400 });
+    expect([d.month, d.monthBytes, d.monthlyCap, d.todayBytes]).toEqual(["2026-12", 1000, 5000, 400]);
+  });
+
   it("collects rounds, losses and contribution", () => {
     let d = empty();
     d = reduce(d, { event: "joined", run: "r", params: 1000, round: 0 }, 10);

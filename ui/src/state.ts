@@ -61,6 +61,8 @@ export interface Dashboard {
   roundDown: number;
   month: string | null;
   monthBytes: number;
+  /** Bytes both ways today (UTC), from the node's ledger. */
+  todayBytes: number | null;
   monthlyCap: number | null;
   lastTick: Tick | null;
   fetch: Fetch | null;
@@ -102,6 +104,7 @@ export function empty(): Dashboard {
     roundDown: 0,
     month: null,
     monthBytes: 0,
+    todayBytes: null,
     monthlyCap: null,
     lastTick: null,
     fetch: null,
@@ -216,6 +219,7 @@ export function reduce(d: Dashboard, e: NodeEvent, now = Date.now() / 1000): Das
       next.month = String(e.month);
       next.monthBytes = (num(e.up) ?? 0) + (num(e.down) ?? 0);
       next.monthlyCap = num(e.cap);
+      next.todayBytes = num(e.today);
       break;
   }
   return next;

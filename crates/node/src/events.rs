@@ -175,6 +175,8 @@ pub enum NodeEvent {
         down: u64,
         /// The monthly cap in bytes, if any.
         cap: Option<u64>,
+        /// Bytes both ways today (UTC).
+        today: u64,
     },
     /// Something went wrong that the node survived.
     Warning {
@@ -283,6 +285,7 @@ impl NodeEvent {
                 up,
                 down,
                 cap,
+                ..
             } => {
                 let cap = cap.map(|c| format!(" of {c}")).unwrap_or_default();
                 format!(

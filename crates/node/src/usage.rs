@@ -7,7 +7,7 @@
 use std::{io, path::Path};
 
 use serde::{Deserialize, Serialize};
-use starling_swarm::bandwidth::month_of;
+use starling_swarm::bandwidth::{day_of, month_of};
 use starling_train::atomic::write_atomic;
 
 /// Bytes moved this month and in total.
@@ -23,6 +23,12 @@ pub struct Usage {
     pub total_up: u64,
     /// Bytes received since the ledger was created.
     pub total_down: u64,
+    /// The day the daily counters are for (`YYYY-MM-DD`, UTC).
+    #[serde(default)]
+    pub day: String,
+    /// Bytes both ways that day.
+    #[serde(default)]
+    pub day_bytes: u64,
 }
 
 impl Usage {
@@ -43,13 +49,18 @@ impl Usage {
         write_atomic(path, &bytes)
     }
 
-    /// Start a new month's counters if `unix_secs` is in another month.
+    /// Start a new month's (and day's) counters if `unix_secs` is in another one.
     pub fn roll(&mut self, unix_secs: u64) {
         let month = month_of(unix_secs);
         if month != self.month {
             self.month = month;
             self.month_up = 0;
             self.month_down = 0;
+        }
+        let day = day_of(unix_secs);
+        if day != self.day {
+            self.day = day;
+            self.day_bytes = 0;
         }
     }
 
@@ -58,6 +69,7 @@ impl Usage {
         self.roll(unix_secs);
         self.month_up += up;
         self.month_down += down;
+        self.day_bytes += up + down;
         self.total_up += up;
         self.total_down += down;
     }
@@ -78,7 +90,9 @@ mod tests {
         let jan = 1_798_761_600; // 2027-01-01T00:00:00Z
         let mut u = Usage::default();
         u.add(dec, 10, 5);
+        assert_eq!((u.day.as_str(), u.day_bytes), ("2026-12-01", 15));
         u.add(dec + 86_400, 1, 1);
+        assert_eq!((u.day.as_str(), u.day_bytes), ("2026-12-02", 2));
         assert_eq!((u.month.as_str(), u.month_bytes()), ("2026-12", 17));
         u.add(jan, 2, 0);
         assert_eq!((u.month.as_str(), u.month_bytes()), ("2027-01", 2));
@@ -86,6 +100,13 @@ mod tests {
         let path = std::env::temp_dir().join(format!("starling-usage-{}.json", std::process::id()));
         u.save(&path).unwrap();
         assert_eq!(Usage::load(&path).unwrap(), u);
+        // A ledger written before the daily counters existed still loads.
+        std::fs::write(
+            &path,
+            br#"{"month":"2026-12","month_up":1,"month_down":2,"total_up":3,"total_down":4}"#,
+        )
+        .unwrap();
+        assert_eq!(Usage::load(&path).unwrap().day_bytes, 0);
         std::fs::write(&path, b"{").unwrap();
         assert!(Usage::load(&path).is_err());
         std::fs::remove_file(&path).unwrap();

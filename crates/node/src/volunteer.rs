@@ -738,6 +738,7 @@ impl Volunteer {
             up: usage.month_up,
             down: usage.month_down,
             cap: self.monthly_cap.get(),
+            today: usage.day_bytes,
         };
         self.emit(event);
         Ok(())

@@ -172,6 +172,18 @@ impl Traffic {
 
 /// The calendar month (`"YYYY-MM"`, UTC) a unix time falls in, for monthly caps.
 pub fn month_of(unix_secs: u64) -> String {
+    let (year, month, _) = civil(unix_secs);
+    format!("{year:04}-{month:02}")
+}
+
+/// The calendar day (`"YYYY-MM-DD"`, UTC) a unix time falls in.
+pub fn day_of(unix_secs: u64) -> String {
+    let (year, month, day) = civil(unix_secs);
+    format!("{year:04}-{month:02}-{day:02}")
+}
+
+/// Year, month and day (UTC) of a unix time.
+fn civil(unix_secs: u64) -> (i64, i64, i64) {
     // Howard Hinnant's days-to-civil algorithm.
     let z = (unix_secs / 86_400) as i64 + 719_468;
     let era = z.div_euclid(146_097);
@@ -179,9 +191,10 @@ pub fn month_of(unix_secs: u64) -> String {
     let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
     let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
     let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
     let month = if mp < 10 { mp + 3 } else { mp - 9 };
     let year = yoe + era * 400 + i64::from(month <= 2);
-    format!("{year:04}-{month:02}")
+    (year, month, day)
 }
 
 #[cfg(test)]
@@ -194,6 +207,10 @@ mod tests {
         assert_eq!(month_of(951_782_400), "2000-02"); // 2000-02-29T00:00:00Z
         assert_eq!(month_of(1_798_761_599), "2026-12"); // 2026-12-31T23:59:59Z
         assert_eq!(month_of(1_798_761_600), "2027-01");
+        assert_eq!(day_of(0), "1970-01-01");
+        assert_eq!(day_of(951_782_400), "2000-02-29");
+        assert_eq!(day_of(1_798_761_599), "2026-12-31");
+        assert_eq!(day_of(1_798_761_600), "2027-01-01");
     }
 
     #[tokio::test(start_paused = true)]
