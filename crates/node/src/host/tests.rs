@@ -36,6 +36,38 @@ max_faults = 2
 robust_norm_factor = 5.0
 "#;
 
+fn run_spec() -> (crate::RunSpec, starling_train::data::shards::TokenStore) {
+    RunFile::parse(RUN)
+        .unwrap()
+        .resolve(std::path::Path::new("."))
+        .unwrap()
+}
+
+/// A CPU host for [`RUN`] on loopback, its state in `dir` (emptied first).
+async fn start_host(
+    dir: &std::path::Path,
+    max_rounds: Option<u64>,
+    tx: mpsc::UnboundedSender<NodeEvent>,
+) -> Host {
+    let _ = std::fs::remove_dir_all(dir);
+    let (spec, tokens) = run_spec();
+    Host::start(
+        HostOptions {
+            state_dir: dir.to_path_buf(),
+            spec,
+            tokens,
+            allow: vec![],
+            bind: "127.0.0.1:0".parse().unwrap(),
+            traffic: Traffic::new(None, None),
+            device: select_device(DeviceChoice::Cpu).unwrap(),
+            max_rounds,
+        },
+        tx,
+    )
+    .await
+    .unwrap()
+}
+
 /// Plays a member that misbehaves: its first round it sends garbage, its
 /// second a valid update scaled 1000x; every round it also gossips an
 /// announce with a broken signature.
@@ -133,29 +165,11 @@ async fn attacker(net: Net, host: Member, replica: Replica, mut rx: mpsc::Receiv
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn hostile_member_is_rejected_logged_and_dropped_while_the_run_goes_on() {
     let dir = std::env::temp_dir().join(format!("starling-hostile-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    let (spec, tokens) = RunFile::parse(RUN)
-        .unwrap()
-        .resolve(std::path::Path::new("."))
-        .unwrap();
+    let (spec, tokens) = run_spec();
     let device = select_device(DeviceChoice::Cpu).unwrap();
     let rounds = 6;
     let (tx, mut events) = mpsc::unbounded_channel();
-    let host = Host::start(
-        HostOptions {
-            state_dir: dir.clone(),
-            spec: spec.clone(),
-            tokens: tokens.clone(),
-            allow: vec![],
-            bind: "127.0.0.1:0".parse().unwrap(),
-            traffic: Traffic::new(None, None),
-            device: device.clone(),
-            max_rounds: Some(rounds),
-        },
-        tx.clone(),
-    )
-    .await
-    .unwrap();
+    let host = start_host(&dir, Some(rounds), tx.clone()).await;
     let ticket = host.ticket();
     let host_member = Member {
         id: ticket.host,
@@ -278,28 +292,9 @@ async fn hostile_member_is_rejected_logged_and_dropped_while_the_run_goes_on() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_device_too_small_for_the_model_is_refused_before_any_download() {
     let dir = std::env::temp_dir().join(format!("starling-small-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    let (spec, tokens) = RunFile::parse(RUN)
-        .unwrap()
-        .resolve(std::path::Path::new("."))
-        .unwrap();
     let device = select_device(DeviceChoice::Cpu).unwrap();
     let (tx, _events) = mpsc::unbounded_channel();
-    let host = Host::start(
-        HostOptions {
-            state_dir: dir.clone(),
-            spec,
-            tokens,
-            allow: vec![],
-            bind: "127.0.0.1:0".parse().unwrap(),
-            traffic: Traffic::new(None, None),
-            device: device.clone(),
-            max_rounds: None,
-        },
-        tx.clone(),
-    )
-    .await
-    .unwrap();
+    let host = start_host(&dir, None, tx.clone()).await;
     let ticket = host.ticket();
     let (stop_tx, stop_rx) = watch::channel(false);
     let host_task = tokio::spawn(host.run(stop_rx.clone()));
