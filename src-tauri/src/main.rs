@@ -10,6 +10,8 @@
 
 #![cfg_attr(not(debug_assertions), windows_subsystem = "windows")]
 
+mod idle;
+
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -288,7 +290,12 @@ fn tick(app: AppHandle, session: Session) {
             let _ = app.emit("tick", &t);
             n += 1;
             if n.is_multiple_of(5) {
-                let _ = session.apply_rules(&machine::conditions(&sample)).await;
+                let mut now = machine::conditions(&sample);
+                now.idle_secs = tokio::task::spawn_blocking(idle::idle_secs)
+                    .await
+                    .ok()
+                    .flatten();
+                let _ = session.apply_rules(&now).await;
             }
         }
     });

@@ -400,8 +400,8 @@ pub fn on_battery() -> Option<bool> {
     mains
 }
 
-/// What the settings' rules look at, now. Idle time is not measured yet
-/// (`None`: the idle rule holds nothing).
+/// What the settings' rules look at, now. Idle time is the desktop's to
+/// tell (the app asks it); here it is `None`, so the idle rule holds nothing.
 pub fn conditions(gpu: &GpuSample) -> crate::settings::Conditions {
     use chrono::Timelike;
     let now = chrono::Local::now();
