@@ -304,6 +304,19 @@ fn a_late_joiner_catches_up_from_the_checkpoint_to_identical_weights() {
             .iter()
             .any(|e| e["event"] == "state" && e["state"] == "warming_up")
     );
+    // The peer list: the host (it served the checkpoint) with a latency.
+    let peers = late_events
+        .iter()
+        .rfind(|e| e["event"] == "peers")
+        .expect("peer lists reported");
+    let host_view = peers["peers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|p| p["host"] == true)
+        .expect("the host is among the peers");
+    assert!(host_view["rtt_ms"].as_f64().is_some(), "{host_view}");
+    assert!(host_view["bytes_down"].as_u64().unwrap() > 1_000_000);
     drop(early);
 }
 

@@ -153,6 +153,9 @@ async function scenario(page) {
   const trained = await page.int("#trained");
   if (!(trained > 0)) throw new Error(`the dashboard shows ${trained} rounds trained by this machine`);
   log(`round ${await page.int("#round")}, ${trained} rounds trained here`);
+  await until("the host in the peer list", 30, async () =>
+    page.js("return [...document.querySelectorAll('#peer-table tbody tr')].some((r) => r.cells[1].textContent === 'host')"),
+  );
   const eta = await page.text("#eta");
   if (!/^[0-9.,]+ (s|min|h)$/.test(eta)) throw new Error(`the run's end shows "${eta}"`);
   await page.shot("training");

@@ -80,6 +80,14 @@ describe("dashboard state", () => {
     expect([d.month, d.monthBytes, d.monthlyCap, d.todayBytes]).toEqual(["2026-12", 1000, 5000, 400]);
   });
 
+  it("keeps the latest peer list out of the log", () => {
+    const peers = [{ peer: "ab12", host: true, rtt_ms: 0.4, relayed: false, bytes_down: 9000, down_bytes_per_sec: 1e6 }];
+    const d = reduce(empty(), { event: "peers", node: "n", peers });
+    expect(d.peerList).toEqual(peers);
+    expect(d.log).toEqual([]);
+    expect(reduce(d, { event: "peers", peers: "garbage" }).peerList).toEqual([]);
+  });
+
   it("collects rounds, losses and contribution", () => {
     let d = empty();
     d = reduce(d, { event: "joined", run: "r", params: 1000, round: 0 }, 10);

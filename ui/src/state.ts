@@ -30,6 +30,16 @@ export interface Fetch {
   at: number;
 }
 
+/** A peer as the node saw it on its last transfers (NodeEvent "peers"). */
+export interface PeerView {
+  peer: string;
+  host: boolean;
+  rtt_ms: number | null;
+  relayed: boolean;
+  bytes_down: number;
+  down_bytes_per_sec: number | null;
+}
+
 export interface Dashboard {
   state: string; // connecting, training, paused, ...
   detail: string;
@@ -66,6 +76,7 @@ export interface Dashboard {
   monthlyCap: number | null;
   lastTick: Tick | null;
   fetch: Fetch | null;
+  peerList: PeerView[];
   startedAt: number | null;
   firstRoundAt: number | null;
   log: string[];
@@ -108,6 +119,7 @@ export function empty(): Dashboard {
     monthlyCap: null,
     lastTick: null,
     fetch: null,
+    peerList: [],
     startedAt: null,
     firstRoundAt: null,
     log: [],
@@ -153,7 +165,8 @@ export function describe(e: NodeEvent): string {
 
 export function reduce(d: Dashboard, e: NodeEvent, now = Date.now() / 1000): Dashboard {
   // Progress reports come several times a second: they update the bar, not the log.
-  const next: Dashboard = e.event === "fetching" ? { ...d } : { ...d, log: pushLog(d, describe(e)) };
+  const quiet = e.event === "fetching" || e.event === "peers";
+  const next: Dashboard = quiet ? { ...d } : { ...d, log: pushLog(d, describe(e)) };
   switch (e.event) {
     case "state":
       next.state = String(e.state);
@@ -211,6 +224,9 @@ export function reduce(d: Dashboard, e: NodeEvent, now = Date.now() / 1000): Das
       }
       break;
     }
+    case "peers":
+      next.peerList = Array.isArray(e.peers) ? (e.peers as PeerView[]) : [];
+      break;
     case "caps":
       next.upCap = d.upCap.length ? [...d.upCap.slice(0, -1), num(e.up_mbit)] : [];
       next.downCap = d.downCap.length ? [...d.downCap.slice(0, -1), num(e.down_mbit)] : [];

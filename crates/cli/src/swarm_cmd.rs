@@ -175,11 +175,21 @@ async fn render(
         }
         if json {
             say!("{}", serde_json::to_string(&e)?);
-        } else {
+        } else if !too_chatty_for_text(&e) {
             say!("{}", e.line());
         }
     }
     Ok(())
+}
+
+/// Events the text log leaves to `--json` and the app: the per-round peer
+/// list, and download progress until the download is complete.
+fn too_chatty_for_text(e: &NodeEvent) -> bool {
+    match e {
+        NodeEvent::Peers { .. } => true,
+        NodeEvent::Fetching { done, total, .. } => done < total,
+        _ => false,
+    }
 }
 
 /// Turn Ctrl-C into a stop signal.

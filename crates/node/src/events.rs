@@ -28,6 +28,23 @@ pub enum NodeState {
     Stopped,
 }
 
+/// One peer as a node saw it on its last transfers.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct PeerView {
+    /// Short id.
+    pub peer: String,
+    /// Whether it is the run's coordinator.
+    pub host: bool,
+    /// Round-trip time on the path in use, in milliseconds.
+    pub rtt_ms: Option<f64>,
+    /// Whether that path goes through a relay.
+    pub relayed: bool,
+    /// Bytes received from it since this node started.
+    pub bytes_down: u64,
+    /// Rate of its last sizeable transfer, bytes per second.
+    pub down_bytes_per_sec: Option<f64>,
+}
+
 /// One event from a node.
 #[derive(Clone, Debug, PartialEq, Serialize)]
 #[serde(tag = "event", rename_all = "snake_case")]
@@ -123,6 +140,13 @@ pub enum NodeEvent {
         peer: String,
         /// Faults counted.
         faults: u32,
+    },
+    /// The peers this node fetched from, after each applied round.
+    Peers {
+        /// Which node.
+        node: String,
+        /// Most recent first (at most 32).
+        peers: Vec<PeerView>,
     },
     /// Progress of a large download (the checkpoint), a few times a second.
     Fetching {
@@ -273,6 +297,16 @@ impl NodeEvent {
                 done,
                 total,
             } => format!("[{node}] {what}: {done} of {total} bytes"),
+            NodeEvent::Peers { node, peers } => {
+                let list: Vec<String> = peers
+                    .iter()
+                    .map(|p| match p.rtt_ms {
+                        Some(ms) => format!("{} {ms:.0} ms", p.peer),
+                        None => p.peer.clone(),
+                    })
+                    .collect();
+                format!("[{node}] peers: {}", list.join(", "))
+            }
             NodeEvent::Diverged { node, peer, round } => {
                 format!("[{node}] {peer}'s weights differ from the coordinator's at round {round}")
             }

@@ -17,7 +17,7 @@ pub mod spec;
 pub mod usage;
 pub mod volunteer;
 
-pub use events::{NodeEvent, NodeState};
+pub use events::{NodeEvent, NodeState, PeerView};
 pub use host::{Host, HostError, HostOptions};
 pub use spec::{RunFile, RunSpec, SpecError};
 pub use starling_swarm::{EndpointId, SecretKey, Ticket, Traffic};

@@ -59,6 +59,7 @@ impl Metrics {
             | NodeEvent::Diverged { node, .. }
             | NodeEvent::Evaluated { node, .. }
             | NodeEvent::Fetching { node, .. }
+            | NodeEvent::Peers { node, .. }
             | NodeEvent::Checkpoint { node, .. }
             | NodeEvent::Usage { node, .. }
             | NodeEvent::Warning { node, .. }

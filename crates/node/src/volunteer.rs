@@ -28,7 +28,7 @@ use tokio::{
 
 use crate::{
     data::Tokens,
-    events::{NodeEvent, NodeState},
+    events::{NodeEvent, NodeState, PeerView},
     host::{round_prefix, update_tag},
     replica::{self, Replica, ReplicaError, SharedReplica, lock},
     short,
@@ -694,6 +694,24 @@ impl Volunteer {
             bytes_down: down - self.counters.1,
             allreduce_bytes: allreduce,
             tokens: manifest.entries.iter().map(|e| e.tokens).sum(),
+        });
+        let peers = self
+            .net
+            .peer_stats()
+            .into_iter()
+            .take(32)
+            .map(|p| PeerView {
+                peer: short(&p.id),
+                host: p.id == self.host.id,
+                rtt_ms: p.rtt_ms,
+                relayed: p.relayed,
+                bytes_down: p.bytes_down,
+                down_bytes_per_sec: p.down_bytes_per_sec,
+            })
+            .collect();
+        self.emit(NodeEvent::Peers {
+            node: self.name.clone(),
+            peers,
         });
         self.account(up - self.counters.0, down - self.counters.1)?;
         self.counters = (up, down);

@@ -20,7 +20,7 @@ pub use message::{
     RunId, WeightReport, unix_ms,
 };
 pub use net::{
-    BroadcastError, ControlError, ControlHandler, FetchError, Net, NetConfig, NetEvent,
+    BroadcastError, ControlError, ControlHandler, FetchError, Net, NetConfig, NetEvent, PeerStats,
     PublishError, SpawnError,
 };
 pub use ticket::{Ticket, TicketError};

@@ -18,7 +18,7 @@
 //!   garbage collector once the round's tags go: memory stays bounded.
 
 use std::{
-    collections::HashSet,
+    collections::{BTreeMap, HashSet},
     future::Future,
     net::SocketAddr,
     ops::Range,
@@ -417,8 +417,27 @@ fn endpoint_addr(member: &Member) -> EndpointAddr {
     )
 }
 
+/// What this node saw of a peer on the transfers it fetched from it.
+#[derive(Clone, Debug, PartialEq, serde::Serialize)]
+pub struct PeerStats {
+    /// The peer.
+    pub id: EndpointId,
+    /// Round-trip time on the path in use, in milliseconds.
+    pub rtt_ms: Option<f64>,
+    /// Whether that path goes through a relay (no direct connection).
+    pub relayed: bool,
+    /// Payload bytes received from it since this node started.
+    pub bytes_down: u64,
+    /// Rate of the last transfer of 16 KiB or more, in bytes per second.
+    pub down_bytes_per_sec: Option<f64>,
+    /// When the last transfer ended (unix milliseconds).
+    pub last_unix_ms: u64,
+}
+
 /// A running node's network side.
 pub struct Net {
+    /// What the last transfers from each peer looked like (for the app's peer list).
+    peers: Arc<std::sync::Mutex<BTreeMap<EndpointId, PeerStats>>>,
     router: Router,
     store: MemStore,
     gc_gate: GcGate,
@@ -536,6 +555,7 @@ impl Net {
                 key: config.secret_key,
                 run_id: config.run_id,
                 traffic: config.traffic,
+                peers: Arc::default(),
             },
             events_rx,
         ))
@@ -776,11 +796,14 @@ impl Net {
                 let get = async {
                     let conn = self.blob_connection(provider).await?;
                     let pair = self.throttled_pair(&conn).await?;
-                    self.store
+                    let stats = self
+                        .store
                         .remote()
                         .execute_get(pair, request.clone())
                         .await
-                        .map_err(|e| FetchError::Unavailable(e.to_string()))
+                        .map_err(|e| FetchError::Unavailable(e.to_string()))?;
+                    self.observe(provider, &conn, &stats);
+                    Ok::<_, FetchError>(())
                 };
                 match timeout(time_limit, get).await {
                     Ok(Ok(_)) => {
@@ -814,6 +837,44 @@ impl Net {
             out.push(Bytes::from(bytes));
         }
         Ok(out)
+    }
+
+    /// Peers this node fetched from, most recent first.
+    pub fn peer_stats(&self) -> Vec<PeerStats> {
+        let peers = self.peers.lock().unwrap_or_else(|e| e.into_inner());
+        let mut out: Vec<PeerStats> = peers.values().cloned().collect();
+        out.sort_by_key(|p| std::cmp::Reverse(p.last_unix_ms));
+        out
+    }
+
+    /// Note a finished transfer of `stats` from `peer` over `conn`.
+    fn observe(&self, peer: EndpointId, conn: &Connection, stats: &iroh_blobs::get::Stats) {
+        let path = conn
+            .paths()
+            .iter()
+            .find(|p| p.is_selected())
+            .map(|p| (p.rtt(), p.is_relay()));
+        let bytes = stats.payload_bytes_read;
+        let secs = stats.elapsed.as_secs_f64();
+        let mut peers = self.peers.lock().unwrap_or_else(|e| e.into_inner());
+        let entry = peers.entry(peer).or_insert_with(|| PeerStats {
+            id: peer,
+            rtt_ms: None,
+            relayed: false,
+            bytes_down: 0,
+            down_bytes_per_sec: None,
+            last_unix_ms: 0,
+        });
+        if let Some((rtt, relayed)) = path {
+            entry.rtt_ms = Some(rtt.as_secs_f64() * 1000.0);
+            entry.relayed = relayed;
+        }
+        entry.bytes_down += bytes;
+        // Tiny transfers say more about latency than throughput.
+        if bytes >= 16 * 1024 && secs > 0.0 {
+            entry.down_bytes_per_sec = Some(bytes as f64 / secs);
+        }
+        entry.last_unix_ms = crate::unix_ms();
     }
 
     /// A blob-protocol connection to `provider`.
@@ -867,7 +928,10 @@ impl Net {
         while let Some(item) = items.next().await {
             match item {
                 GetProgressItem::Progress(bytes) => progress(bytes),
-                GetProgressItem::Done(_) => return Ok(()),
+                GetProgressItem::Done(stats) => {
+                    self.observe(provider, &conn, &stats);
+                    return Ok(());
+                }
                 GetProgressItem::Error(e) => return Err(unavailable(&e)),
             }
         }
@@ -1100,6 +1164,16 @@ mod tests {
         assert!(seen.len() > 10, "only {} progress reports", seen.len());
         assert!(seen.windows(2).all(|w| w[0] <= w[1]), "not monotonic");
         assert_eq!(*seen.last().unwrap(), size as u64);
+        // The peer list: who it came from, over which path, how fast.
+        let peers = b.peer_stats();
+        assert_eq!(peers.len(), 1);
+        let p = &peers[0];
+        assert_eq!(
+            (p.id, p.bytes_down, p.relayed),
+            (a.id(), size as u64, false)
+        );
+        assert!(p.rtt_ms.is_some_and(|ms| ms < 1000.0), "{p:?}");
+        assert!(p.down_bytes_per_sec.is_some_and(|r| r > 0.0), "{p:?}");
         a.shutdown().await;
         b.shutdown().await;
     }
