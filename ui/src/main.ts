@@ -92,6 +92,39 @@ window.addEventListener("resize", () => {
   }
 });
 
+function renderPeers(): void {
+  const rows = dash.peerList.map((p) => {
+    const tr = document.createElement("tr");
+    for (const cell of [
+      p.peer,
+      p.host ? "host" : "volunteer",
+      p.rtt_ms === null ? "–" : `${formatNumber(p.rtt_ms)} ms`,
+      p.relayed ? "relayed" : "direct",
+      p.down_bytes_per_sec === null ? "–" : formatRate(p.down_bytes_per_sec),
+      formatBytes(p.bytes_down),
+    ]) {
+      const td = document.createElement("td");
+      td.textContent = cell;
+      tr.append(td);
+    }
+    return tr;
+  });
+  $("peer-table").querySelector("tbody")!.replaceChildren(...rows);
+  $("peer-empty").hidden = rows.length > 0;
+}
+
+function renderFetch(): void {
+  const f = dash.fetch;
+  $("fetch").hidden = f === null;
+  if (f) {
+    ($("fetch-bar") as HTMLProgressElement).value = f.total > 0 ? f.done / f.total : 0;
+    const { rate, left } = fetchEta(f);
+    $("fetch-text").textContent =
+      `Downloading the ${f.what}: ${formatBytes(f.done)} of ${formatBytes(f.total)}` +
+      (rate === null || left === null ? "" : ` at ${formatRate(rate)}, about ${formatDuration(left)} left`);
+  }
+}
+
 function render(): void {
   $("activity").textContent = dash.activity;
   $("activity").dataset.state = dash.state;
@@ -136,33 +169,8 @@ function render(): void {
   $("loss-chart").dataset.evalPoints = String(dash.evalLoss.filter((v) => v !== null).length);
   $("up-chart").dataset.limit = String(dash.upCap.at(-1) ?? "none");
   $("down-chart").dataset.limit = String(dash.downCap.at(-1) ?? "none");
-  const rows = dash.peerList.map((p) => {
-    const tr = document.createElement("tr");
-    for (const cell of [
-      p.peer,
-      p.host ? "host" : "volunteer",
-      p.rtt_ms === null ? "–" : `${formatNumber(p.rtt_ms)} ms`,
-      p.relayed ? "relayed" : "direct",
-      p.down_bytes_per_sec === null ? "–" : formatRate(p.down_bytes_per_sec),
-      formatBytes(p.bytes_down),
-    ]) {
-      const td = document.createElement("td");
-      td.textContent = cell;
-      tr.append(td);
-    }
-    return tr;
-  });
-  $("peer-table").querySelector("tbody")!.replaceChildren(...rows);
-  $("peer-empty").hidden = rows.length > 0;
-  const f = dash.fetch;
-  $("fetch").hidden = f === null;
-  if (f) {
-    ($("fetch-bar") as HTMLProgressElement).value = f.total > 0 ? f.done / f.total : 0;
-    const { rate, left } = fetchEta(f);
-    $("fetch-text").textContent =
-      `Downloading the ${f.what}: ${formatBytes(f.done)} of ${formatBytes(f.total)}` +
-      (rate === null || left === null ? "" : ` at ${formatRate(rate)}, about ${formatDuration(left)} left`);
-  }
+  renderPeers();
+  renderFetch();
   $("log").textContent = dash.log.slice(-200).join("\n");
 }
 
