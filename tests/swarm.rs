@@ -290,6 +290,16 @@ fn a_late_joiner_catches_up_from_the_checkpoint_to_identical_weights() {
     );
     // It trained too: the last rounds carry the host's, the early and the late updates.
     assert_eq!(applied(&host_events, 13).unwrap()["updates"], 3);
+    // The run's token count includes the rounds before it joined.
+    let host_total: u64 = (0..=13)
+        .map(|r| {
+            applied(&host_events, r).unwrap()["tokens"]
+                .as_u64()
+                .unwrap()
+        })
+        .sum();
+    assert_eq!(applied(&late_events, 13).unwrap()["run_tokens"], host_total);
+    assert_eq!(applied(&host_events, 13).unwrap()["run_tokens"], host_total);
     // What the app's progress bar and status line show: the checkpoint's
     // download up to its full size, then the first step's warm-up.
     let fetched: Vec<_> = late_events
@@ -430,6 +440,12 @@ fn a_host_killed_mid_run_resumes_without_losing_a_round() {
         );
         // Every round applied exactly once, none skipped.
         assert_eq!(applied_rounds(&events), (0..12).collect::<Vec<_>>());
+        // The run's token count survived the restart.
+        let total: u64 = (0..12)
+            .map(|r| applied(&events, r).unwrap()["tokens"].as_u64().unwrap())
+            .sum();
+        assert_eq!(applied(&events, 11).unwrap()["run_tokens"], total);
+        assert_eq!(applied(&after, 11).unwrap()["run_tokens"], total);
         assert_eq!(
             applied(&events, 11).unwrap()["digest"],
             applied(&after, 11).unwrap()["digest"]

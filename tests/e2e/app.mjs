@@ -156,6 +156,8 @@ async function scenario(page) {
   await until("the host in the peer list", 30, async () =>
     page.js("return [...document.querySelectorAll('#peer-table tbody tr')].some((r) => r.cells[1].textContent === 'host')"),
   );
+  const runTokens = await page.int("#run-tokens");
+  if (!(runTokens > 0)) throw new Error(`the run's tokens show ${runTokens}`);
   const eta = await page.text("#eta");
   if (!/^[0-9.,]+ (s|min|h)$/.test(eta)) throw new Error(`the run's end shows "${eta}"`);
   await page.shot("training");
@@ -185,6 +187,10 @@ async function scenario(page) {
   await page.click("#resume");
   await until("training again", 240, async () => (await page.int("#trained")) > pausedAt);
   if ((await page.text("#activity")) !== "running") throw new Error("not running after resume");
+  // The rejoin replays the run's rounds: the chart must not draw them twice.
+  const points = Number(await page.js("return document.getElementById('loss-chart').dataset.points"));
+  const round = await page.int("#round");
+  if (points > round + 1) throw new Error(`${points} loss points for rounds 0 to ${round}`);
   await page.shot("resumed");
 }
 

@@ -35,9 +35,13 @@ function dark(): boolean {
   return window.matchMedia?.("(prefers-color-scheme: dark)").matches ?? false;
 }
 
+// Read at every draw, so a theme switch only needs a redraw.
+const axisColour = () => (dark() ? "#ccc" : "#333");
+const gridColour = () => (dark() ? "#444" : "#ddd");
+
+const ROUND_STEPS = [1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10_000, 20_000, 50_000, 100_000];
+
 function chart(el: HTMLElement, title: string, series: uPlot.Series[], time: boolean): uPlot {
-  const axis = dark() ? "#ccc" : "#333";
-  const grid = dark() ? "#444" : "#ddd";
   return new uPlot(
     {
       title,
@@ -45,8 +49,9 @@ function chart(el: HTMLElement, title: string, series: uPlot.Series[], time: boo
       height: 220,
       scales: { x: { time } },
       axes: [
-        { stroke: axis, grid: { stroke: grid } },
-        { stroke: axis, grid: { stroke: grid } },
+        // Rounds are whole numbers: no ticks between them.
+        { stroke: axisColour, grid: { stroke: gridColour }, ...(time ? {} : { incrs: ROUND_STEPS }) },
+        { stroke: axisColour, grid: { stroke: gridColour } },
       ],
       series: [{}, ...series],
     },
@@ -85,10 +90,20 @@ const downChart = chart(
   true,
 );
 
-// The charts follow the window's width.
+// The charts follow the window's width and the system's theme.
+const charts = [
+  [lossChart, "loss-chart"],
+  [upChart, "up-chart"],
+  [downChart, "down-chart"],
+] as const;
 window.addEventListener("resize", () => {
-  for (const [c, id] of [[lossChart, "loss-chart"], [upChart, "up-chart"], [downChart, "down-chart"]] as const) {
+  for (const [c, id] of charts) {
     c.setSize({ width: Math.max(320, $(id).clientWidth), height: 220 });
+  }
+});
+window.matchMedia?.("(prefers-color-scheme: dark)").addEventListener("change", () => {
+  for (const [c] of charts) {
+    c.redraw(false);
   }
 });
 

@@ -65,11 +65,14 @@ describe("dashboard state", () => {
     let d = empty();
     d = reduce(d, { event: "joined", run: "r", params: 10, round: 0, total_rounds: 100 }, 0);
     d = reduce(d, { event: "trained", round: 0, tokens: 64, loss: 5, secs: 0.5 });
-    d = reduce(d, { event: "round_applied", round: 0, loss: 5, eval_loss: null, tokens: 192 }, 10);
+    // The run had trained on 10 000 tokens before this node joined.
+    d = reduce(d, { event: "round_applied", round: 0, loss: 5, eval_loss: null, tokens: 192, run_tokens: 10192 }, 10);
     d = reduce(d, { event: "trained", round: 1, tokens: 64, loss: 4, secs: 0.25 });
-    d = reduce(d, { event: "round_applied", round: 1, loss: 4, eval_loss: null, tokens: 192 }, 12);
+    d = reduce(d, { event: "round_applied", round: 1, loss: 4, eval_loss: null, tokens: 192, run_tokens: 10384 }, 12);
     expect(d.computeSecs).toBe(0.75);
-    expect(d.runTokens).toBe(384);
+    expect(d.runTokens).toBe(10384);
+    // A node that does not send the run's count: what it applied.
+    expect(reduce(empty(), { event: "round_applied", round: 0, loss: 5, eval_loss: null, tokens: 192 }).runTokens).toBe(192);
     // 2 s a round, 98 rounds to go.
     expect(runEta(d, 12)).toBe(196);
     expect(runEta({ ...d, totalRounds: 0 }, 12)).toBeNull();
@@ -106,6 +109,35 @@ describe("dashboard state", () => {
     expect(secondsPerRound(d, 40)).toBe(20);
     expect(share(d.roundsTrained, d.roundsApplied, d.peers)).toBeCloseTo(1 / 3);
     expect(d.log.at(-1)).toContain("round 1: applied 3 updates");
+  });
+
+  it("counts a round replayed after a rejoin once and keeps the chart in round order", () => {
+    let d = empty();
+    d = reduce(d, { event: "joined", run: "r", params: 1000, round: 0 }, 0);
+    d = reduce(d, { event: "round_opened", round: 0, members: 1 });
+    for (const r of [0, 1, 2]) {
+      d = reduce(d, { event: "trained", round: r, tokens: 64, loss: 5 - r });
+      d = reduce(d, { event: "round_applied", round: r, loss: 5 - r, eval_loss: null, tokens: 64, run_tokens: 64 * (r + 1) }, 10 + r);
+    }
+    // Paused, then resumed: the node replays the run from its start, then goes on.
+    d = reduce(d, { event: "joined", run: "r", params: 1000, round: 0 }, 30);
+    for (const r of [0, 1, 2, 3]) {
+      d = reduce(d, { event: "round_applied", round: r, loss: 5 - r, eval_loss: null, tokens: 64, run_tokens: 64 * (r + 1) }, 31);
+    }
+    expect(d.lossRounds).toEqual([0, 1, 2, 3]);
+    expect(d.loss).toEqual([5, 4, 3, 2]);
+    expect(d.roundsApplied).toBe(4);
+    expect(d.round).toBe(3);
+    expect(d.runTokens).toBe(256);
+    expect(share(d.roundsTrained, d.roundsApplied, 1)).toBe(0.75);
+    // The run's pace: 3 rounds in 21 s, pause included.
+    expect(secondsPerRound(d, 31)).toBe(7);
+    // A round that arrives after a later one goes in its place.
+    d = reduce(d, { event: "round_applied", round: 5, loss: 1, eval_loss: null }, 40);
+    d = reduce(d, { event: "round_applied", round: 4, loss: 1.5, eval_loss: null }, 41);
+    expect(d.lossRounds).toEqual([0, 1, 2, 3, 4, 5]);
+    expect(d.loss).toEqual([5, 4, 3, 2, 1.5, 1]);
+    expect(d.round).toBe(5);
   });
 
   it("ignores malformed values instead of drawing them", () => {

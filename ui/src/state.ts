@@ -52,7 +52,7 @@ export interface Dashboard {
   tokensTrained: number;
   /** Seconds this machine spent in training steps. */
   computeSecs: number;
-  /** Tokens in the updates the run applied since this node joined. */
+  /** Tokens the whole run has trained on (the coordinator's count in each manifest). */
   runTokens: number;
   /** Rounds the run lasts (0: no set end). */
   totalRounds: number;
@@ -78,6 +78,8 @@ export interface Dashboard {
   fetch: Fetch | null;
   peerList: PeerView[];
   startedAt: number | null;
+  /** The first round this dashboard saw applied, and when (the run's pace). */
+  firstRound: number | null;
   firstRoundAt: number | null;
   log: string[];
 }
@@ -121,6 +123,7 @@ export function empty(): Dashboard {
     fetch: null,
     peerList: [],
     startedAt: null,
+    firstRound: null,
     firstRoundAt: null,
     log: [],
   };
@@ -190,15 +193,29 @@ export function reduce(d: Dashboard, e: NodeEvent, now = Date.now() / 1000): Das
     case "round_applied": {
       const round = num(e.round);
       if (round === null) break;
-      next.round = round;
-      next.roundsApplied += 1;
-      next.runTokens += num(e.tokens) ?? 0;
       next.roundUp = num(e.bytes_up) ?? 0;
       next.roundDown = num(e.bytes_down) ?? 0;
+      const loss = num(e.loss);
+      const evalLoss = num(e.eval_loss) ?? d.evals[round] ?? null;
+      const seen = d.lossRounds.indexOf(round);
+      if (seen >= 0) {
+        // A round replayed while catching up after a rejoin: the same
+        // manifest again, so nothing new to count or draw.
+        next.loss = d.loss.map((v, j) => (j === seen ? loss : v));
+        next.evalLoss = d.evalLoss.map((v, j) => (j === seen ? evalLoss : v));
+        break;
+      }
+      next.round = Math.max(round, d.round ?? round);
+      next.roundsApplied += 1;
+      next.runTokens = Math.max(d.runTokens, num(e.run_tokens) ?? d.runTokens + (num(e.tokens) ?? 0));
+      next.firstRound ??= round;
       next.firstRoundAt ??= now;
-      next.lossRounds = [...d.lossRounds, round];
-      next.loss = [...d.loss, num(e.loss)];
-      next.evalLoss = [...d.evalLoss, num(e.eval_loss) ?? d.evals[round] ?? null];
+      // Keep the chart's rounds in order (a round can only arrive late on a replay).
+      const at = d.lossRounds.findIndex((r) => r > round);
+      const i = at < 0 ? d.lossRounds.length : at;
+      next.lossRounds = insertAt(d.lossRounds, i, round);
+      next.loss = insertAt(d.loss, i, loss);
+      next.evalLoss = insertAt(d.evalLoss, i, evalLoss);
       break;
     }
     case "evaluated": {
@@ -241,6 +258,10 @@ export function reduce(d: Dashboard, e: NodeEvent, now = Date.now() / 1000): Das
   return next;
 }
 
+function insertAt<T>(xs: T[], i: number, x: T): T[] {
+  return [...xs.slice(0, i), x, ...xs.slice(i)];
+}
+
 function keep<T>(xs: T[], x: T): T[] {
   const out = [...xs, x];
   return out.length > WINDOW ? out.slice(out.length - WINDOW) : out;
@@ -263,10 +284,10 @@ export function onTick(d: Dashboard, t: Tick): Dashboard {
   };
 }
 
-/** Seconds per applied round since the first one (null before two). */
+/** The run's seconds per round since the first round applied here (null until a later one). */
 export function secondsPerRound(d: Dashboard, now = Date.now() / 1000): number | null {
-  if (d.firstRoundAt === null || d.roundsApplied < 2) return null;
-  return (now - d.firstRoundAt) / (d.roundsApplied - 1);
+  if (d.firstRoundAt === null || d.firstRound === null || d.round === null || d.round <= d.firstRound) return null;
+  return (now - d.firstRoundAt) / (d.round - d.firstRound);
 }
 
 /** This node's share of the run's work: its updates over all updates applied. */

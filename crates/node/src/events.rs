@@ -118,8 +118,10 @@ pub enum NodeEvent {
         bytes_down: u64,
         /// Bytes a fp32 all-reduce would have moved per member.
         allreduce_bytes: u64,
-        /// Tokens the applied updates were trained on (the run's progress).
+        /// Tokens the applied updates were trained on.
         tokens: u64,
+        /// Tokens the run has trained on through this round (the coordinator's count).
+        run_tokens: u64,
     },
     /// An update or message was refused.
     Rejected {

@@ -92,6 +92,10 @@ struct SavedState {
     /// The latest held-out loss and its round (sent with each round's open).
     #[serde(default)]
     last_eval: Option<(u64, f32)>,
+    /// Tokens the applied rounds were trained on (0 in a state written
+    /// before this was kept: the count then starts from the resume).
+    #[serde(default)]
+    run_tokens: u64,
 }
 
 const STATE_FILE: &str = "host.json";
@@ -168,6 +172,7 @@ impl Host {
                 members: Vec::new(),
                 dropped: Vec::new(),
                 last_eval: None,
+                run_tokens: 0,
             }
         };
         let name = short(&key.public());
@@ -528,9 +533,13 @@ impl Host {
                 loss: a.announce.loss,
             });
         }
-        let manifest = Manifest { entries };
+        let tokens: u64 = entries.iter().map(|e| e.tokens).sum();
+        self.state.run_tokens += tokens;
+        let manifest = Manifest {
+            entries,
+            run_tokens: self.state.run_tokens,
+        };
         let loss = manifest.mean_loss();
-        let tokens = manifest.entries.iter().map(|e| e.tokens).sum();
         let signed = Message::sign(
             self.net.secret_key(),
             self.state.run_id,
@@ -610,6 +619,7 @@ impl Host {
             bytes_down: self.net.traffic().total.down() - down0,
             allreduce_bytes: allreduce,
             tokens,
+            run_tokens: self.state.run_tokens,
         });
         if (round + 1).is_multiple_of(rounds.checkpoint_every) {
             self.checkpoint(round).await?;

@@ -27,6 +27,7 @@ struct NodeStats {
     bytes_up: u64,
     bytes_down: u64,
     tokens_trained: u64,
+    run_tokens: Option<u64>,
     loss: Option<f32>,
     eval_loss: Option<f32>,
     rejected: u64,
@@ -76,9 +77,11 @@ impl Metrics {
                 eval_loss,
                 bytes_up,
                 bytes_down,
+                run_tokens,
                 ..
             } => {
                 s.round = Some(*round);
+                s.run_tokens = Some(*run_tokens);
                 s.rounds_applied += 1;
                 s.updates_applied += *updates as u64;
                 s.bytes_up += bytes_up;
@@ -154,6 +157,12 @@ impl Metrics {
             "counter",
             "Tokens this node trained on.",
             &|s| n(s.tokens_trained),
+        );
+        family(
+            "run_tokens",
+            "gauge",
+            "Tokens the whole run has trained on (from the coordinator's last manifest).",
+            &|s| s.run_tokens.map(|t| t as f64),
         );
         family(
             "loss",
@@ -277,6 +286,7 @@ mod tests {
             bytes_down: 200,
             allreduce_bytes: 4000,
             tokens: 256,
+            run_tokens: 1280,
         });
         metrics.observe(&NodeEvent::RoundApplied {
             node: "n1".into(),
@@ -289,6 +299,7 @@ mod tests {
             bytes_down: 20,
             allreduce_bytes: 4000,
             tokens: 256,
+            run_tokens: 1536,
         });
         let text = metrics.render();
         assert!(text.contains("starling_round{node=\"n1\"} 5\n"), "{text}");
@@ -301,6 +312,10 @@ mod tests {
             "{text}"
         );
         assert!(text.contains("starling_loss{node=\"n1\"} 2.5\n"), "{text}");
+        assert!(
+            text.contains("starling_run_tokens{node=\"n1\"} 1536\n"),
+            "{text}"
+        );
         assert!(
             text.contains("starling_eval_loss{node=\"n1\"} 2.25\n"),
             "{text}"

@@ -693,7 +693,8 @@ impl Volunteer {
             bytes_up: up - self.counters.0,
             bytes_down: down - self.counters.1,
             allreduce_bytes: allreduce,
-            tokens: manifest.entries.iter().map(|e| e.tokens).sum(),
+            tokens: manifest.tokens(),
+            run_tokens: manifest.run_tokens,
         });
         let peers = self
             .net

@@ -142,12 +142,20 @@ pub struct ManifestEntry {
 pub struct Manifest {
     /// Accepted updates, sorted by sender, no sender twice.
     pub entries: Vec<ManifestEntry>,
+    /// Tokens the run has trained on up to and including this round, so a
+    /// volunteer that joined late still shows the whole run's progress.
+    pub run_tokens: u64,
 }
 
 impl Manifest {
     /// Whether the entries are in canonical order with no duplicate sender.
     pub fn is_canonical(&self) -> bool {
         self.entries.windows(2).all(|w| w[0].sender < w[1].sender)
+    }
+
+    /// Tokens this round's accepted updates were trained on.
+    pub fn tokens(&self) -> u64 {
+        self.entries.iter().map(|e| e.tokens).sum()
     }
 
     /// Mean of the senders' reported training losses (`None` for an empty round).
@@ -388,12 +396,20 @@ mod tests {
         };
         let good = Manifest {
             entries: ids.iter().map(|&i| entry(i)).collect(),
+            run_tokens: 10,
         };
         assert!(good.is_canonical());
         assert_eq!(good.mean_loss(), Some(1.0));
-        assert_eq!(Manifest { entries: vec![] }.mean_loss(), None);
+        assert_eq!(good.tokens(), ids.len() as u64);
+        let empty = Manifest {
+            entries: vec![],
+            run_tokens: 0,
+        };
+        assert_eq!(empty.mean_loss(), None);
+        assert_eq!(empty.tokens(), 0);
         let dup = Manifest {
             entries: vec![entry(ids[0]), entry(ids[0])],
+            run_tokens: 2,
         };
         assert!(!dup.is_canonical());
     }
