@@ -133,7 +133,12 @@ async function main() {
 async function scenario(page) {
   log("waiting for the machine check to fill the page");
   await until("the device verdicts", 120, async () => (await page.js("return document.querySelectorAll('#verdicts li').length")) > 0);
-  await page.shot("first-run", "#gpu-section");
+  const above = () =>
+    page.js(
+      "return document.getElementById('gpu-section').getBoundingClientRect().top < document.getElementById('progress-section').getBoundingClientRect().top",
+    );
+  if (!(await above())) throw new Error("before joining, the machine's verdicts are not next to the join box");
+  await page.shot("first-run");
 
   log("joining with the host's ticket");
   await page.type("#ticket", ticket);
@@ -160,6 +165,7 @@ async function scenario(page) {
   if (!(runTokens > 0)) throw new Error(`the run's tokens show ${runTokens}`);
   const eta = await page.text("#eta");
   if (!/^[0-9.,]+ (s|min|h)$/.test(eta)) throw new Error(`the run's end shows "${eta}"`);
+  if (await above()) throw new Error("after joining, the machine's verdicts still come before the progress");
   await page.shot("training");
 
   const upCap = () => page.js("return document.getElementById('up-chart').dataset.limit");

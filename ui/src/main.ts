@@ -141,6 +141,7 @@ function renderFetch(): void {
 }
 
 function render(): void {
+  document.querySelector("main")!.classList.toggle("first-run", dash.run === null);
   $("activity").textContent = dash.activity;
   $("activity").dataset.state = dash.state;
   $("detail").textContent = dash.detail;
@@ -155,7 +156,8 @@ function render(): void {
   $("compute").textContent = formatDuration(dash.computeSecs);
   $("run-tokens").textContent = formatNumber(dash.runTokens);
   const eta = runEta(dash);
-  $("eta").textContent = dash.totalRounds <= 0 ? "no set end" : eta === null ? "–" : formatDuration(eta);
+  $("eta").textContent =
+    dash.run === null ? "–" : dash.totalRounds <= 0 ? "no set end" : eta === null ? "–" : formatDuration(eta);
   $("eta-rounds").textContent =
     dash.totalRounds > 0 && dash.round !== null ? `round ${dash.round + 1} of ${dash.totalRounds}` : "";
   const t = dash.lastTick;
