@@ -148,7 +148,7 @@ function render(): void {
   $("round").textContent = dash.round === null ? "–" : String(dash.round);
   $("trained").textContent = String(dash.roundsTrained);
   $("tokens").textContent = formatNumber(dash.tokensTrained);
-  const s = share(dash.roundsTrained, dash.roundsApplied, dash.peers);
+  const s = share(dash.roundsTrained, dash.lossRounds.length, dash.peers);
   $("share").textContent = s === null ? "–" : `${formatNumber(s * 100)} %`;
   $("peers").textContent = String(dash.peers);
   const pace = secondsPerRound(dash);

@@ -107,7 +107,7 @@ describe("dashboard state", () => {
     expect(d.peers).toBe(3);
     expect(d.roundUp).toBe(11);
     expect(secondsPerRound(d, 40)).toBe(20);
-    expect(share(d.roundsTrained, d.roundsApplied, d.peers)).toBeCloseTo(1 / 3);
+    expect(share(d.roundsTrained, d.lossRounds.length, d.peers)).toBeCloseTo(1 / 3);
     expect(d.log.at(-1)).toContain("round 1: applied 3 updates");
   });
 
@@ -126,10 +126,9 @@ describe("dashboard state", () => {
     }
     expect(d.lossRounds).toEqual([0, 1, 2, 3]);
     expect(d.loss).toEqual([5, 4, 3, 2]);
-    expect(d.roundsApplied).toBe(4);
     expect(d.round).toBe(3);
     expect(d.runTokens).toBe(256);
-    expect(share(d.roundsTrained, d.roundsApplied, 1)).toBe(0.75);
+    expect(share(d.roundsTrained, d.lossRounds.length, 1)).toBe(0.75);
     // The run's pace: 3 rounds in 21 s, pause included.
     expect(secondsPerRound(d, 31)).toBe(7);
     // A round that arrives after a later one goes in its place.

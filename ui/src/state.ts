@@ -47,7 +47,6 @@ export interface Dashboard {
   run: string | null;
   params: number | null;
   round: number | null;
-  roundsApplied: number;
   roundsTrained: number;
   tokensTrained: number;
   /** Seconds this machine spent in training steps. */
@@ -57,6 +56,7 @@ export interface Dashboard {
   /** Rounds the run lasts (0: no set end). */
   totalRounds: number;
   peers: number;
+  /** Rounds applied here, in order and each once (their count is the rounds applied). */
   lossRounds: number[];
   loss: (number | null)[];
   evalLoss: (number | null)[];
@@ -97,7 +97,6 @@ export function empty(): Dashboard {
     run: null,
     params: null,
     round: null,
-    roundsApplied: 0,
     roundsTrained: 0,
     tokensTrained: 0,
     computeSecs: 0,
@@ -206,7 +205,6 @@ export function reduce(d: Dashboard, e: NodeEvent, now = Date.now() / 1000): Das
         break;
       }
       next.round = Math.max(round, d.round ?? round);
-      next.roundsApplied += 1;
       next.runTokens = Math.max(d.runTokens, num(e.run_tokens) ?? d.runTokens + (num(e.tokens) ?? 0));
       next.firstRound ??= round;
       next.firstRoundAt ??= now;
