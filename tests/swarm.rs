@@ -47,6 +47,8 @@ impl Node {
         let mut child = Command::new(BIN)
             .args(args)
             .args(["--json", "--device", "cpu", "--listen", "127.0.0.1:0"])
+            // Schedules are local time: pin it so tests can place a window.
+            .env("TZ", "UTC")
             .stdout(Stdio::piped())
             .stderr(std::fs::File::create(&log).expect("log file"))
             .spawn()
@@ -230,8 +232,11 @@ fn only_listed_members_join_even_after_the_run_has_started() {
         .wait(Duration::from_secs(60))
         .expect("stranger gave up");
     assert!(!status.success());
+    // The sentence the app shows too, with the id to send the host.
     assert!(
-        stranger.stderr().contains("not on the run's member list"),
+        stranger
+            .stderr()
+            .contains("This run only admits listed members. Send the host your id ("),
         "{}",
         stranger.stderr()
     );
@@ -580,4 +585,66 @@ fn volunteers_train_on_shards_fetched_by_range_and_take_new_caps_live() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success());
     assert!(err.contains("not the data this run started with"), "{err}");
+}
+
+#[test]
+fn join_applies_the_apps_memory_check_and_schedule_rule() {
+    let dir = scratch("checks");
+    let (host, ticket) = start_host(&dir, RUN, &[]);
+    let limit = Duration::from_secs(120);
+
+    // A memory limit below nano's need: refused before any download, with
+    // the sentence the app shows.
+    let mut small = join(&dir, &ticket, "small", &["--vram-limit-gb", "0.001"]);
+    let status = small.wait(limit).expect("join did not give up");
+    assert!(!status.success());
+    let err = small.stderr();
+    assert!(
+        err.contains("This device is too small for this run: this run trains a"),
+        "{err}"
+    );
+    let mut events = Vec::new();
+    small.until(Duration::from_millis(500), &mut events, |_| false);
+    assert!(
+        !events
+            .iter()
+            .any(|e| e["event"] == "fetching" || e["event"] == "joined"),
+        "downloaded before refusing: {events:?}"
+    );
+
+    // A schedule that excludes now: held from the start, never trains.
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    let minute = (now / 60 + 12 * 60) % (24 * 60);
+    let window = format!(
+        "{:02}:{:02}-{:02}:{:02}",
+        minute / 60,
+        minute % 60,
+        (minute + 1) % (24 * 60) / 60,
+        (minute + 1) % 60
+    );
+    let held = join(&dir, &ticket, "held", &["--schedule", &window]);
+    let mut events = Vec::new();
+    assert!(
+        held.until(limit, &mut events, |e| e.iter().any(|v| v["event"]
+            == "state"
+            && v["state"] == "paused"
+            && v["detail"]
+                .as_str()
+                .unwrap_or("")
+                .contains("outside the schedule"))),
+        "not held: {events:?} {}",
+        held.stderr()
+    );
+    // Past two looks of the rules: still held, never joined.
+    held.until(Duration::from_secs(12), &mut events, |_| false);
+    assert!(
+        !events
+            .iter()
+            .any(|e| e["event"] == "joined" || e["event"] == "trained"),
+        "ran outside its schedule: {events:?}"
+    );
+    drop(host);
 }

@@ -1,7 +1,8 @@
 //! Starling's desktop app: a tray icon and a dashboard window over
-//! `starling-node`'s [`Session`]. Everything that trains, talks to peers or
+//! `starling-node`'s [`Volunteer`]. Everything that trains, talks to peers or
 //! decides when to run lives in the node crate; this shell only turns clicks
-//! into session calls and session events into pixels.
+//! into volunteer calls, volunteer events into pixels, and answers the one
+//! question only a desktop can: how long its user has been away.
 //!
 //! On Linux the tray delivers menu events only (no clicks), so every action
 //! is a menu item. Closing the window hides it and training goes on; Quit
@@ -15,11 +16,13 @@ mod idle;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use serde::Serialize;
-use starling_node::machine::{self, GpuMonitor};
-use starling_node::session::{Activity, Session, SessionError, SessionPaths, Status};
-use starling_node::settings::{FieldError, Preset, Settings, SettingsError};
-use starling_node::{NodeEvent, NodeState};
+use std::sync::Arc;
+
+use starling_node::machine;
+use starling_node::{
+    Activity, ErrorCode, ErrorInfo, IdleTime, NodeEvent, NodeState, Preset, Settings, Status,
+    Volunteer, VolunteerConfig, VolunteerPaths,
+};
 use tauri::image::Image;
 use tauri::menu::{Menu, MenuItem, PredefinedMenuItem};
 use tauri::tray::{TrayIcon, TrayIconBuilder};
@@ -27,40 +30,12 @@ use tauri::{AppHandle, Emitter, Manager, RunEvent, State, WindowEvent};
 use tauri_plugin_autostart::{MacosLauncher, ManagerExt};
 use tokio::sync::mpsc;
 
-/// An error a command returns to the page: a message, and per-field
-/// messages for the settings form.
-#[derive(Debug, Serialize)]
-struct CommandError {
-    message: String,
-    fields: Vec<FieldError>,
-}
-
-impl From<SessionError> for CommandError {
-    fn from(e: SessionError) -> Self {
-        let fields = match &e {
-            SessionError::Settings(SettingsError::Invalid(f)) => f.clone(),
-            _ => Vec::new(),
-        };
-        Self {
-            message: e.to_string(),
-            fields,
-        }
-    }
-}
-
-impl From<String> for CommandError {
-    fn from(message: String) -> Self {
-        Self {
-            message,
-            fields: Vec::new(),
-        }
-    }
-}
-
-type Result<T> = std::result::Result<T, CommandError>;
+/// What a command returns to the page on failure: a code to branch on, a
+/// message, and per-field messages for the settings form.
+type Result<T> = std::result::Result<T, ErrorInfo>;
 
 #[tauri::command]
-async fn status(session: State<'_, Session>) -> Result<Status> {
+async fn status(session: State<'_, Volunteer>) -> Result<Status> {
     Ok(session.status().await)
 }
 
@@ -68,11 +43,16 @@ async fn status(session: State<'_, Session>) -> Result<Status> {
 async fn machine_report() -> Result<machine::MachineReport> {
     tokio::task::spawn_blocking(machine::probe)
         .await
-        .map_err(|e| CommandError::from(format!("the hardware probe failed: {e}")))
+        .map_err(|e| {
+            ErrorInfo::new(
+                ErrorCode::Crashed,
+                format!("the hardware probe failed: {e}"),
+            )
+        })
 }
 
 /// Save settings, apply them to the running node and to start-at-login.
-async fn apply_settings(app: &AppHandle, session: &Session, settings: Settings) -> Result<()> {
+async fn apply_settings(app: &AppHandle, session: &Volunteer, settings: Settings) -> Result<()> {
     let login = settings.start_at_login;
     session.update_settings(settings).await?;
     let autostart = app.autolaunch();
@@ -82,75 +62,50 @@ async fn apply_settings(app: &AppHandle, session: &Session, settings: Settings) 
         _ => Ok(()),
     };
     changed.map_err(|e| {
-        CommandError::from(format!(
-            "saved, but start at login could not be changed: {e}"
-        ))
+        ErrorInfo::new(
+            ErrorCode::Other,
+            format!("saved, but start at login could not be changed: {e}"),
+        )
     })
 }
 
 #[tauri::command]
 async fn save_settings(
     app: AppHandle,
-    session: State<'_, Session>,
+    session: State<'_, Volunteer>,
     settings: Settings,
 ) -> Result<()> {
     apply_settings(&app, &session, settings).await
 }
 
 #[tauri::command]
-async fn apply_preset(app: AppHandle, session: State<'_, Session>, preset: Preset) -> Result<()> {
+async fn apply_preset(app: AppHandle, session: State<'_, Volunteer>, preset: Preset) -> Result<()> {
     let current = session.status().await.settings;
     apply_settings(&app, &session, current.with_preset(preset)).await
 }
 
 #[tauri::command]
-async fn join(session: State<'_, Session>, ticket: String) -> Result<()> {
+async fn join(session: State<'_, Volunteer>, ticket: String) -> Result<()> {
     Ok(session.join(&ticket).await?)
 }
 
 #[tauri::command]
-async fn pause(session: State<'_, Session>) -> Result<()> {
+async fn pause(session: State<'_, Volunteer>) -> Result<()> {
     session.pause().await;
     Ok(())
 }
 
 #[tauri::command]
-async fn resume(session: State<'_, Session>) -> Result<()> {
+async fn resume(session: State<'_, Volunteer>) -> Result<()> {
     Ok(session.resume().await?)
 }
 
 #[tauri::command]
-async fn snooze(session: State<'_, Session>, minutes: u64) -> Result<()> {
+async fn snooze(session: State<'_, Volunteer>, minutes: u64) -> Result<()> {
     session
         .snooze(Duration::from_secs(minutes.max(1) * 60))
         .await;
     Ok(())
-}
-
-/// What the page's charts sample once a second.
-#[derive(Clone, Debug, Serialize)]
-struct Tick {
-    t: f64,
-    bytes_up: u64,
-    bytes_down: u64,
-    up_cap_mbit: Option<f64>,
-    down_cap_mbit: Option<f64>,
-    activity: String,
-    gpu_util: Option<u32>,
-    gpu_temp_c: Option<u32>,
-    gpu_mem_used: Option<u64>,
-    gpu_mem_total: Option<u64>,
-}
-
-fn activity_name(a: &Activity) -> &'static str {
-    match a {
-        Activity::Idle => "idle",
-        Activity::Running => "running",
-        Activity::Paused { until_ms: None } => "paused",
-        Activity::Paused { .. } => "snoozed",
-        Activity::Held { .. } => "held",
-        Activity::Failed { .. } => "error",
-    }
 }
 
 /// A small round tray icon in the state's colour.
@@ -212,7 +167,7 @@ fn build_tray(app: &AppHandle) -> tauri::Result<(TrayIcon, MenuItem<tauri::Wry>)
         .menu(&menu)
         .on_menu_event(|app, event| {
             let app = app.clone();
-            let session = app.state::<Session>().inner().clone();
+            let session = app.state::<Volunteer>().inner().clone();
             match event.id.as_ref() {
                 "open" => show_window(&app),
                 "pause" => {
@@ -266,60 +221,34 @@ fn forward_events(
     });
 }
 
-/// Once a second: traffic and GPU for the page; every 5 s: the rules.
-fn tick(app: AppHandle, session: Session) {
-    tauri::async_runtime::spawn(async move {
-        let gpu = tokio::task::spawn_blocking(GpuMonitor::open).await.ok();
-        let mut n = 0u64;
-        loop {
-            tokio::time::sleep(Duration::from_secs(1)).await;
-            let sample = gpu.as_ref().map(GpuMonitor::sample).unwrap_or_default();
-            let status = session.status().await;
-            let t = Tick {
-                t: starling_swarm::unix_ms() as f64 / 1000.0,
-                bytes_up: status.bytes_up,
-                bytes_down: status.bytes_down,
-                up_cap_mbit: status.settings.up_mbit,
-                down_cap_mbit: status.settings.down_mbit,
-                activity: activity_name(&status.activity).into(),
-                gpu_util: sample.util,
-                gpu_temp_c: sample.temp_c,
-                gpu_mem_used: sample.mem_used,
-                gpu_mem_total: sample.mem_total,
-            };
-            let _ = app.emit("tick", &t);
-            n += 1;
-            if n.is_multiple_of(5) {
-                let mut now = machine::conditions(&sample);
-                now.idle_secs = tokio::task::spawn_blocking(idle::idle_secs)
-                    .await
-                    .ok()
-                    .flatten();
-                let _ = session.apply_rules(&now).await;
-            }
-        }
-    });
+/// The desktop's idle time (GNOME, Plasma, any X11 session).
+struct DesktopIdle;
+
+impl IdleTime for DesktopIdle {
+    fn idle_secs(&self) -> Option<u64> {
+        idle::idle_secs()
+    }
 }
 
 /// Where settings and node files live: the platform's directories, or
 /// `STARLING_APP_DIR` (tests, portable installs).
-fn session_paths() -> anyhow::Result<SessionPaths> {
+fn volunteer_paths() -> anyhow::Result<VolunteerPaths> {
     if let Some(dir) = std::env::var_os("STARLING_APP_DIR") {
         let dir = PathBuf::from(dir);
-        return Ok(SessionPaths {
-            settings: dir.join("config").join("settings.json"),
-            data_dir: dir.join("data"),
-        });
+        return Ok(VolunteerPaths::in_dir(
+            &dir.join("data"),
+            Some(dir.join("config").join("settings.json")),
+        ));
     }
     let settings = starling_node::settings::default_path()
         .ok_or_else(|| anyhow::anyhow!("this system has no home directory for settings"))?;
     let data_dir = starling_node::settings::data_dir()
         .ok_or_else(|| anyhow::anyhow!("this system has no home directory for data"))?;
-    Ok(SessionPaths { settings, data_dir })
+    Ok(VolunteerPaths::in_dir(&data_dir, Some(settings)))
 }
 
 fn main() -> anyhow::Result<()> {
-    let paths = session_paths()?;
+    let paths = volunteer_paths()?;
     let app = tauri::Builder::default()
         .plugin(tauri_plugin_single_instance::init(|app, args, _cwd| {
             show_window(app);
@@ -334,8 +263,11 @@ fn main() -> anyhow::Result<()> {
         ))
         .setup(move |app| {
             let (tx, rx) = mpsc::unbounded_channel();
-            let session = Session::open(paths.clone(), tx)
-                .map_err(|e| anyhow::anyhow!("cannot start Starling: {e}"))?;
+            let session = tauri::async_runtime::block_on(Volunteer::open(
+                VolunteerConfig::new(paths.clone()),
+                tx,
+            ))
+            .map_err(|e| anyhow::anyhow!("cannot start Starling: {e}"))?;
             app.manage(session.clone());
             let handle = app.handle().clone();
             // Some Linux desktops have no tray: the window is the way in.
@@ -347,7 +279,15 @@ fn main() -> anyhow::Result<()> {
                 }
             };
             forward_events(handle.clone(), rx, tray);
-            tick(handle.clone(), session.clone());
+            let ticks = handle.clone();
+            let watcher = session.clone();
+            tauri::async_runtime::spawn(async move {
+                watcher
+                    .watch_machine(Arc::new(DesktopIdle), move |tick| {
+                        let _ = ticks.emit("tick", tick);
+                    })
+                    .await;
+            });
             let args: Vec<String> = std::env::args().collect();
             if args.iter().any(|a| a == "--minimized")
                 && let Some(w) = app.get_webview_window("main")
@@ -387,7 +327,7 @@ fn main() -> anyhow::Result<()> {
         .build(tauri::generate_context!())?;
     app.run(|app, event| {
         if let RunEvent::ExitRequested { .. } = event {
-            let session = app.state::<Session>().inner().clone();
+            let session = app.state::<Volunteer>().inner().clone();
             tauri::async_runtime::block_on(session.shutdown());
         }
     });
@@ -419,9 +359,5 @@ mod tests {
         assert_eq!(rgba[3], 0, "corners are transparent");
         let centre = ((16 * 32 + 16) * 4) as usize;
         assert_eq!(&rgba[centre..centre + 4], &[1, 2, 3, 255]);
-        assert_eq!(
-            activity_name(&Activity::Paused { until_ms: Some(1) }),
-            "snoozed"
-        );
     }
 }

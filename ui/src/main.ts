@@ -9,18 +9,10 @@ import uPlot from "uplot";
 import "uplot/dist/uPlot.min.css";
 import "./style.css";
 import { formatBytes, formatDuration, formatNumber, formatRate } from "./format";
-import { fromForm, toForm, type FieldError, type Settings } from "./settings";
-import { empty, fetchEta, onTick, reduce, runEta, secondsPerRound, share, type Dashboard, type NodeEvent, type Tick } from "./state";
+import type { FieldError, MachineReport, NodeEvent, Settings } from "./bindings";
+import { fromForm, toForm } from "./settings";
+import { empty, fetchEta, onTick, reduce, runEta, secondsPerRound, share, type Dashboard, type Tick } from "./state";
 
-interface Verdict {
-  device: string;
-  name: string;
-  usable: boolean;
-  summary: string;
-}
-interface MachineReport {
-  verdicts: Verdict[];
-}
 interface Status {
   activity: { activity: string };
   ticket: string | null;

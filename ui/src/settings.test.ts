@@ -1,5 +1,6 @@
 import { describe, expect, it } from "vitest";
-import { fromForm, toForm, type Settings } from "./settings";
+import type { Settings } from "./bindings";
+import { fromForm, toForm } from "./settings";
 
 const base: Settings = {
   up_mbit: 5,

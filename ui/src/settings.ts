@@ -3,26 +3,9 @@
 // here first for instant feedback and again by the node, which has the
 // final word.
 
-export interface Settings {
-  up_mbit: number | null;
-  down_mbit: number | null;
-  monthly_cap_gb: number | null;
-  device: string;
-  vram_limit_gb: number | null;
-  idle_minutes: number | null;
-  pause_on_battery: boolean;
-  schedule: { start: string; end: string } | null;
-  max_gpu_temp_c: number | null;
-  start_at_login: boolean;
-  ticket: string | null;
-}
+import type { FieldError, Settings } from "./bindings";
 
 export type FormValues = Record<string, string | boolean>;
-
-export interface FieldError {
-  field: string;
-  message: string;
-}
 
 function optNumber(v: string | boolean | undefined, field: string, errors: FieldError[], integer = false): number | null {
   const s = typeof v === "string" ? v.trim().replace(",", ".") : "";

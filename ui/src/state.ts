@@ -2,8 +2,10 @@
 // shell's once-a-second traffic ticks, so every number on screen is
 // unit-tested without a window.
 
-/** One event from starling-node (serde tag "event"). */
-export type NodeEvent = { event: string; node?: string; [key: string]: unknown };
+// The event types are generated from the node's Rust types (bindings.ts), so
+// each case below sees its own fields; nothing checks a payload at runtime,
+// so the fold still guards every value it draws.
+import type { NodeEvent, PeerView } from "./bindings";
 
 /** What the shell sends every second. */
 export interface Tick {
@@ -28,16 +30,6 @@ export interface Fetch {
   since: number;
   sinceDone: number;
   at: number;
-}
-
-/** A peer as the node saw it on its last transfers (NodeEvent "peers"). */
-export interface PeerView {
-  peer: string;
-  host: boolean;
-  rtt_ms: number | null;
-  relayed: boolean;
-  bytes_down: number;
-  down_bytes_per_sec: number | null;
 }
 
 export interface Dashboard {
@@ -240,7 +232,7 @@ export function reduce(d: Dashboard, e: NodeEvent, now = Date.now() / 1000): Das
       break;
     }
     case "peers":
-      next.peerList = Array.isArray(e.peers) ? (e.peers as PeerView[]) : [];
+      next.peerList = Array.isArray(e.peers) ? e.peers : [];
       break;
     case "caps":
       next.upCap = d.upCap.length ? [...d.upCap.slice(0, -1), num(e.up_mbit)] : [];

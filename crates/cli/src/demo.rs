@@ -174,7 +174,7 @@ pub fn run(a: &DemoArgs) -> Result<()> {
             let [w, b] = &weights[peer];
             loss_and_grad(w, b, &x, &y, Some((&mut gw, &mut gb)));
             let update = opts[peer]
-                .step(&[&gw, &gb], lr)
+                .step(&[&gw, &gb], lr, config.step_options())
                 .context("DisTrO step failed")?;
             let header = UpdateHeader {
                 run_id,

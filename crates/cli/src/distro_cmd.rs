@@ -2,13 +2,14 @@
 
 use std::fs::File;
 use std::io::BufReader;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 use anyhow::{Context, Result, bail};
 use clap::{Args, Subcommand, ValueEnum};
 use starling_distro::sparse_file::{self, NamedSparse, NamedTensor};
 use starling_distro::{DEFAULT_CHUNK, TensorBudget, ValueEncoding, compress, decompress};
 use starling_train::ModelConfig;
+use starling_train::atomic::write_atomic;
 
 /// Home upload speed the estimate quotes, in bits per second.
 const HOME_UPLINK_BPS: f64 = 10e6;
@@ -225,7 +226,8 @@ fn compress_file(a: &CompressArgs) -> Result<()> {
         });
     }
     let file = sparse_file::write_sparse(&out, values)?;
-    write_atomic(&a.output, &file)?;
+    write_atomic(&a.output, &file)
+        .with_context(|| format!("cannot write {}", a.output.display()))?;
     let nnz: usize = out.iter().map(|t| t.tensor.nnz()).sum();
     let params: usize = dense.iter().map(|t| t.data.len()).sum();
     say!(
@@ -282,7 +284,8 @@ fn decompress_files(a: &DecompressArgs) -> Result<()> {
             );
         }
     }
-    write_atomic(&a.output, &sparse_file::write_dense(&out)?)?;
+    write_atomic(&a.output, &sparse_file::write_dense(&out)?)
+        .with_context(|| format!("cannot write {}", a.output.display()))?;
     say!(
         "decoded {} tensors from {} peer file(s) into {}",
         out.len(),
@@ -290,12 +293,6 @@ fn decompress_files(a: &DecompressArgs) -> Result<()> {
         a.output.display()
     );
     Ok(())
-}
-
-/// Writes `bytes` to `path` whole or not at all (temporary file + rename).
-pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
-    starling_train::atomic::write_atomic(path, bytes)
-        .with_context(|| format!("cannot write {}", path.display()))
 }
 
 #[cfg(test)]

@@ -15,6 +15,7 @@ macro_rules! say {
 mod data_cmd;
 mod demo;
 mod distro_cmd;
+mod idle;
 mod sim_cmd;
 mod swarm_cmd;
 

@@ -9,13 +9,14 @@ use clap::{Args, Subcommand, ValueEnum};
 use plotters::prelude::*;
 use serde::Serialize;
 use starling_distro::{DistroConfig, ValueEncoding};
+use starling_train::atomic::write_atomic;
 use starling_train::data::shards::TokenStore;
 use starling_train::{
     AdamWConfig, Checkpoint, DeviceChoice, ModelConfig, Schedule, SelectedDevice, SimConfig,
     SimOptimizer, SimSummary, Simulation, StepRecord, Trainer, embedded_store, select_device,
 };
 
-use crate::distro_cmd::{Values, write_atomic};
+use crate::distro_cmd::Values;
 
 /// What every simulated run shares: model, data, batch, schedule, device.
 #[derive(Args, Debug, Clone)]
@@ -304,7 +305,9 @@ fn run_one(
         .flush()
         .with_context(|| format!("cannot write {}", steps_path.display()))?;
     let json = serde_json::to_vec_pretty(&summary).context("cannot serialize the summary")?;
-    write_atomic(&out.join("summary.json"), &json)?;
+    let summary_path = out.join("summary.json");
+    write_atomic(&summary_path, &json)
+        .with_context(|| format!("cannot write {}", summary_path.display()))?;
     plot(
         &out.join("loss.svg"),
         &format!("{label}: loss per step"),
@@ -545,7 +548,9 @@ pub fn run_bench(cmd: BenchCommand) -> Result<()> {
         );
     }
     let json = serde_json::to_vec_pretty(&rows).context("cannot serialize the table")?;
-    write_atomic(&a.out.join("convergence.json"), &json)?;
+    let table_path = a.out.join("convergence.json");
+    write_atomic(&table_path, &json)
+        .with_context(|| format!("cannot write {}", table_path.display()))?;
     let curves: Vec<Series> = done
         .iter()
         .map(|(label, lr, _, r)| series(&format!("{label} lr {lr:e}"), r))

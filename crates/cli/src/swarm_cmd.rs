@@ -1,7 +1,9 @@
 //! `starling host`, `starling join` and `starling demo`: the swarm's faces.
 //!
-//! Each command builds options for `starling-node`, runs it on a tokio
-//! runtime and renders its `NodeEvent` stream (log lines or `--json`).
+//! Each command turns its flags into `starling-node` configuration, runs it
+//! on a tokio runtime and renders its `NodeEvent` stream (log lines or
+//! `--json`). A volunteer, here as in the desktop app, is a
+//! `starling_node::Volunteer`: the same checks, rules and ledger.
 
 use std::{
     collections::BTreeMap,
@@ -12,14 +14,14 @@ use std::{
 
 use anyhow::{Context, Result, bail};
 use clap::Args;
-use starling_node::caps::{Caps, watch_caps};
-use starling_node::metrics::{Metrics, serve as serve_metrics};
 use starling_node::{
-    Host, HostOptions, MonthlyCap, NodeEvent, RunFile, Ticket, Traffic, VolunteerOptions, keyfile,
-    run_volunteer,
+    Caps, Host, HostOptions, Metrics, NodeEvent, Preset, RunFile, Settings, Traffic, Volunteer,
+    VolunteerConfig, VolunteerPaths, Window, serve_metrics, watch_caps,
 };
 use starling_train::{DeviceChoice, select_device};
 use tokio::sync::{mpsc, watch};
+
+use crate::idle::TerminalIdle;
 
 /// Flags every node shares.
 #[derive(Args, Debug, Clone)]
@@ -33,9 +35,9 @@ pub struct NodeOpts {
     /// Download cap in Mbit/s.
     #[arg(long)]
     pub down_mbit: Option<f64>,
-    /// auto, cpu, wgpu, wgpu:N or cuda:N.
-    #[arg(long, default_value = "auto")]
-    pub device: DeviceChoice,
+    /// auto, cpu, wgpu, wgpu:N or cuda:N (default: auto, or the settings file's).
+    #[arg(long)]
+    pub device: Option<DeviceChoice>,
     /// Stop after this many rounds.
     #[arg(long)]
     pub rounds: Option<u64>,
@@ -62,7 +64,7 @@ impl NodeOpts {
         };
         flags
             .check()
-            .map_err(|e| anyhow::anyhow!("--up-mbit/--down-mbit: {e}"))?;
+            .context("--up-mbit/--down-mbit are out of range")?;
         let caps = match &self.caps_file {
             Some(path) if path.exists() => Caps::load(path)?,
             Some(path) => {
@@ -102,7 +104,7 @@ impl NodeOpts {
         }
     }
 
-    /// Start the metrics endpoint if asked for, and the event printer.
+    /// Start a host's metrics endpoint if asked for, and the event printer.
     async fn renderer(
         &self,
         rx: mpsc::UnboundedReceiver<NodeEvent>,
@@ -120,6 +122,11 @@ impl NodeOpts {
             None => None,
         };
         Ok(tokio::spawn(render(rx, self.json, metrics)))
+    }
+
+    /// The device choice, `auto` unless given.
+    fn device(&self) -> DeviceChoice {
+        self.device.unwrap_or(DeviceChoice::Auto)
     }
 }
 
@@ -152,8 +159,80 @@ pub struct JoinArgs {
     /// Pause participation once this many GB (10^9 bytes, up + down) moved this calendar month (UTC).
     #[arg(long)]
     pub monthly_cap_gb: Option<f64>,
+    /// Start from this settings file (JSON, as the desktop app writes it);
+    /// the flags given here override its values. It is read, never written.
+    #[arg(long)]
+    pub settings: Option<PathBuf>,
+    /// Most device memory training may use, in GB; a run whose model needs
+    /// more is refused before anything is downloaded.
+    #[arg(long)]
+    pub vram_limit_gb: Option<f64>,
+    /// Train only after this many minutes without input at any terminal
+    /// (default 5 when given without a number).
+    #[arg(long, num_args = 0..=1, default_missing_value = "5", value_name = "MINUTES")]
+    pub idle_only: Option<u32>,
+    /// Train only inside this daily window, local time (e.g. 22:00-07:00).
+    #[arg(long, value_name = "START-END")]
+    pub schedule: Option<String>,
+    /// Pause while the GPU is hotter than this (°C), where it can be read.
+    #[arg(long, value_name = "CELSIUS")]
+    pub max_temp: Option<u32>,
+    /// Pause while the machine runs on battery.
+    #[arg(long)]
+    pub pause_on_battery: bool,
     #[command(flatten)]
     pub node: NodeOpts,
+}
+
+impl JoinArgs {
+    /// The volunteer's settings: the settings file's (or no limits), with
+    /// the flags on top; checked by the node like the app's.
+    fn settings(&self) -> Result<Settings> {
+        let mut s = match &self.settings {
+            Some(path) => {
+                if !path.exists() {
+                    bail!("the settings file {} does not exist", path.display());
+                }
+                Settings::load(path)?
+            }
+            None => Settings::preset(Preset::Maximum),
+        };
+        if let Some(device) = self.node.device {
+            s.device = device.to_string();
+        }
+        if let Some(v) = self.node.up_mbit {
+            s.up_mbit = Some(v);
+        }
+        if let Some(v) = self.node.down_mbit {
+            s.down_mbit = Some(v);
+        }
+        if let Some(v) = self.monthly_cap_gb {
+            s.monthly_cap_gb = Some(v);
+        }
+        if let Some(v) = self.vram_limit_gb {
+            s.vram_limit_gb = Some(v);
+        }
+        if let Some(v) = self.idle_only {
+            s.idle_minutes = Some(v);
+        }
+        if let Some(window) = &self.schedule {
+            let Some((start, end)) = window.split_once('-') else {
+                bail!("--schedule {window:?}: write it as START-END, e.g. 22:00-07:00");
+            };
+            s.schedule = Some(Window {
+                start: start.trim().into(),
+                end: end.trim().into(),
+            });
+        }
+        if let Some(v) = self.max_temp {
+            s.max_gpu_temp_c = Some(v);
+        }
+        if self.pause_on_battery {
+            s.pause_on_battery = true;
+        }
+        s.check().context("the volunteer's settings are invalid")?;
+        Ok(s)
+    }
 }
 
 fn runtime() -> Result<tokio::runtime::Runtime> {
@@ -220,26 +299,46 @@ pub fn run_host(args: &HostArgs) -> Result<()> {
                 .with_context(|| format!("members.allow: {s:?} is not an endpoint id"))
         })
         .collect::<Result<Vec<_>>>()?;
-    let trainer_key = if args.train {
-        let path = args.state_dir.join("trainer.key");
-        Some(
-            keyfile::load_or_create(&path)
-                .with_context(|| format!("cannot use {}", path.display()))?,
-        )
-    } else {
-        None
-    };
-    let mut allow: Vec<_> = allow;
-    if let Some(key) = &trainer_key
-        && !allow.is_empty()
-    {
-        allow.push(key.public());
-    }
-    let device = select_device(args.node.device)?;
+    let device = select_device(args.node.device())?;
     eprintln!("device: {} ({})", device.name, device.reason);
     let (caps, traffic) = args.node.traffic()?;
     runtime()?.block_on(async {
         let (tx, rx) = mpsc::unbounded_channel();
+        // The host's own trainer: a volunteer in this process sharing the
+        // host's caps, its files in the state directory.
+        let trainer = if args.train {
+            let mut bind = args.node.listen;
+            bind.set_port(0);
+            let dir = &args.state_dir;
+            let config = VolunteerConfig {
+                settings: Settings {
+                    device: args.node.device().to_string(),
+                    ..Settings::preset(Preset::Maximum)
+                },
+                bind,
+                max_rounds: args.node.rounds,
+                traffic: Some(traffic.clone()),
+                ..VolunteerConfig::new(VolunteerPaths {
+                    settings: None,
+                    key: dir.join("trainer.key"),
+                    usage: dir.join("trainer-usage.json"),
+                    port: dir.join("trainer.port"),
+                })
+            };
+            Some(
+                Volunteer::open(config, tx.clone())
+                    .await
+                    .context("cannot start the host's own trainer")?,
+            )
+        } else {
+            None
+        };
+        let mut allow = allow;
+        if let Some(v) = &trainer
+            && !allow.is_empty()
+        {
+            allow.push(v.id());
+        }
         let host = Host::start(
             HostOptions {
                 state_dir: args.state_dir.clone(),
@@ -268,30 +367,21 @@ pub fn run_host(args: &HostArgs) -> Result<()> {
         eprintln!("join ticket: {ticket}");
         let printer = args.node.renderer(rx).await?;
         let stop = stop_on_ctrl_c();
-        let trainer = trainer_key.map(|key| {
-            let mut bind = args.node.listen;
-            bind.set_port(0);
-            tokio::spawn(run_volunteer(
-                VolunteerOptions {
-                    ticket: host.ticket(),
-                    key,
-                    bind,
-                    traffic: traffic.clone(),
-                    device,
-                    max_rounds: args.node.rounds,
-                    usage_file: None,
-                    port_file: None,
-                    monthly_cap: MonthlyCap::default(),
-                    memory_budget: None,
-                },
-                tx.clone(),
-                stop.clone(),
-            ))
-        });
+        if let Some(v) = &trainer {
+            v.join(&ticket).await?;
+        }
         drop(tx);
         let result = host.run(stop).await;
-        if let Some(t) = trainer {
-            t.await?.context("the host's own trainer failed")?;
+        if let Some(v) = trainer {
+            let failed = match *v.activity().borrow() {
+                starling_node::Activity::Failed { ref error } => Some(error.message.clone()),
+                _ => None,
+            };
+            v.shutdown().await;
+            drop(v);
+            if let Some(message) = failed {
+                bail!("the host's own trainer failed: {message}");
+            }
         }
         printer.await??;
         Ok(result?)
@@ -299,41 +389,42 @@ pub fn run_host(args: &HostArgs) -> Result<()> {
 }
 
 pub fn run_join(args: &JoinArgs) -> Result<()> {
-    let ticket: Ticket = args.ticket.parse().context("the ticket is not valid")?;
-    if let Some(gb) = args.monthly_cap_gb
-        && !(gb.is_finite() && gb > 0.0)
-    {
-        bail!("--monthly-cap-gb must be a positive number of GB");
-    }
-    let key = keyfile::load_or_create(&args.key_file)
-        .with_context(|| format!("cannot use key file {}", args.key_file.display()))?;
-    let device = select_device(args.node.device)?;
-    eprintln!("device: {} ({})", device.name, device.reason);
-    let (caps, traffic) = args.node.traffic()?;
+    let settings = args.settings()?;
     runtime()?.block_on(async {
         let (tx, rx) = mpsc::unbounded_channel();
-        let printer = args.node.renderer(rx).await?;
-        args.node
-            .watch_caps(caps, &traffic, starling_node::short(&key.public()), &tx);
-        let result = run_volunteer(
-            VolunteerOptions {
-                ticket,
-                key,
-                bind: args.node.listen,
-                traffic,
-                device,
-                max_rounds: args.node.rounds,
-                usage_file: Some(args.key_file.with_file_name("usage.json")),
-                port_file: Some(args.key_file.with_file_name("node.port")),
-                monthly_cap: MonthlyCap::new(args.monthly_cap_gb.map(|gb| (gb * 1e9) as u64)),
-                memory_budget: None,
-            },
-            tx,
-            stop_on_ctrl_c(),
-        )
-        .await;
+        let config = VolunteerConfig {
+            settings,
+            bind: args.node.listen,
+            max_rounds: args.node.rounds,
+            metrics_addr: args.node.metrics_addr,
+            ..VolunteerConfig::new(VolunteerPaths::beside_key(args.key_file.clone(), None))
+        };
+        let volunteer = Volunteer::open(config, tx).await?;
+        if let Some(addr) = volunteer.metrics_addr() {
+            eprintln!("metrics: http://{addr}/metrics");
+        }
+        let printer = tokio::spawn(render(rx, args.node.json, None));
+        if let Some(path) = &args.node.caps_file {
+            volunteer
+                .watch_caps_file(path.clone(), std::time::Duration::from_secs(1))
+                .await?;
+        }
+        // The rules' first look comes before the join: a volunteer outside
+        // its schedule never starts a round.
+        let machine = volunteer
+            .watch_machine(Arc::new(TerminalIdle::default()), |_| {})
+            .await;
+        volunteer.join(&args.ticket).await?;
+        let mut stop = stop_on_ctrl_c();
+        let result = tokio::select! {
+            r = volunteer.finished() => r,
+            _ = stop.wait_for(|s| *s) => Ok(()),
+        };
+        volunteer.shutdown().await;
+        machine.abort();
+        drop(volunteer);
         printer.await??;
-        Ok(result?)
+        result.map_err(|e| anyhow::anyhow!(e.message))
     })
 }
 
@@ -423,23 +514,23 @@ pub fn run_demo(args: &DemoArgs) -> Result<()> {
         let host_task = tokio::spawn(host.run(stop_rx.clone()));
         let mut volunteers = Vec::new();
         for i in 0..args.volunteers {
-            let key = keyfile::load_or_create(&args.dir.join(format!("volunteer-{i}.key")))?;
-            volunteers.push(tokio::spawn(run_volunteer(
-                VolunteerOptions {
-                    ticket: ticket.clone(),
-                    key,
-                    bind: "127.0.0.1:0".parse()?,
-                    traffic: Traffic::new(args.up_mbit, args.down_mbit),
-                    device: device.clone(),
-                    max_rounds: Some(args.rounds),
-                    usage_file: None,
-                    port_file: None,
-                    monthly_cap: MonthlyCap::default(),
-                    memory_budget: None,
+            let config = VolunteerConfig {
+                settings: Settings {
+                    device: DeviceChoice::Cpu.to_string(),
+                    up_mbit: args.up_mbit,
+                    down_mbit: args.down_mbit,
+                    ..Settings::preset(Preset::Maximum)
                 },
-                tx.clone(),
-                stop_rx.clone(),
-            )));
+                bind: "127.0.0.1:0".parse()?,
+                max_rounds: Some(args.rounds),
+                ..VolunteerConfig::new(VolunteerPaths::beside_key(
+                    args.dir.join(format!("volunteer-{i}")).join("node.key"),
+                    None,
+                ))
+            };
+            let v = Volunteer::open(config, tx.clone()).await?;
+            v.join(&ticket.to_string()).await?;
+            volunteers.push(v);
         }
         drop(tx);
         // The host would serve the last round for one more window; it is
@@ -447,7 +538,8 @@ pub fn run_demo(args: &DemoArgs) -> Result<()> {
         let volunteers = tokio::spawn(async move {
             let mut results = Vec::new();
             for v in volunteers {
-                results.push(v.await);
+                results.push(v.finished().await);
+                v.shutdown().await;
             }
             results
         });
@@ -528,10 +620,8 @@ pub fn run_demo(args: &DemoArgs) -> Result<()> {
             Err(e) => failures.push(format!("host task: {e}")),
         }
         for (i, v) in volunteers.await?.into_iter().enumerate() {
-            match v {
-                Ok(Ok(())) => {}
-                Ok(Err(e)) => failures.push(format!("volunteer {i}: {e}")),
-                Err(e) => failures.push(format!("volunteer {i} task: {e}")),
+            if let Err(e) = v {
+                failures.push(format!("volunteer {i}: {}", e.message));
             }
         }
         if !failures.is_empty() {

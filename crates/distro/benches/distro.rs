@@ -50,6 +50,7 @@ fn label(r: usize, c: usize) -> String {
 }
 
 fn cpu(crit: &mut Criterion) {
+    let options = config().step_options();
     let mut group = crit.benchmark_group("cpu");
     group
         .sample_size(10)
@@ -60,10 +61,10 @@ fn cpu(crit: &mut Criterion) {
         let mut opt = DistroOptimizer::new(&shapes, config());
         group.throughput(Throughput::Elements((r * c) as u64));
         group.bench_function(BenchmarkId::new("compress", label(r, c)), |b| {
-            b.iter(|| opt.step(&[&grad], 1e-3).expect("step"))
+            b.iter(|| opt.step(&[&grad], 1e-3, options).expect("step"))
         });
         let update = opt
-            .step(&[&grad], 1e-3)
+            .step(&[&grad], 1e-3, options)
             .expect("step")
             .into_incoming([1; 32]);
         let mut params = vec![0.0f32; r * c];
@@ -89,6 +90,7 @@ fn gpu(crit: &mut Criterion) {
             return;
         }
     };
+    let options = config().step_options();
     let mut group = crit.benchmark_group("wgpu");
     group
         .sample_size(10)
@@ -103,7 +105,7 @@ fn gpu(crit: &mut Criterion) {
             group.throughput(Throughput::Elements((r * c) as u64));
             // Some adapters cannot hold a tensor this large (lavapipe refuses
             // buffers of a few hundred MB): report it and move on.
-            let update = match opt.step(std::slice::from_ref(&grad), 1e-3) {
+            let update = match opt.step(std::slice::from_ref(&grad), 1e-3, options) {
                 Ok(u) => u.into_incoming([1; 32]),
                 Err(e) => {
                     eprintln!("wgpu {name} {}: cannot run here: {e}", label(r, c));
@@ -113,7 +115,12 @@ fn gpu(crit: &mut Criterion) {
             // A step reads its selection back, so each iteration waits for the GPU.
             group.bench_function(
                 BenchmarkId::new(format!("{name}/compress"), label(r, c)),
-                |b| b.iter(|| opt.step(std::slice::from_ref(&grad), 1e-3).expect("step")),
+                |b| {
+                    b.iter(|| {
+                        opt.step(std::slice::from_ref(&grad), 1e-3, options)
+                            .expect("step")
+                    })
+                },
             );
             let mut params = vec![Tensor::<2>::zeros(shape, &device)];
             group.bench_function(

@@ -18,14 +18,14 @@ pub mod burn_ops;
 pub mod probe;
 pub mod wgsl;
 
-use burn::tensor::{Device, Int, Tensor, TensorData};
+use burn::tensor::{Device, Int, PrimitiveConversionError, Tensor, TensorData, TensorReadError};
 
 use crate::optimizer::{
     ApplyError, ApplyReport, DistroConfig, IncomingUpdate, ModelLayout, OutgoingUpdate, StepError,
-    TensorLayout,
+    StepOptions, TensorLayout,
 };
 use crate::sign::{decay_factor, resolve_offsets, sign_thresholds};
-use crate::sparse::SparseTensor;
+use crate::sparse::{SparseError, SparseTensor};
 
 pub use probe::{
     AdapterSummary, GpuInitError, is_wgpu, list_adapters, wgpu_device, wgpu_device_at,
@@ -74,7 +74,39 @@ pub enum GpuError {
     },
     /// Reading a result back from the device failed.
     #[error("reading a result from the device failed: {0}")]
-    Read(String),
+    Read(#[from] TensorReadError),
+    /// The device returned a selection of the wrong size (a kernel bug).
+    #[error(
+        "tensor {tensor}: expected {expected} selected coefficients from the device, \
+         read {indices} indices and {values} values"
+    )]
+    SelectionSize {
+        /// Model tensor index.
+        tensor: usize,
+        /// Entries expected: chunks times k.
+        expected: usize,
+        /// Indices read.
+        indices: usize,
+        /// Values read.
+        values: usize,
+    },
+    /// The device returned a coefficient index outside any chunk (a kernel bug).
+    #[error("tensor {tensor}: the device returned coefficient index {index}, out of range")]
+    SelectionIndex {
+        /// Model tensor index.
+        tensor: usize,
+        /// The index read.
+        index: i64,
+    },
+    /// The device returned a selection that breaks a sparse tensor's invariants (a kernel bug).
+    #[error("tensor {tensor}: the device returned an invalid selection: {source}")]
+    Selection {
+        /// Model tensor index.
+        tensor: usize,
+        /// What is wrong.
+        #[source]
+        source: SparseError,
+    },
     /// The device produced NaN or infinity: the gradient was not finite.
     #[error("tensor {tensor}: the gradient holds NaN or infinite values")]
     NonFinite {
@@ -84,6 +116,9 @@ pub enum GpuError {
     /// The fused kernels were requested where they cannot run.
     #[error("the WGSL kernels cannot run here: {0}")]
     WgslUnavailable(String),
+    /// A tensor given to the fused kernels is not a wgpu tensor.
+    #[error("the WGSL kernels cannot run here: tensor is not on a wgpu device: {0:?}")]
+    NotWgpu(PrimitiveConversionError),
 }
 
 /// `[rows, cols]` of the matrix view a tensor's gradient must be given in.
@@ -180,11 +215,6 @@ impl GpuDistro {
         &self.device
     }
 
-    /// Changes the top-k from the next step on.
-    pub fn set_topk(&mut self, topk: usize) {
-        self.layout.set_topk(topk);
-    }
-
     /// The momentum of tensor `i`, `[rows, cols]`.
     pub fn momentum(&self, i: usize) -> Option<&Tensor<2>> {
         self.deltas.get(i)
@@ -226,9 +256,15 @@ impl GpuDistro {
     }
 
     /// One DeMo step on gradients given in each tensor's `[rows, cols]` view
-    /// (see [`matrix_shape`]). Only the selected coefficients are read back.
-    /// On error the momentum is unchanged.
-    pub fn step(&mut self, grads: &[Tensor<2>], lr: f32) -> Result<OutgoingUpdate, GpuError> {
+    /// (see [`matrix_shape`]), sending `options.topk` coefficients per chunk.
+    /// Only the selected coefficients are read back. On error the momentum is
+    /// unchanged.
+    pub fn step(
+        &mut self,
+        grads: &[Tensor<2>],
+        lr: f32,
+        options: StepOptions,
+    ) -> Result<OutgoingUpdate, GpuError> {
         if !(lr.is_finite() && lr >= 0.0) {
             return Err(StepError::LearningRate(lr).into());
         }
@@ -243,12 +279,8 @@ impl GpuDistro {
         for (tensor, (t, g)) in tensors.iter().zip(grads).enumerate() {
             self.check_tensor(tensor, t, g)?;
         }
-        let DistroConfig {
-            topk,
-            decay,
-            values,
-            ..
-        } = *self.layout.config();
+        let StepOptions { topk } = options;
+        let DistroConfig { decay, values, .. } = *self.layout.config();
         let mut new_deltas = Vec::with_capacity(tensors.len());
         let mut sent = Vec::with_capacity(tensors.len());
         for (i, (t, g)) in tensors.iter().zip(grads).enumerate() {
@@ -259,10 +291,7 @@ impl GpuDistro {
             } else {
                 burn_ops::compress_step(&self.deltas[i], g, mr, mc, &t.grid, k, decay, lr)
             };
-            let sparse = out.read(t, k).map_err(|e| match e {
-                ReadError::Device(msg) => GpuError::Read(msg),
-                ReadError::NonFinite => GpuError::NonFinite { tensor: i },
-            })?;
+            let sparse = out.read(i, t, k)?;
             new_deltas.push(out.delta);
             sent.push(sparse.quantized(values));
         }
@@ -364,7 +393,7 @@ fn wgsl_is_faster(device: &Device, grid: &crate::ChunkGrid) -> bool {
             } else {
                 burn_ops::compress_step(&delta, &grad, &mr, &mc, &probe, k, 0.9, 1e-3)
             };
-            out.read(&t, k).ok()?;
+            out.read(0, &t, k).ok()?;
             best = Some(start.elapsed());
         }
         best
@@ -387,35 +416,23 @@ pub(crate) struct StepOutput {
     pub values: Tensor<2>,
 }
 
-pub(crate) enum ReadError {
-    Device(String),
-    NonFinite,
-}
-
 impl StepOutput {
-    /// Reads the (small) selection back and puts each chunk in ascending index order.
-    fn read(&self, t: &TensorLayout, k: usize) -> Result<SparseTensor, ReadError> {
-        let idx = self
-            .indices
-            .clone()
-            .try_into_vec_as::<i64>()
-            .map_err(|e| ReadError::Device(e.to_string()))?;
-        let vals = self
-            .values
-            .clone()
-            .try_into_vec_as::<f32>()
-            .map_err(|e| ReadError::Device(e.to_string()))?;
+    /// Reads the (small) selection of model tensor `tensor` back and puts each
+    /// chunk in ascending index order.
+    fn read(&self, tensor: usize, t: &TensorLayout, k: usize) -> Result<SparseTensor, GpuError> {
+        let idx = self.indices.clone().try_into_vec_as::<i64>()?;
+        let vals = self.values.clone().try_into_vec_as::<f32>()?;
         let chunks = t.grid.num_chunks();
         if idx.len() != chunks * k || vals.len() != chunks * k {
-            return Err(ReadError::Device(format!(
-                "expected {} entries, read {} indices and {} values",
-                chunks * k,
-                idx.len(),
-                vals.len()
-            )));
+            return Err(GpuError::SelectionSize {
+                tensor,
+                expected: chunks * k,
+                indices: idx.len(),
+                values: vals.len(),
+            });
         }
         if vals.iter().any(|v| !v.is_finite()) {
-            return Err(ReadError::NonFinite);
+            return Err(GpuError::NonFinite { tensor });
         }
         let mut indices = Vec::with_capacity(chunks * k);
         let mut values = Vec::with_capacity(chunks * k);
@@ -426,10 +443,10 @@ impl StepOutput {
             order.extend(0..k);
             order.sort_unstable_by_key(|&j| ci[j]);
             for &j in &order {
-                indices.push(
-                    u32::try_from(ci[j])
-                        .map_err(|_| ReadError::Device("index out of range".into()))?,
-                );
+                indices.push(u32::try_from(ci[j]).map_err(|_| GpuError::SelectionIndex {
+                    tensor,
+                    index: ci[j],
+                })?);
                 values.push(cv[j]);
             }
         }
@@ -443,7 +460,7 @@ impl StepOutput {
         };
         sparse
             .validate()
-            .map_err(|e| ReadError::Device(format!("device returned an invalid selection: {e}")))?;
+            .map_err(|source| GpuError::Selection { tensor, source })?;
         Ok(sparse)
     }
 }
@@ -580,7 +597,9 @@ mod tests {
                 })
                 .collect();
             let refs: Vec<&[f32]> = grads.iter().map(Vec::as_slice).collect();
-            let want = cpu.step(&refs, 0.01).expect("cpu step");
+            let want = cpu
+                .step(&refs, 0.01, config.step_options())
+                .expect("cpu step");
             let layout = gpu.layout().clone();
             let dev_grads: Vec<Tensor<2>> = layout
                 .tensors()
@@ -588,7 +607,9 @@ mod tests {
                 .zip(&grads)
                 .map(|(t, g)| upload(g, t, device))
                 .collect();
-            let got = gpu.step(&dev_grads, 0.01).expect("gpu step");
+            let got = gpu
+                .step(&dev_grads, 0.01, config.step_options())
+                .expect("gpu step");
             for (i, t) in layout.tensors().iter().enumerate() {
                 let (w, g) = (&want.tensors[i], &got.tensors[i]);
                 let all = compress(&before[i], &t.shape, usize::MAX, config.chunk)
@@ -676,7 +697,7 @@ mod tests {
                         .map(|s| random(&mut rng, s.iter().product(), 1.0))
                         .collect();
                     let refs: Vec<&[f32]> = grads.iter().map(Vec::as_slice).collect();
-                    opt.step(&refs, 0.01)
+                    opt.step(&refs, 0.01, config.step_options())
                         .expect("step")
                         .into_incoming([p as u8 + 1; 32])
                 })
@@ -722,7 +743,9 @@ mod tests {
         let mut fused =
             GpuDistro::new(&[vec![64, 128]], config, &device, KernelPath::Wgsl).expect("wgsl");
         let zeros = Tensor::<2>::zeros([64, 128], &device);
-        let sent = fused.step(&[zeros], 0.01).expect("step");
+        let sent = fused
+            .step(&[zeros], 0.01, config.step_options())
+            .expect("step");
         assert_eq!(sent.tensors[0].indices, vec![0, 1, 2, 3, 4, 0, 1, 2, 3, 4]);
     }
 
@@ -737,8 +760,10 @@ mod tests {
             "{msg}"
         );
         // The CPU optimizer needs no adapter.
-        let mut opt = DistroOptimizer::new(&[vec![64, 64]], DistroConfig::default());
-        opt.step(&[&[0.5; 4096]], 0.01).expect("cpu step");
+        let config = DistroConfig::default();
+        let mut opt = DistroOptimizer::new(&[vec![64, 64]], config);
+        opt.step(&[&[0.5; 4096]], 0.01, config.step_options())
+            .expect("cpu step");
     }
 
     #[test]
@@ -773,16 +798,17 @@ mod tests {
         )
         .expect("new");
         let t = gpu.layout().tensors()[0].clone();
+        let options = DistroConfig::default().step_options();
         let mut bad = vec![1.0f32; 64];
         bad[5] = f32::NAN;
         assert!(matches!(
-            gpu.step(&[upload(&bad, &t, &device)], 0.1),
+            gpu.step(&[upload(&bad, &t, &device)], 0.1, options),
             Err(GpuError::NonFinite { tensor: 0 })
         ));
         assert!(read(gpu.momentum(0).expect("m")).iter().all(|&v| v == 0.0));
         let wrong = Tensor::<2>::zeros([4, 16], &device);
         assert!(matches!(
-            gpu.step(&[wrong], 0.1),
+            gpu.step(&[wrong], 0.1, options),
             Err(GpuError::Shape { .. })
         ));
         assert!(matches!(

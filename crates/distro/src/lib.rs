@@ -39,7 +39,7 @@ pub use compress::{CompressError, DecompressError, aggregate, compress, decompre
 pub use dct::dct_basis;
 pub use optimizer::{
     ApplyError, ApplyReport, DistroConfig, DistroOptimizer, IncomingUpdate, ModelLayout,
-    OutgoingUpdate, PeerId, StepError, TensorLayout,
+    OutgoingUpdate, PeerId, StepError, StepOptions, TensorLayout,
 };
 pub use sparse::{SparseError, SparseTensor, ValueEncoding};
 

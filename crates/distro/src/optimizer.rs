@@ -1,7 +1,7 @@
 //! The DisTrO/DeMo optimizer for a whole model, as a state machine a peer
 //! drives once per round: [`DistroOptimizer::step`] turns this peer's gradients
-//! into the update it sends, [`DistroOptimizer::apply`] applies the round's
-//! accepted updates to the weights.
+//! into the update it sends (with this round's [`StepOptions`]),
+//! [`DistroOptimizer::apply`] applies the round's accepted updates to the weights.
 //!
 //! `step` and `apply` are split because the network sits between them: the
 //! peer sends its update, waits for the round to close, and applies exactly
@@ -24,7 +24,9 @@ pub type PeerId = [u8; 32];
 /// is passed to every call).
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct DistroConfig {
-    /// Coefficients sent per chunk (clamped to the chunk's size). DeMo: 32; Psyche: 4.
+    /// The run's top-k: coefficients sent per chunk (clamped to the chunk's
+    /// size) when a round asks for nothing else, see [`Self::step_options`].
+    /// A step uses the top-k of its [`StepOptions`]. DeMo: 32; Psyche: 4.
     pub topk: usize,
     /// Chunk edge target. DeMo: 64.
     pub chunk: usize,
@@ -34,6 +36,22 @@ pub struct DistroConfig {
     pub weight_decay: f32,
     /// How values travel: 1 sign bit by default.
     pub values: ValueEncoding,
+}
+
+impl DistroConfig {
+    /// Step options that send the run's top-k.
+    pub fn step_options(&self) -> StepOptions {
+        StepOptions { topk: self.topk }
+    }
+}
+
+/// Per-round options of a step, chosen by the caller each round: future
+/// per-round options (a value encoding, say) go here too.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct StepOptions {
+    /// Coefficients to send per chunk this round (clamped to `1..=` the
+    /// chunk's size), e.g. the most that fits the upload budget.
+    pub topk: usize,
 }
 
 impl Default for DistroConfig {
@@ -212,11 +230,6 @@ impl ModelLayout {
         &self.config
     }
 
-    /// Changes the top-k from the next step on (e.g. to fit a new bandwidth cap).
-    pub fn set_topk(&mut self, topk: usize) {
-        self.config.topk = topk;
-    }
-
     /// The model's tensors, in order.
     pub fn tensors(&self) -> &[TensorLayout] {
         &self.tensors
@@ -339,11 +352,6 @@ impl DistroOptimizer {
         &self.layout
     }
 
-    /// Changes the top-k from the next step on (e.g. to fit a new bandwidth cap).
-    pub fn set_topk(&mut self, topk: usize) {
-        self.layout.set_topk(topk);
-    }
-
     /// The momentum of tensor `i` (for checkpoints).
     pub fn momentum(&self, i: usize) -> Option<&[f32]> {
         self.deltas.get(i).map(Vec::as_slice)
@@ -365,18 +373,20 @@ impl DistroOptimizer {
     }
 
     /// One DeMo step on this peer's gradients: `delta = decay*delta + lr*grad`,
-    /// top-k of the chunked DCT of `delta`, error feedback `delta -= IDCT(sent)`.
-    /// Returns what to send. Error feedback removes the full-precision selected
-    /// coefficients, as DeMo and Psyche do, whatever the value encoding.
-    pub fn step(&mut self, grads: &[&[f32]], lr: f32) -> Result<OutgoingUpdate, StepError> {
+    /// top-`options.topk` of the chunked DCT of `delta`, error feedback
+    /// `delta -= IDCT(sent)`. Returns what to send. Error feedback removes the
+    /// full-precision selected coefficients, as DeMo and Psyche do, whatever
+    /// the value encoding.
+    pub fn step(
+        &mut self,
+        grads: &[&[f32]],
+        lr: f32,
+        options: StepOptions,
+    ) -> Result<OutgoingUpdate, StepError> {
         // Validate everything first so a bad gradient leaves the momentum untouched.
         self.layout.check_grads(grads, lr)?;
-        let DistroConfig {
-            topk,
-            decay,
-            values,
-            ..
-        } = self.layout.config;
+        let StepOptions { topk } = options;
+        let DistroConfig { decay, values, .. } = self.layout.config;
         let tensors = self
             .layout
             .tensors
@@ -475,7 +485,9 @@ mod tests {
                     let refs: Vec<&[f32]> = grads.iter().map(Vec::as_slice).collect();
                     let mut id = [0u8; 32];
                     id[0] = (peer * 37 % 256) as u8;
-                    opt.step(&refs, 0.01).expect("step").into_incoming(id)
+                    opt.step(&refs, 0.01, config.step_options())
+                        .expect("step")
+                        .into_incoming(id)
                 })
                 .collect();
             for (peer, w) in weights.iter_mut().enumerate() {
@@ -516,7 +528,7 @@ mod tests {
         };
         let mut opt = DistroOptimizer::new(&shapes, config);
         let g: Vec<f32> = (0..64).map(|i| (i as f32 * 0.37).sin()).collect();
-        let sent = opt.step(&[&g], 0.1).expect("step");
+        let sent = opt.step(&[&g], 0.1, config.step_options()).expect("step");
         // delta after = 0.1*g - IDCT(sent); so delta + IDCT(sent) == 0.1*g.
         let decoded = crate::decompress(&[&sent.tensors[0]]).expect("decode");
         let delta = opt.momentum(0).expect("m");
@@ -524,7 +536,9 @@ mod tests {
             assert!((delta[i] + decoded[i] - 0.1 * g[i]).abs() < 1e-6);
         }
         // Top-k of the residual excludes what was already sent.
-        let second = opt.step(&[&vec![0.0; 64]], 0.1).expect("step");
+        let second = opt
+            .step(&[&vec![0.0; 64]], 0.1, config.step_options())
+            .expect("step");
         let first_idx = &sent.tensors[0].indices;
         assert!(
             second.tensors[0]
@@ -535,28 +549,60 @@ mod tests {
     }
 
     #[test]
+    fn each_step_sends_the_topk_of_its_options() {
+        let shapes = vec![vec![128, 64]];
+        let mut rng = StdRng::seed_from_u64(5);
+        let mut adaptive = DistroOptimizer::new(&shapes, DistroConfig::default());
+        for topk in [2, 7, 1] {
+            let fixed_config = DistroConfig {
+                topk,
+                ..DistroConfig::default()
+            };
+            // A peer whose run top-k is this round's, with the same momentum.
+            let mut fixed = adaptive.clone();
+            fixed.layout.config = fixed_config;
+            let g = random(&mut rng, 128 * 64);
+            let sent = adaptive
+                .step(&[&g], 0.01, StepOptions { topk })
+                .expect("step");
+            let want = fixed
+                .step(&[&g], 0.01, fixed_config.step_options())
+                .expect("step");
+            assert_eq!(sent, want);
+            assert!(
+                sent.tensors[0]
+                    .offsets
+                    .windows(2)
+                    .all(|w| w[1] - w[0] == topk as u32)
+            );
+            assert_eq!(adaptive.momentum(0), fixed.momentum(0));
+        }
+    }
+
+    #[test]
     fn bad_inputs_leave_state_untouched() {
         let mut opt = DistroOptimizer::new(&[vec![4]], DistroConfig::default());
+        let k = StepOptions { topk: 32 };
         assert!(matches!(
-            opt.step(&[&[1.0, 2.0]], 0.1),
+            opt.step(&[&[1.0, 2.0]], 0.1, k),
             Err(StepError::Gradient { .. })
         ));
         assert!(matches!(
-            opt.step(&[&[1.0, f32::INFINITY, 0.0, 0.0]], 0.1),
+            opt.step(&[&[1.0, f32::INFINITY, 0.0, 0.0]], 0.1, k),
             Err(StepError::Gradient { .. })
         ));
         assert!(matches!(
-            opt.step(&[], 0.1),
+            opt.step(&[], 0.1, k),
             Err(StepError::TensorCount { .. })
         ));
         assert!(matches!(
-            opt.step(&[&[0.0; 4]], f32::NAN),
+            opt.step(&[&[0.0; 4]], f32::NAN, k),
             Err(StepError::LearningRate(_))
         ));
         assert_eq!(opt.momentum(0), Some(&[0.0f32; 4][..]));
 
         let up = opt
-            .step(&[&[1.0, 2.0, 3.0, 4.0]], 0.1)
+            .step(&[&[1.0, 2.0, 3.0, 4.0]], 0.1, k)
             .expect("step")
             .into_incoming([1; 32]);
         let mut p = vec![0.5f32; 4];

@@ -62,6 +62,18 @@ pub enum FileError {
     /// The file is not a Starling sparse file, or its metadata is malformed.
     #[error("sparse file metadata: {0}")]
     Metadata(String),
+    /// The header could not be read (the file is shorter than it says).
+    #[error("sparse file metadata: {what}: {source}")]
+    HeaderRead {
+        /// Which part of the header.
+        what: &'static str,
+        /// What the reader said.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The header is not JSON.
+    #[error("sparse file metadata: header is not JSON: {0}")]
+    HeaderJson(#[source] serde_json::Error),
     /// A sparse tensor is missing a part or its parts disagree.
     #[error("sparse tensor {name}: {reason}")]
     Sparse {
@@ -142,7 +154,10 @@ pub fn read_shapes(mut reader: impl std::io::Read) -> Result<Vec<(String, Vec<us
     let mut len = [0u8; 8];
     reader
         .read_exact(&mut len)
-        .map_err(|e| FileError::Metadata(format!("cannot read header length: {e}")))?;
+        .map_err(|source| FileError::HeaderRead {
+            what: "cannot read header length",
+            source,
+        })?;
     let n = u64::from_le_bytes(len);
     if n > MAX_HEADER {
         return Err(FileError::Metadata(format!(
@@ -152,9 +167,11 @@ pub fn read_shapes(mut reader: impl std::io::Read) -> Result<Vec<(String, Vec<us
     let mut header = vec![0u8; n as usize];
     reader
         .read_exact(&mut header)
-        .map_err(|e| FileError::Metadata(format!("header is truncated: {e}")))?;
-    let json: serde_json::Value = serde_json::from_slice(&header)
-        .map_err(|e| FileError::Metadata(format!("header is not JSON: {e}")))?;
+        .map_err(|source| FileError::HeaderRead {
+            what: "header is truncated",
+            source,
+        })?;
+    let json: serde_json::Value = serde_json::from_slice(&header).map_err(FileError::HeaderJson)?;
     let obj = json
         .as_object()
         .ok_or_else(|| FileError::Metadata("header is not a JSON object".into()))?;
@@ -379,7 +396,12 @@ mod tests {
             read_shapes(header_only).expect("shapes"),
             vec![("w".to_string(), vec![3, 2])]
         );
-        assert!(read_shapes(&bytes[..5]).is_err());
+        let err = read_shapes(&bytes[..5]).expect_err("truncated");
+        assert!(
+            matches!(&err, FileError::HeaderRead { source, .. }
+                if source.kind() == std::io::ErrorKind::UnexpectedEof),
+            "{err}"
+        );
     }
 
     #[test]

@@ -15,6 +15,7 @@ use starling_swarm::Traffic;
 use tokio::sync::mpsc;
 
 use crate::events::NodeEvent;
+use crate::settings::{Preset, Settings, SettingsError};
 
 /// Why a caps file was not applied.
 #[derive(Debug, thiserror::Error)]
@@ -30,13 +31,21 @@ pub enum CapsError {
     },
     /// Not the expected JSON.
     #[error(
-        "{path}: {reason} (expected {{\"up_mbit\": 10, \"down_mbit\": 100}}; null means unlimited)"
+        "{path}: {source} (expected {{\"up_mbit\": 10, \"down_mbit\": 100}}; null means unlimited)"
     )]
     Format {
         /// The file.
         path: PathBuf,
-        /// What is wrong.
-        reason: String,
+        /// What the parser said.
+        source: serde_json::Error,
+    },
+    /// Caps out of range.
+    #[error("{path}: {source}")]
+    Invalid {
+        /// The file.
+        path: PathBuf,
+        /// Which cap and what is allowed.
+        source: SettingsError,
     },
 }
 
@@ -53,16 +62,14 @@ pub struct Caps {
 }
 
 impl Caps {
-    /// Check both caps are positive and finite where set.
-    pub fn check(&self) -> Result<(), String> {
-        for (name, v) in [("up_mbit", self.up_mbit), ("down_mbit", self.down_mbit)] {
-            if let Some(v) = v
-                && !(v.is_finite() && v > 0.0)
-            {
-                return Err(format!("{name} = {v} must be a positive number or null"));
-            }
+    /// Check both caps with the same rules as the settings' caps.
+    pub fn check(&self) -> Result<(), SettingsError> {
+        Settings {
+            up_mbit: self.up_mbit,
+            down_mbit: self.down_mbit,
+            ..Settings::preset(Preset::Maximum)
         }
-        Ok(())
+        .check()
     }
 
     /// Read and check a caps file.
@@ -71,18 +78,23 @@ impl Caps {
             path: path.to_path_buf(),
             source,
         })?;
-        let format = |reason: String| CapsError::Format {
+        let caps: Caps = serde_json::from_slice(&bytes).map_err(|source| CapsError::Format {
             path: path.to_path_buf(),
-            reason,
-        };
-        let caps: Caps = serde_json::from_slice(&bytes).map_err(|e| format(e.to_string()))?;
-        caps.check().map_err(format)?;
+            source,
+        })?;
+        caps.check().map_err(|source| CapsError::Invalid {
+            path: path.to_path_buf(),
+            source,
+        })?;
         Ok(caps)
     }
 
-    /// Write a caps file (atomically).
+    /// Write a caps file atomically.
     pub fn save(&self, path: &Path) -> Result<(), CapsError> {
-        let text = serde_json::to_vec_pretty(self).unwrap_or_default();
+        let text = serde_json::to_vec_pretty(self).map_err(|source| CapsError::Format {
+            path: path.to_path_buf(),
+            source,
+        })?;
         starling_train::atomic::write_atomic(path, &text).map_err(|source| CapsError::Io {
             path: path.to_path_buf(),
             source,
@@ -95,6 +107,41 @@ impl Caps {
     }
 }
 
+/// Notices edits of a caps file by its modification time and size.
+#[derive(Debug)]
+pub struct CapsWatcher {
+    path: PathBuf,
+    every: Duration,
+    seen: Option<(SystemTime, u64)>,
+    first: bool,
+}
+
+impl CapsWatcher {
+    /// Watch `path`, looking every `every`.
+    pub fn new(path: PathBuf, every: Duration) -> Self {
+        Self {
+            path,
+            every,
+            seen: None,
+            first: true,
+        }
+    }
+
+    /// The file's caps: at once on the first call, then after each change.
+    pub async fn next(&mut self) -> Result<Caps, CapsError> {
+        loop {
+            if !std::mem::take(&mut self.first) {
+                tokio::time::sleep(self.every).await;
+            }
+            let now = stamp(&self.path);
+            if now != self.seen {
+                self.seen = now;
+                return Caps::load(&self.path);
+            }
+        }
+    }
+}
+
 fn stamp(path: &Path) -> Option<(SystemTime, u64)> {
     let m = std::fs::metadata(path).ok()?;
     Some((m.modified().ok()?, m.len()))
@@ -103,7 +150,8 @@ fn stamp(path: &Path) -> Option<(SystemTime, u64)> {
 /// Apply the caps in `path` to `traffic` now and again whenever the file
 /// changes (checked every `every`), reporting each change (or why one was
 /// refused: the old caps stay) as events from `node`. Ends when the event
-/// receiver is gone.
+/// receiver is gone. (A host's caps; a volunteer's go through its settings:
+/// `Volunteer::watch_caps_file`.)
 pub async fn watch_caps(
     path: PathBuf,
     traffic: Traffic,
@@ -111,18 +159,9 @@ pub async fn watch_caps(
     out: mpsc::UnboundedSender<NodeEvent>,
     every: Duration,
 ) {
-    let mut seen = None;
-    let mut first = true;
+    let mut watcher = CapsWatcher::new(path, every);
     while !out.is_closed() {
-        if !std::mem::take(&mut first) {
-            tokio::time::sleep(every).await;
-        }
-        let now = stamp(&path);
-        if now == seen {
-            continue;
-        }
-        seen = now;
-        let event = match Caps::load(&path) {
+        let event = match watcher.next().await {
             Ok(caps) => {
                 caps.apply(&traffic);
                 NodeEvent::Caps {

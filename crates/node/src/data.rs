@@ -10,22 +10,47 @@
 
 use std::collections::HashMap;
 use std::ops::Range;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 use starling_swarm::BlobRef;
-use starling_train::{data::shards::TokenDtype, data::shards::TokenStore, embedded_store};
+use starling_train::{
+    data::shards::{ShardError, TokenDtype, TokenStore},
+    embedded_store,
+};
 
 /// Why the run's data cannot be used.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum DataError {
-    /// The shards or the embedded corpus could not be loaded.
-    #[error("{0}")]
-    Load(String),
-    /// The description is inconsistent (size, width or vocabulary).
-    #[error("run data: {0}")]
-    Invalid(String),
+    /// The embedded corpus could not be built.
+    #[error("embedded corpus: {0}")]
+    Embedded(#[source] ShardError),
+    /// The shard directory could not be loaded.
+    #[error("shards in {}: {source}", dir.display())]
+    Shards {
+        /// The shard directory.
+        dir: PathBuf,
+        /// Why it does not load.
+        #[source]
+        source: ShardError,
+    },
+    /// The blob's size is not its token count times the id width.
+    #[error("run data: {tokens} tokens of {width} bytes do not make a {size}-byte blob")]
+    Size {
+        /// Tokens the description claims.
+        tokens: u64,
+        /// Bytes per id.
+        width: u64,
+        /// The blob's size.
+        size: u64,
+    },
+    /// The vocabulary does not fit the id width.
+    #[error("run data: a vocabulary of {vocab_size} does not fit 16-bit ids")]
+    Vocab {
+        /// The vocabulary the description claims.
+        vocab_size: usize,
+    },
     /// The data differs from what the run was started with.
     #[error(
         "the data ({found}) is not the data this run started with ({expected}); restore the original shards"
@@ -71,11 +96,10 @@ pub fn load_tokens(
     base: &Path,
 ) -> Result<TokenStore, DataError> {
     if data.is_empty() {
-        embedded_store(corpus_bytes, seed).map_err(|e| DataError::Load(e.to_string()))
+        embedded_store(corpus_bytes, seed).map_err(DataError::Embedded)
     } else {
         let dir = base.join(data);
-        TokenStore::load(&dir)
-            .map_err(|e| DataError::Load(format!("shards in {}: {e}", dir.display())))
+        TokenStore::load(&dir).map_err(|source| DataError::Shards { dir, source })
     }
 }
 
@@ -110,16 +134,16 @@ impl DataRef {
     pub fn check(&self) -> Result<(), DataError> {
         let width = self.dtype.bytes() as u64;
         if self.tokens.checked_mul(width) != Some(self.blob.size) {
-            return Err(DataError::Invalid(format!(
-                "{} tokens of {width} bytes do not make a {}-byte blob",
-                self.tokens, self.blob.size
-            )));
+            return Err(DataError::Size {
+                tokens: self.tokens,
+                width,
+                size: self.blob.size,
+            });
         }
         if self.dtype == TokenDtype::U16 && self.vocab_size > 1 << 16 {
-            return Err(DataError::Invalid(format!(
-                "a vocabulary of {} does not fit 16-bit ids",
-                self.vocab_size
-            )));
+            return Err(DataError::Vocab {
+                vocab_size: self.vocab_size,
+            });
         }
         Ok(())
     }
@@ -230,7 +254,16 @@ mod tests {
             tokens: data.tokens + 1,
             ..data.clone()
         };
-        assert!(lying.check().is_err());
+        let err = lying.check().unwrap_err();
+        assert!(matches!(err, DataError::Size { .. }), "{err}");
+        assert!(err.to_string().contains("5001 tokens"), "{err}");
+        let wide = DataRef {
+            dtype: TokenDtype::U16,
+            tokens: data.blob.size / 2,
+            vocab_size: 1 << 17,
+            ..data.clone()
+        };
+        assert!(matches!(wide.check(), Err(DataError::Vocab { .. })));
         let other = TokenStore::from_tokens(vec![1, 2, 3], "bytes", 256).unwrap();
         assert!(matches!(
             data.matches(&other),

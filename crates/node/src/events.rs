@@ -3,9 +3,10 @@
 //! it. One typed enum keeps the three faces telling the same story.
 
 use serde::Serialize;
+use ts_rs::TS;
 
 /// What a node is doing.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, TS)]
 #[serde(rename_all = "snake_case")]
 pub enum NodeState {
     /// Reaching the coordinator.
@@ -29,7 +30,7 @@ pub enum NodeState {
 }
 
 /// One peer as a node saw it on its last transfers.
-#[derive(Clone, Debug, PartialEq, Serialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, TS)]
 pub struct PeerView {
     /// Short id.
     pub peer: String,
@@ -46,7 +47,7 @@ pub struct PeerView {
 }
 
 /// One event from a node.
-#[derive(Clone, Debug, PartialEq, Serialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, TS)]
 #[serde(tag = "event", rename_all = "snake_case")]
 #[non_exhaustive]
 pub enum NodeEvent {

@@ -7,9 +7,17 @@
 //! manifest, and only then is the manifest gossiped. A host killed at any
 //! point resumes from the last state file, reopens the round that was in
 //! flight under the same number, and loses nothing that anyone applied.
+//!
+//! This file holds the host's lifetime (start, restore, the round loop,
+//! checkpoints) and the bookkeeping every phase shares (faults, network
+//! events, the state file). A round itself is a fixed sequence of phases in
+//! `host/round.rs`, whose order is the durability argument above; its one
+//! concurrent phase, collecting and checking updates, is in `host/collect.rs`; the
+//! answers to join requests, which run beside the rounds on the network's
+//! tasks, are in `host/control.rs`.
 
 use std::{
-    collections::{BTreeMap, HashMap, HashSet},
+    collections::{BTreeMap, HashMap},
     net::SocketAddr,
     path::{Path, PathBuf},
     sync::{Arc, Mutex},
@@ -18,39 +26,156 @@ use std::{
 
 use serde::{Deserialize, Serialize};
 use starling_swarm::{
-    Announce, BlobRef, Body, Bytes, EndpointId, FetchError, Manifest, ManifestEntry, Member,
-    Message, Net, NetConfig, NetEvent, Request, Response, RoundOpen, RunId, RunState, SecretKey,
-    Ticket, Traffic, WeightReport, unix_ms,
+    Announce, BlobRef, Body, EndpointId, Member, Message, MessageError, Net, NetConfig, NetEvent,
+    PublishError, RunId, SecretKey, SpawnError, Ticket, Traffic,
 };
 use starling_train::{SelectedDevice, atomic::write_atomic, data::shards::TokenStore};
-use tokio::{sync::mpsc, task::JoinSet, time::Instant};
+use tokio::sync::mpsc;
 
 use crate::{
     data::{DataError, Tokens},
     events::{NodeEvent, NodeState},
-    replica::{self, CheckedUpdate, Replica, SharedReplica, lock},
+    replica::{Replica, ReplicaError, SharedReplica, UpdateError, lock},
     short,
-    spec::RunSpec,
+    spec::{RunSpec, SpecError},
 };
+
+mod collect;
+mod control;
+mod round;
+
+use control::{Shared, answer};
 
 /// Why the host stopped.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum HostError {
-    /// Its state directory could not be read or written.
-    #[error("state directory {path}: {reason}")]
-    State {
-        /// The file.
+    /// A file in the state directory could not be read or written.
+    #[error("state directory: {path}: {source}")]
+    Io {
+        /// The file (or directory).
+        path: PathBuf,
+        /// What the OS said.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The host's key file could not be read or created.
+    #[error("key file {path}: {source}")]
+    Key {
+        /// The key file.
         path: PathBuf,
         /// What failed.
-        reason: String,
+        #[source]
+        source: std::io::Error,
+    },
+    /// The state file does not parse (or the state does not encode).
+    #[error("state file {path}: {source}")]
+    StateFile {
+        /// The state file.
+        path: PathBuf,
+        /// The JSON error.
+        #[source]
+        source: serde_json::Error,
+    },
+    /// The run spec saved in the state file is no longer valid.
+    #[error("state file {path}: the saved run spec: {source}")]
+    SavedSpec {
+        /// The state file.
+        path: PathBuf,
+        /// Why the spec is refused.
+        #[source]
+        source: SpecError,
+    },
+    /// The checkpoint file is not the checkpoint the state file names.
+    #[error("checkpoint {path} does not match the saved state")]
+    CheckpointChanged {
+        /// The checkpoint file.
+        path: PathBuf,
+    },
+    /// The checkpoint file does not load into the reference replica.
+    #[error("checkpoint {path}: {source}")]
+    Checkpoint {
+        /// The checkpoint file.
+        path: PathBuf,
+        /// Why it does not load.
+        #[source]
+        source: Box<ReplicaError>,
+    },
+    /// A manifest saved in the state file does not verify.
+    #[error("saved manifest of round {round}: {source}")]
+    SavedManifest {
+        /// Its round.
+        round: u64,
+        /// Why it does not verify.
+        #[source]
+        source: MessageError,
+    },
+    /// A message saved in the state file as a manifest is something else.
+    #[error("saved manifest of round {round} is not a manifest")]
+    NotAManifest {
+        /// Its round.
+        round: u64,
+    },
+    /// A saved manifest was signed by another host or for another round.
+    #[error("saved manifest of round {round} is not this host's")]
+    ForeignManifest {
+        /// The round it is saved under.
+        round: u64,
+    },
+    /// A saved update file no longer checks against the reference replica.
+    #[error("saved update {path} of round {round}: {source}")]
+    SavedUpdate {
+        /// Its round.
+        round: u64,
+        /// The update file.
+        path: PathBuf,
+        /// Why it is refused.
+        #[source]
+        source: UpdateError,
     },
     /// The network could not start.
     #[error("network: {0}")]
-    Net(String),
-    /// The reference replica failed.
-    #[error("replica: {0}")]
-    Replica(String),
+    Spawn(#[from] SpawnError),
+    /// A blob (the data, a checkpoint, an update) could not be served.
+    #[error("cannot serve {tag}: {source}")]
+    Publish {
+        /// The blob's tag.
+        tag: String,
+        /// Why the blob store refused it.
+        #[source]
+        source: PublishError,
+    },
+    /// The blob store hashed the run's data to another blob than the spec's.
+    #[error("the blob store hashed the data to {served}, the spec says {expected}")]
+    DataHash {
+        /// The hash the blob store computed.
+        served: String,
+        /// The hash in the spec.
+        expected: String,
+    },
+    /// A message could not be signed (it would be too large to send).
+    #[error("round {round}: cannot sign the {what}: {source}")]
+    Sign {
+        /// The round.
+        round: u64,
+        /// Which message ("round open", "manifest", "weight report").
+        what: &'static str,
+        /// Why signing failed.
+        #[source]
+        source: MessageError,
+    },
+    /// The reference replica could not be built.
+    #[error("reference replica: {0}")]
+    ReplicaInit(#[source] Box<ReplicaError>),
+    /// The reference replica failed to apply, evaluate or checkpoint a round.
+    #[error("reference replica, round {round}: {source}")]
+    Replica {
+        /// The round.
+        round: u64,
+        /// What failed.
+        #[source]
+        source: Box<ReplicaError>,
+    },
     /// The run's data is not the data the run was started with.
     #[error("{0}")]
     Data(#[from] DataError),
@@ -102,31 +227,30 @@ const STATE_FILE: &str = "host.json";
 const KEY_FILE: &str = "host.key";
 const CHECKPOINT_FILE: &str = "checkpoint.safetensors";
 const UPDATES_DIR: &str = "updates";
+/// Blob tag the latest checkpoint is served under.
+const CHECKPOINT_TAG: &str = "checkpoint";
 /// Blob tag the run's data is served under for the whole run.
 const DATA_TAG: &str = "data";
 
-/// What the control handler shares with the round loop.
-struct Shared {
-    spec_bytes: Vec<u8>,
-    checkpoint: Option<(u64, BlobRef)>,
-    manifests: Vec<(u64, Vec<u8>)>,
-    round_open: Option<Vec<u8>>,
-    next_round: u64,
-    joined: BTreeMap<EndpointId, Member>,
-    allow: HashSet<EndpointId>,
-    dropped: HashSet<EndpointId>,
+/// Map an I/O error on `path` in the state directory.
+fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> HostError + '_ {
+    move |source| HostError::Io {
+        path: path.to_path_buf(),
+        source,
+    }
 }
 
-fn state_err(path: &Path, e: impl std::fmt::Display) -> HostError {
-    HostError::State {
+/// Map a JSON error on the state file `path`.
+fn json_err(path: &Path) -> impl FnOnce(serde_json::Error) -> HostError + '_ {
+    move |source| HostError::StateFile {
         path: path.to_path_buf(),
-        reason: e.to_string(),
+        source,
     }
 }
 
 fn load_or_create_key(dir: &Path) -> Result<SecretKey, HostError> {
     let path = dir.join(KEY_FILE);
-    crate::keyfile::load_or_create(&path).map_err(|e| state_err(&path, e))
+    crate::keyfile::load_or_create(&path).map_err(|source| HostError::Key { path, source })
 }
 
 /// A running coordinator.
@@ -151,15 +275,18 @@ impl Host {
         out: mpsc::UnboundedSender<NodeEvent>,
     ) -> Result<Self, HostError> {
         let dir = opts.state_dir.clone();
-        std::fs::create_dir_all(dir.join(UPDATES_DIR)).map_err(|e| state_err(&dir, e))?;
+        let updates_dir = dir.join(UPDATES_DIR);
+        std::fs::create_dir_all(&updates_dir).map_err(io_err(&updates_dir))?;
         let key = load_or_create_key(&dir)?;
         let state_path = dir.join(STATE_FILE);
         let resumed = state_path.exists();
         let mut state = if resumed {
-            let bytes = std::fs::read(&state_path).map_err(|e| state_err(&state_path, e))?;
-            let s: SavedState =
-                serde_json::from_slice(&bytes).map_err(|e| state_err(&state_path, e))?;
-            s.spec.check().map_err(|e| state_err(&state_path, e))?;
+            let bytes = std::fs::read(&state_path).map_err(io_err(&state_path))?;
+            let s: SavedState = serde_json::from_slice(&bytes).map_err(json_err(&state_path))?;
+            s.spec.check().map_err(|source| HostError::SavedSpec {
+                path: state_path.clone(),
+                source,
+            })?;
             s
         } else {
             SavedState {
@@ -205,24 +332,25 @@ impl Host {
             control: Some(control),
             bootstrap: Vec::new(),
         })
-        .await
-        .map_err(|e| HostError::Net(e.to_string()))?;
+        .await?;
         let net = Arc::new(net);
         if !opts.allow.is_empty() {
             net.set_members(&[], &opts.allow).await;
         }
         state.port = net.addrs().first().map(|a| a.port()).unwrap_or(0);
         let data_bytes = state.spec.data.matches(&opts.tokens)?;
-        let served = net
-            .publish(DATA_TAG, data_bytes)
-            .await
-            .map_err(|e| HostError::Net(e.to_string()))?;
+        let served =
+            net.publish(DATA_TAG, data_bytes)
+                .await
+                .map_err(|source| HostError::Publish {
+                    tag: DATA_TAG.into(),
+                    source,
+                })?;
         if served != state.spec.data.blob {
-            return Err(HostError::Net(format!(
-                "the blob store hashed the data to {}, the spec says {}",
-                served.hex(),
-                state.spec.data.blob.hex()
-            )));
+            return Err(HostError::DataHash {
+                served: served.hex(),
+                expected: state.spec.data.blob.hex(),
+            });
         }
         let replica = Replica::new(
             &state.spec,
@@ -231,7 +359,7 @@ impl Host {
             *key.public().as_bytes(),
             Tokens::All(opts.tokens),
         )
-        .map_err(|e| HostError::Replica(e.to_string()))?;
+        .map_err(|e| HostError::ReplicaInit(Box::new(e)))?;
         let mut host = Self {
             net,
             events_rx,
@@ -280,8 +408,8 @@ impl Host {
 
     fn save(&self) -> Result<(), HostError> {
         let path = self.dir.join(STATE_FILE);
-        let bytes = serde_json::to_vec_pretty(&self.state).map_err(|e| state_err(&path, e))?;
-        write_atomic(&path, &bytes).map_err(|e| state_err(&path, e))
+        let bytes = serde_json::to_vec_pretty(&self.state).map_err(json_err(&path))?;
+        write_atomic(&path, &bytes).map_err(io_err(&path))
     }
 
     fn update_path(&self, blob: &BlobRef) -> PathBuf {
@@ -298,52 +426,61 @@ impl Host {
     async fn restore(&mut self) -> Result<(), HostError> {
         if let Some((_, blob)) = self.state.checkpoint {
             let path = self.dir.join(CHECKPOINT_FILE);
-            let bytes = std::fs::read(&path).map_err(|e| state_err(&path, e))?;
-            lock(&self.replica)
-                .load_checkpoint(&bytes, true)
-                .map_err(|e| HostError::Replica(e.to_string()))?;
+            let bytes = std::fs::read(&path).map_err(io_err(&path))?;
+            if let Err(source) = lock(&self.replica).load_checkpoint(&bytes, true) {
+                return Err(HostError::Checkpoint {
+                    path,
+                    source: Box::new(source),
+                });
+            }
             let published = self
                 .net
-                .publish("checkpoint", bytes)
+                .publish(CHECKPOINT_TAG, bytes)
                 .await
-                .map_err(|e| HostError::Net(e.to_string()))?;
+                .map_err(|source| HostError::Publish {
+                    tag: CHECKPOINT_TAG.into(),
+                    source,
+                })?;
             if published != blob {
-                return Err(state_err(
-                    &path,
-                    "checkpoint file does not match the saved state",
-                ));
+                return Err(HostError::CheckpointChanged { path });
             }
         }
         let host_id = self.net.id();
         for (round, signed) in self.state.manifests.clone() {
             let msg = Message::verify(&signed, self.state.run_id)
-                .map_err(|e| HostError::Replica(e.to_string()))?;
+                .map_err(|source| HostError::SavedManifest { round, source })?;
             let Body::Manifest(manifest) = msg.body else {
-                return Err(HostError::Replica(
-                    "saved manifest is not a manifest".into(),
-                ));
+                return Err(HostError::NotAManifest { round });
             };
             if msg.author != host_id || msg.round != round {
-                return Err(HostError::Replica(
-                    "saved manifest is not this host's".into(),
-                ));
+                return Err(HostError::ForeignManifest { round });
             }
             let mut updates = Vec::new();
             for e in &manifest.entries {
                 let path = self.update_path(&e.update);
-                let bytes = std::fs::read(&path).map_err(|err| state_err(&path, err))?;
-                self.net
-                    .publish(&update_tag(round, &e.sender), bytes.clone())
-                    .await
-                    .map_err(|err| HostError::Net(err.to_string()))?;
-                let checked = lock(&self.replica)
-                    .check(&bytes, round, *e.sender.as_bytes())
-                    .map_err(|err| HostError::Replica(err.to_string()))?;
+                let bytes = std::fs::read(&path).map_err(io_err(&path))?;
+                let tag = update_tag(round, &e.sender);
+                if let Err(source) = self.net.publish(&tag, bytes.clone()).await {
+                    return Err(HostError::Publish { tag, source });
+                }
+                let checked = match lock(&self.replica).check(&bytes, round, *e.sender.as_bytes()) {
+                    Ok(checked) => checked,
+                    Err(source) => {
+                        return Err(HostError::SavedUpdate {
+                            round,
+                            path,
+                            source,
+                        });
+                    }
+                };
                 updates.push(checked.update);
             }
             lock(&self.replica)
                 .apply(round, &updates)
-                .map_err(|e| HostError::Replica(e.to_string()))?;
+                .map_err(|source| HostError::Replica {
+                    round,
+                    source: Box::new(source),
+                })?;
         }
         Ok(())
     }
@@ -403,243 +540,25 @@ impl Host {
             .collect()
     }
 
-    async fn round(&mut self, round: u64) -> Result<(), HostError> {
-        // Wait for enough members (members that left ask again on their own).
-        let min = self.state.spec.rounds.min_members.max(1);
-        let members = loop {
-            let m = self.members();
-            if m.len() >= min {
-                break m;
-            }
-            self.drain_events(round);
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        };
-        let rounds = self.state.spec.rounds.clone();
-        let window = Duration::from_secs_f64(rounds.window_secs);
-        let open = RoundOpen {
-            members: members.clone(),
-            seed: self.state.spec.run.seed ^ round.wrapping_mul(0x9E37_79B9_7F4A_7C15),
-            deadline_ms: unix_ms() + window.as_millis() as u64,
-            checkpoint: self.state.checkpoint,
-            max_update_bytes: rounds.max_update_bytes,
-            eval: self.state.last_eval,
-        };
-        let signed_open = Message::sign(
-            self.net.secret_key(),
-            self.state.run_id,
-            round,
-            Body::RoundOpen(open),
-        )
-        .map_err(|e| HostError::Net(e.to_string()))?;
-        {
-            let mut shared = self.shared();
-            shared.round_open = Some(signed_open.clone());
-            shared.next_round = round;
-        }
-        // Admit this round's members, and keep admitting the allow list so
-        // listed volunteers can still join later.
-        let keep: Vec<EndpointId> = self.shared().allow.iter().copied().collect();
-        self.net.set_members(&members, &keep).await;
-        let _ = self.net.broadcast(signed_open.clone()).await;
-        self.emit(NodeEvent::RoundOpened {
-            node: self.name.clone(),
-            round,
-            members: members.len(),
-        });
-        let (up0, down0) = (
-            self.net.traffic().total.up(),
-            self.net.traffic().total.down(),
-        );
-
-        let member_ids: HashSet<EndpointId> = members.iter().map(|m| m.id).collect();
-        let deadline = Instant::now() + window;
-        let mut seen: HashMap<EndpointId, Announce> = HashMap::new();
-        let mut fetches: JoinSet<Fetched> = JoinSet::new();
-        let mut checked: Vec<Accepted> = Vec::new();
-        let mut rebroadcast = tokio::time::interval(Duration::from_secs(1));
-        rebroadcast.tick().await;
-        loop {
-            let complete =
-                rounds.close_when_complete && seen.len() == member_ids.len() && fetches.is_empty();
-            if complete {
-                break;
-            }
-            tokio::select! {
-                _ = tokio::time::sleep_until(deadline) => break,
-                _ = rebroadcast.tick() => { let _ = self.net.broadcast(signed_open.clone()).await; }
-                Some(done) = fetches.join_next(), if !fetches.is_empty() => {
-                    self.settle(round, done, &mut checked);
-                }
-                ev = self.events_rx.recv() => {
-                    let Some(ev) = ev else { break };
-                    if let Some((sender, ann)) = self.on_event(ev, round) {
-                        if !member_ids.contains(&sender) {
-                            self.emit(NodeEvent::Rejected { node: self.name.clone(), round, peer: short(&sender), reason: "not a member of this round".into() });
-                        } else if ann.update.size > rounds.max_update_bytes {
-                            self.fault(round, sender, format!("announced {} bytes, the limit is {}", ann.update.size, rounds.max_update_bytes));
-                            seen.insert(sender, ann);
-                        } else if let std::collections::hash_map::Entry::Vacant(v) = seen.entry(sender) {
-                            v.insert(ann.clone());
-                            fetches.spawn(fetch_and_check(self.net.clone(), self.replica.clone(), round, sender, ann, rounds.max_update_bytes, window));
-                        }
-                    }
-                }
-            }
-        }
-        // Updates still downloading at the deadline get a short grace.
-        let grace = tokio::time::sleep(Duration::from_secs(5));
-        tokio::pin!(grace);
-        while !fetches.is_empty() {
-            tokio::select! {
-                _ = &mut grace => { fetches.abort_all(); break; }
-                Some(done) = fetches.join_next() => {
-                    self.settle(round, done, &mut checked);
-                }
-            }
-        }
-
-        // Robust aggregation: drop updates far above the round's median norm.
-        let factor = rounds.robust_norm_factor;
-        if factor > 0.0 && checked.len() >= 3 {
-            let mut norms: Vec<f32> = checked.iter().map(|a| a.update.norm).collect();
-            norms.sort_by(f32::total_cmp);
-            let median = norms[norms.len() / 2];
-            let (keep, outliers): (Vec<_>, Vec<_>) = checked
-                .into_iter()
-                .partition(|a| a.update.norm <= factor * median);
-            checked = keep;
-            for a in outliers {
-                self.fault(
-                    round,
-                    a.sender,
-                    format!(
-                        "update norm {:.3} is over {factor}x the median {median:.3}",
-                        a.update.norm
-                    ),
-                );
-            }
-        }
-        checked.sort_by_key(|a| a.sender);
-
-        // Persist the updates, then the state naming the manifest, then announce it.
-        let mut entries = Vec::new();
-        for a in &checked {
-            let path = self.update_path(&a.announce.update);
-            write_atomic(&path, &a.bytes).map_err(|e| state_err(&path, e))?;
-            entries.push(ManifestEntry {
-                sender: a.sender,
-                update: a.announce.update,
-                tokens: a.announce.tokens,
-                loss: a.announce.loss,
-            });
-        }
-        let tokens: u64 = entries.iter().map(|e| e.tokens).sum();
-        self.state.run_tokens += tokens;
-        let manifest = Manifest {
-            entries,
-            run_tokens: self.state.run_tokens,
-        };
-        let loss = manifest.mean_loss();
-        let signed = Message::sign(
-            self.net.secret_key(),
-            self.state.run_id,
-            round,
-            Body::Manifest(manifest),
-        )
-        .map_err(|e| HostError::Net(e.to_string()))?;
-        self.state.manifests.push((round, signed.clone()));
-        self.state.next_round = round + 1;
-        // A member that sent nothing (gone, or too slow for the window) leaves
-        // the member list until it asks again, so it cannot stall later rounds.
-        let missing: Vec<EndpointId> = member_ids
-            .iter()
-            .filter(|id| !seen.contains_key(*id))
-            .copied()
-            .collect();
-        for id in &missing {
-            self.shared().joined.remove(id);
-            self.warn(format!(
-                "{} sent no update for round {round}; it rejoins when it asks again",
-                short(id)
-            ));
-        }
-        self.state.members = members
-            .into_iter()
-            .filter(|m| !missing.contains(&m.id))
-            .collect();
-        let dropped: Vec<EndpointId> = self.shared().dropped.iter().copied().collect();
-        self.state.dropped = dropped;
-        self.save()?;
-        {
-            let mut shared = self.shared();
-            shared.manifests.push((round, signed.clone()));
-            shared.round_open = None;
-            shared.next_round = round + 1;
-        }
-        let _ = self.net.broadcast(signed).await;
-
-        // Apply on the reference replica.
-        let updates: Vec<_> = checked.into_iter().map(|a| a.update.update).collect();
-        let n = updates.len();
-        let eval = round.is_multiple_of(rounds.eval_every)
-            || self.state.spec.run.total_rounds == round + 1;
-        let (digest, eval_loss) = replica::blocking(&self.replica, move |r| {
-            r.apply(round, &updates)?;
-            let eval_loss = if eval { Some(r.eval_loss()?) } else { None };
-            Ok((r.digest()?, eval_loss))
-        })
-        .await
-        .map_err(|e| HostError::Replica(e.to_string()))?;
-        if let Some(l) = eval_loss {
-            self.state.last_eval = Some((round, l));
-        }
-        self.digests.insert(round, digest);
-        while self.digests.len() > 64 {
-            self.digests.pop_first();
-        }
-        if round.is_multiple_of(rounds.report_every) {
-            let report = Message::sign(
-                self.net.secret_key(),
-                self.state.run_id,
-                round,
-                Body::WeightReport(WeightReport { digest }),
-            )
-            .map_err(|e| HostError::Net(e.to_string()))?;
-            let _ = self.net.broadcast(report).await;
-        }
-        let allreduce = lock(&self.replica).allreduce_bytes();
-        self.emit(NodeEvent::RoundApplied {
-            node: self.name.clone(),
-            round,
-            updates: n,
-            loss,
-            eval_loss,
-            digest,
-            bytes_up: self.net.traffic().total.up() - up0,
-            bytes_down: self.net.traffic().total.down() - down0,
-            allreduce_bytes: allreduce,
-            tokens,
-            run_tokens: self.state.run_tokens,
-        });
-        if (round + 1).is_multiple_of(rounds.checkpoint_every) {
-            self.checkpoint(round).await?;
-        }
-        Ok(())
-    }
-
     /// Write and publish a checkpoint after `round`; drop what it supersedes.
     async fn checkpoint(&mut self, round: u64) -> Result<(), HostError> {
         let bytes = lock(&self.replica)
             .checkpoint_bytes(round)
-            .map_err(|e| HostError::Replica(e.to_string()))?;
+            .map_err(|source| HostError::Replica {
+                round,
+                source: Box::new(source),
+            })?;
         let path = self.dir.join(CHECKPOINT_FILE);
-        write_atomic(&path, &bytes).map_err(|e| state_err(&path, e))?;
+        write_atomic(&path, &bytes).map_err(io_err(&path))?;
         let size = bytes.len() as u64;
         let blob = self
             .net
-            .publish("checkpoint", bytes)
+            .publish(CHECKPOINT_TAG, bytes)
             .await
-            .map_err(|e| HostError::Net(e.to_string()))?;
+            .map_err(|source| HostError::Publish {
+                tag: CHECKPOINT_TAG.into(),
+                source,
+            })?;
         let old: Vec<(u64, Vec<u8>)> = std::mem::take(&mut self.state.manifests);
         self.state.checkpoint = Some((round, blob));
         self.save()?;
@@ -669,31 +588,8 @@ impl Host {
         Ok(())
     }
 
-    /// Record a finished fetch: accepted, or a fault of its sender.
-    fn settle(
-        &mut self,
-        round: u64,
-        done: Result<Fetched, tokio::task::JoinError>,
-        accepted: &mut Vec<Accepted>,
-    ) {
-        match done {
-            Ok((sender, announce, Ok((bytes, update)))) => accepted.push(Accepted {
-                sender,
-                announce,
-                bytes,
-                update,
-            }),
-            Ok((sender, _, Err(Refusal::Fault(reason)))) => self.fault(round, sender, reason),
-            Ok((sender, _, Err(Refusal::Missing(reason)))) => self.emit(NodeEvent::Rejected {
-                node: self.name.clone(),
-                round,
-                peer: short(&sender),
-                reason: format!("update not received: {reason}"),
-            }),
-            Err(e) => self.warn(format!("round {round}: a fetch task failed: {e}")),
-        }
-    }
-
+    /// Log a fault of `peer` in `round`; drop it from the run once it has
+    /// made `max_faults`.
     fn fault(&mut self, round: u64, peer: EndpointId, reason: String) {
         self.emit(NodeEvent::Rejected {
             node: self.name.clone(),
@@ -756,6 +652,7 @@ impl Host {
         }
     }
 
+    /// Handle the network events already queued, without waiting.
     fn drain_events(&mut self, round: u64) {
         while let Ok(ev) = self.events_rx.try_recv() {
             let _ = self.on_event(ev, round);
@@ -771,107 +668,6 @@ pub(crate) fn update_tag(round: u64, sender: &EndpointId) -> String {
 /// The tag prefix of every blob kept for a round.
 pub(crate) fn round_prefix(round: u64) -> String {
     format!("u/{round:012}/")
-}
-
-/// What a fetch task reports: the announce, and the checked update or why not.
-type Fetched = (
-    EndpointId,
-    Announce,
-    Result<(Bytes, CheckedUpdate), Refusal>,
-);
-
-/// Why an announced update was left out of the round.
-enum Refusal {
-    /// The peer sent something wrong (size lie, invalid update): counts as a fault.
-    Fault(String),
-    /// The update could not be had (the peer left, the link broke, our own
-    /// worker failed): not held against the peer.
-    Missing(String),
-}
-
-/// An update accepted into the round, with its bytes for the update file.
-struct Accepted {
-    sender: EndpointId,
-    announce: Announce,
-    bytes: Bytes,
-    update: CheckedUpdate,
-}
-
-async fn fetch_and_check(
-    net: Arc<Net>,
-    replica: SharedReplica,
-    round: u64,
-    sender: EndpointId,
-    ann: Announce,
-    max: u64,
-    time_limit: Duration,
-) -> Fetched {
-    let tag = update_tag(round, &sender);
-    let bytes = match net
-        .fetch(&ann.update, &[sender], max, &tag, time_limit)
-        .await
-    {
-        Ok(b) => b,
-        Err(e @ FetchError::Unavailable(_)) => {
-            return (sender, ann, Err(Refusal::Missing(e.to_string())));
-        }
-        Err(e) => return (sender, ann, Err(Refusal::Fault(e.to_string()))),
-    };
-    let checked = bytes.clone();
-    let result = match replica::blocking(&replica, move |r| {
-        Ok(r.check(&checked, round, *sender.as_bytes()))
-    })
-    .await
-    {
-        Ok(Ok(update)) => Ok((bytes, update)),
-        Ok(Err(invalid)) => Err(Refusal::Fault(invalid.to_string())),
-        Err(worker) => Err(Refusal::Missing(worker.to_string())),
-    };
-    (sender, ann, result)
-}
-
-fn answer(shared: &Mutex<Shared>, run_id: RunId, from: EndpointId, request: Request) -> Response {
-    let mut s = shared.lock().unwrap_or_else(|e| e.into_inner());
-    match request {
-        Request::Join {
-            run_id: asked,
-            addrs,
-            since,
-        } => {
-            if asked != run_id {
-                return Response::Refused {
-                    reason: "this host coordinates another run".into(),
-                };
-            }
-            if s.dropped.contains(&from) {
-                return Response::Refused {
-                    reason: "removed from this run after repeated invalid updates".into(),
-                };
-            }
-            if !s.allow.is_empty() && !s.allow.contains(&from) {
-                return Response::Refused {
-                    reason: "not on this run's member list".into(),
-                };
-            }
-            s.joined.insert(from, Member { id: from, addrs });
-            let since = since.unwrap_or(0);
-            Response::State(RunState {
-                spec: s.spec_bytes.clone(),
-                checkpoint: s.checkpoint,
-                manifests: s
-                    .manifests
-                    .iter()
-                    .filter(|(r, _)| *r >= since)
-                    .map(|(_, m)| m.clone())
-                    .collect(),
-                round_open: s.round_open.clone(),
-                next_round: s.next_round,
-            })
-        }
-        _ => Response::Refused {
-            reason: "unsupported request".into(),
-        },
-    }
 }
 
 #[cfg(test)]

@@ -1,28 +1,48 @@
 //! One Starling node's runtime, shared by the `starling` CLI and the desktop
-//! app: a coordinator ([`host`]) or a volunteer ([`volunteer`]) wired from the
+//! app: a coordinator ([`Host`]) or a volunteer ([`Volunteer`]) wired from the
 //! swarm (network) and train (model) layers, reporting one [`NodeEvent`]
 //! stream.
+//!
+//! The surface is small on purpose: the two faces (CLI and app) see the
+//! façade, the host, the events, the run spec and the settings and machine
+//! report they render; how a round is played stays inside, free to change.
 
-pub mod caps;
-pub mod data;
-pub mod events;
-pub mod host;
-pub mod keyfile;
+mod caps;
+mod data;
+mod events;
+mod host;
+mod keyfile;
 pub mod machine;
-pub mod metrics;
-pub mod replica;
-pub mod session;
+mod metrics;
+mod replica;
+mod session;
 pub mod settings;
-pub mod spec;
-pub mod usage;
-pub mod volunteer;
+mod spec;
+mod usage;
+mod volunteer;
 
+#[cfg(test)]
+mod ts_types;
+
+pub use caps::{Caps, CapsError, watch_caps};
 pub use events::{NodeEvent, NodeState, PeerView};
 pub use host::{Host, HostError, HostOptions};
+pub use keyfile::load_or_create as load_or_create_key;
+pub use metrics::{Metrics, serve as serve_metrics};
+pub use session::{
+    Activity, ErrorCode, ErrorInfo, IdleTime, NoIdleTime, SessionError, Status, Tick, Volunteer,
+    VolunteerConfig, VolunteerPaths,
+};
+pub use settings::{Preset, Settings, SettingsError, Window};
 pub use spec::{RunFile, RunSpec, SpecError};
-pub use starling_swarm::{EndpointId, SecretKey, Ticket, Traffic};
-pub use usage::{MonthlyCap, Usage};
-pub use volunteer::{VolunteerError, VolunteerOptions, run_volunteer};
+pub use starling_swarm::{EndpointId, SecretKey, Ticket, Traffic, unix_ms};
+pub use volunteer::VolunteerError;
+
+#[cfg(test)]
+pub(crate) use {
+    usage::MonthlyCap,
+    volunteer::{VolunteerOptions, run_volunteer},
+};
 
 /// A short, stable name for a node in logs.
 pub fn short(id: &EndpointId) -> String {

@@ -21,7 +21,7 @@ const MEMORY_SHARE: f64 = 0.85;
 const ASSUMED_DISCRETE_VRAM: u64 = 4 << 30;
 
 /// The CPU and memory.
-#[derive(Clone, Debug, PartialEq, Serialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, ts_rs::TS)]
 pub struct CpuReport {
     /// Marketing name, e.g. "AMD Ryzen 7 5800X".
     pub brand: String,
@@ -34,7 +34,7 @@ pub struct CpuReport {
 }
 
 /// One graphics adapter.
-#[derive(Clone, Debug, PartialEq, Serialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, ts_rs::TS)]
 pub struct GpuReport {
     /// The `--device` value that selects it (`wgpu:N`).
     pub device: String,
@@ -61,7 +61,7 @@ pub struct GpuReport {
 }
 
 /// Whether one model fits one device.
-#[derive(Clone, Debug, PartialEq, Serialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, ts_rs::TS)]
 pub struct ModelFit {
     /// Model preset.
     pub model: String,
@@ -76,7 +76,7 @@ pub struct ModelFit {
 }
 
 /// The plain answer for one device.
-#[derive(Clone, Debug, PartialEq, Serialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, ts_rs::TS)]
 pub struct Verdict {
     /// `cpu` or `wgpu:N`.
     pub device: String,
@@ -91,7 +91,7 @@ pub struct Verdict {
 }
 
 /// Everything the preflight check found.
-#[derive(Clone, Debug, PartialEq, Serialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, ts_rs::TS)]
 pub struct MachineReport {
     /// CPU and RAM.
     pub cpu: CpuReport,
@@ -144,12 +144,15 @@ pub fn memory_budget(vram_total: Option<u64>, limit_gb: Option<f64>) -> Option<u
 }
 
 /// [`memory_budget`] for the device named `device` ("wgpu:N" as in
-/// [`probe`]; "cpu" has none: the verdicts judge CPUs by model size).
+/// [`probe`]; "cpu" trains in RAM, so the RAM's size stands for its memory).
+/// The volunteer's limit applies to every device.
 pub fn device_memory_budget(device: &str, limit_gb: Option<f64>) -> Option<u64> {
-    if device == "cpu" {
-        return None;
-    }
-    let vram = if device.starts_with("wgpu:") {
+    let vram = if device == "cpu" {
+        sysinfo::System::new().ok().map(|mut sys| {
+            sys.refresh_memory();
+            sys.total_memory()
+        })
+    } else if device.starts_with("wgpu:") {
         probe()
             .gpus
             .into_iter()
@@ -345,7 +348,7 @@ fn nvml_readings(gpus: &mut [GpuReport]) -> bool {
 }
 
 /// A live reading of the first NVIDIA GPU.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Serialize)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Serialize, ts_rs::TS)]
 pub struct GpuSample {
     /// Busy percentage.
     pub util: Option<u32>,

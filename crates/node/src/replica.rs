@@ -11,14 +11,15 @@
 
 use std::sync::{Arc, Mutex, MutexGuard};
 
-use starling_distro::wire::{self, DecodeLimits, UpdateHeader};
-use starling_distro::{IncomingUpdate, TensorBudget, budget_topk};
+use starling_distro::wire::{self, DecodeError, DecodeLimits, EncodeError, UpdateHeader};
+use starling_distro::{ApplyError, IncomingUpdate, StepOptions, TensorBudget, budget_topk};
 use starling_train::{
-    Batch, Checkpoint, DistroPeer, OptimizerSnapshot, Sampler, SelectedDevice, Trainer,
+    Batch, Checkpoint, CheckpointError, DistroPeer, OptimError, OptimizerSnapshot, Sampler,
+    SamplerError, SelectedDevice, TrainError, Trainer,
 };
 
-use crate::data::Tokens;
-use crate::spec::RunSpec;
+use crate::data::{DataError, Tokens};
+use crate::spec::{RunSpec, SpecError};
 
 static TRAIN_LOCK: Mutex<()> = Mutex::new(());
 
@@ -40,7 +41,7 @@ pub async fn blocking<T: Send + 'static>(
     let replica = replica.clone();
     tokio::task::spawn_blocking(move || f(&mut lock(&replica)))
         .await
-        .map_err(|e| ReplicaError::Train(format!("worker thread failed: {e}")))?
+        .map_err(ReplicaError::Worker)?
 }
 
 /// Share of the round window a member may spend uploading its update.
@@ -52,15 +53,45 @@ const EVAL_FRACTION: f64 = 0.05;
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum ReplicaError {
-    /// The run's data could not be prepared.
+    /// The run's data cannot be sampled as the spec asks.
     #[error("data: {0}")]
-    Data(String),
-    /// Training or applying failed.
+    Sampler(#[source] SamplerError),
+    /// A fetched data window is not what the spec promises.
+    #[error("data: {0}")]
+    Window(#[source] DataError),
+    /// A data window the step needs has not been fetched.
+    #[error("training: the data window at token {0} has not been fetched")]
+    MissingWindow(u64),
+    /// The spec's DisTrO settings are unusable.
     #[error("training: {0}")]
-    Train(String),
-    /// A checkpoint did not load.
+    Spec(#[source] SpecError),
+    /// The model failed: creating it, a training step, an evaluation, a read.
+    #[error("training: {0}")]
+    Train(#[source] TrainError),
+    /// The optimizer failed: creating it, a step, an apply.
+    #[error("training: {0}")]
+    Optim(#[source] OptimError),
+    /// The update could not be encoded.
+    #[error("training: {0}")]
+    Encode(#[source] EncodeError),
+    /// The blocking thread running the work failed (it panicked or was cancelled).
+    #[error("training: worker thread failed: {0}")]
+    Worker(#[source] tokio::task::JoinError),
+    /// There is no replica yet (the node has not joined a run).
+    #[error("training: no replica yet")]
+    NoReplica,
+    /// A checkpoint could not be made or does not load.
     #[error("checkpoint: {0}")]
-    Checkpoint(String),
+    Checkpoint(#[source] CheckpointError),
+    /// The weights could not be read into or restored from a checkpoint.
+    #[error("checkpoint: {0}")]
+    CheckpointWeights(#[source] TrainError),
+    /// The momentum could not be read into or restored from a checkpoint.
+    #[error("checkpoint: {0}")]
+    CheckpointMomentum(#[source] OptimError),
+    /// The checkpoint is for another model or run.
+    #[error("checkpoint: it belongs to another model or run")]
+    ForeignCheckpoint,
 }
 
 /// Why an update was refused.
@@ -69,13 +100,13 @@ pub enum ReplicaError {
 pub enum UpdateError {
     /// The bytes do not decode.
     #[error("malformed update: {0}")]
-    Wire(String),
+    Wire(#[source] DecodeError),
     /// The header names another run, round or sender.
     #[error("update header does not match its announce ({0})")]
     Header(&'static str),
     /// Shapes, indices or values do not fit the model.
     #[error("update does not fit the model: {0}")]
-    Model(String),
+    Model(#[source] ApplyError),
 }
 
 /// A checked update and its L2 norm (for robust aggregation).
@@ -130,12 +161,11 @@ impl Replica {
             EVAL_FRACTION,
             spec.run.seed,
         )
-        .map_err(|e| ReplicaError::Data(e.to_string()))?;
-        let train = |e: &dyn std::fmt::Display| ReplicaError::Train(e.to_string());
-        let trainer =
-            Trainer::new(&spec.model, &device.device, spec.run.seed).map_err(|e| train(&e))?;
-        let distro = spec.distro().map_err(|e| train(&e))?;
-        let peer = DistroPeer::new(&trainer, distro).map_err(|e| train(&e))?;
+        .map_err(ReplicaError::Sampler)?;
+        let trainer = Trainer::new(&spec.model, &device.device, spec.run.seed)
+            .map_err(ReplicaError::Train)?;
+        let distro = spec.distro().map_err(ReplicaError::Spec)?;
+        let peer = DistroPeer::new(&trainer, distro).map_err(ReplicaError::Optim)?;
         let budgets = trainer
             .shapes()
             .iter()
@@ -202,7 +232,7 @@ impl Replica {
             .spec
             .data
             .decode_window(offset, len, bytes)
-            .map_err(|e| ReplicaError::Data(e.to_string()))?;
+            .map_err(ReplicaError::Window)?;
         match &mut self.tokens {
             Tokens::Fetched(windows) => {
                 windows.insert(offset, tokens);
@@ -212,18 +242,18 @@ impl Replica {
         }
     }
 
-    fn batch(&self, offsets: &[u64]) -> Result<Batch, String> {
+    fn batch(&self, offsets: &[u64]) -> Result<Batch, ReplicaError> {
         let len = self.sampler.window();
         let windows = offsets
             .iter()
             .map(|&o| {
                 self.tokens
                     .window(o, len)
-                    .ok_or_else(|| format!("the data window at token {o} has not been fetched"))
+                    .ok_or(ReplicaError::MissingWindow(o))
             })
             .collect::<Result<Vec<_>, _>>()?;
         Batch::from_windows(&windows, self.spec.run.seq_len, self.spec.model.vocab_size)
-            .map_err(|e| e.to_string())
+            .map_err(ReplicaError::Train)
     }
 
     /// Train this member's share of `round` (slot `slot` of the members) and
@@ -235,10 +265,9 @@ impl Replica {
         topk: usize,
     ) -> Result<TrainedUpdate, ReplicaError> {
         let _guard = TRAIN_LOCK.lock().unwrap_or_else(|e| e.into_inner());
-        let train = |e: &dyn std::fmt::Display| ReplicaError::Train(e.to_string());
         let r = &self.spec.run;
         let offsets = self.sampler.train_windows(round, slot, r.batch);
-        let batch = self.batch(&offsets).map_err(|e| train(&e))?;
+        let batch = self.batch(&offsets)?;
         if let Tokens::Fetched(windows) = &mut self.tokens {
             // Each window is trained on once: keep memory to one round's worth.
             windows.clear();
@@ -246,16 +275,19 @@ impl Replica {
         let grads = self
             .trainer
             .gradients(&batch, r.micro_batch, r.clip)
-            .map_err(|e| train(&e))?;
-        self.peer.set_topk(topk.max(1));
+            .map_err(ReplicaError::Train)?;
         let lr = self.spec.schedule().lr(round);
-        let update = self.peer.step(&grads, lr).map_err(|e| train(&e))?;
+        let options = StepOptions { topk: topk.max(1) };
+        let update = self
+            .peer
+            .step(&grads, lr, options)
+            .map_err(ReplicaError::Optim)?;
         let header = UpdateHeader {
             run_id: self.run_id,
             round,
             sender: self.id,
         };
-        let bytes = wire::encode(&header, &update).map_err(|e| train(&e))?;
+        let bytes = wire::encode(&header, &update).map_err(ReplicaError::Encode)?;
         Ok(TrainedUpdate {
             bytes,
             loss: grads.loss,
@@ -272,8 +304,7 @@ impl Replica {
         round: u64,
         sender: [u8; 32],
     ) -> Result<CheckedUpdate, UpdateError> {
-        let decoded =
-            wire::decode(bytes, &self.limits).map_err(|e| UpdateError::Wire(e.to_string()))?;
+        let decoded = wire::decode(bytes, &self.limits).map_err(UpdateError::Wire)?;
         let h = &decoded.header;
         if h.run_id != self.run_id {
             return Err(UpdateError::Header("run"));
@@ -288,7 +319,7 @@ impl Replica {
         self.peer
             .layout()
             .merge(std::slice::from_ref(&update), 0.0)
-            .map_err(|e| UpdateError::Model(e.to_string()))?;
+            .map_err(UpdateError::Model)?;
         let sum: f64 = update
             .tensors
             .iter()
@@ -310,16 +341,13 @@ impl Replica {
         let lr = self.spec.schedule().lr(round);
         self.peer
             .apply(&mut self.trainer, updates, lr)
-            .map_err(|e| ReplicaError::Train(e.to_string()))?;
+            .map_err(ReplicaError::Optim)?;
         Ok(())
     }
 
     /// The first 8 bytes of the BLAKE3 digest of the weights.
     pub fn digest(&self) -> Result<u64, ReplicaError> {
-        let h = self
-            .trainer
-            .digest()
-            .map_err(|e| ReplicaError::Train(e.to_string()))?;
+        let h = self.trainer.digest().map_err(ReplicaError::Train)?;
         let mut first = [0u8; 8];
         first.copy_from_slice(&h.as_bytes()[..8]);
         Ok(u64::from_le_bytes(first))
@@ -330,25 +358,29 @@ impl Replica {
         let _guard = TRAIN_LOCK.lock().unwrap_or_else(|e| e.into_inner());
         let r = &self.spec.run;
         let offsets = self.sampler.eval_windows(r.eval_sequences);
-        let batch = self
-            .batch(&offsets)
-            .map_err(|e| ReplicaError::Train(e.to_string()))?;
+        let batch = self.batch(&offsets)?;
         self.trainer
             .eval_loss(&batch, r.micro_batch)
-            .map_err(|e| ReplicaError::Train(e.to_string()))
+            .map_err(ReplicaError::Train)
     }
 
     /// The weights (and this replica's momentum) after `round`, as checkpoint bytes.
     pub fn checkpoint_bytes(&self, round: u64) -> Result<Vec<u8>, ReplicaError> {
-        let err = |e: &dyn std::fmt::Display| ReplicaError::Checkpoint(e.to_string());
         let checkpoint = Checkpoint {
             model: self.spec.model.clone(),
             step: round + 1,
             seed: self.spec.run.seed,
-            params: self.trainer.params_host().map_err(|e| err(&e))?,
-            optimizer: OptimizerSnapshot::Distro(vec![self.peer.momentum().map_err(|e| err(&e))?]),
+            params: self
+                .trainer
+                .params_host()
+                .map_err(ReplicaError::CheckpointWeights)?,
+            optimizer: OptimizerSnapshot::Distro(vec![
+                self.peer
+                    .momentum()
+                    .map_err(ReplicaError::CheckpointMomentum)?,
+            ]),
         };
-        checkpoint.to_bytes().map_err(|e| err(&e))
+        checkpoint.to_bytes().map_err(ReplicaError::Checkpoint)
     }
 
     /// Load weights from checkpoint bytes (momentum too when `with_momentum`:
@@ -358,21 +390,20 @@ impl Replica {
         bytes: &[u8],
         with_momentum: bool,
     ) -> Result<u64, ReplicaError> {
-        let err = |e: &dyn std::fmt::Display| ReplicaError::Checkpoint(e.to_string());
-        let c = Checkpoint::from_bytes(bytes).map_err(|e| err(&e))?;
+        let c = Checkpoint::from_bytes(bytes).map_err(ReplicaError::Checkpoint)?;
         if c.model != self.spec.model || c.seed != self.spec.run.seed {
-            return Err(ReplicaError::Checkpoint(
-                "it belongs to another model or run".into(),
-            ));
+            return Err(ReplicaError::ForeignCheckpoint);
         }
         self.trainer
             .set_params_host(&c.params)
-            .map_err(|e| err(&e))?;
+            .map_err(ReplicaError::CheckpointWeights)?;
         if with_momentum
             && let OptimizerSnapshot::Distro(m) = &c.optimizer
             && let Some(mine) = m.first()
         {
-            self.peer.set_momentum(mine).map_err(|e| err(&e))?;
+            self.peer
+                .set_momentum(mine)
+                .map_err(ReplicaError::CheckpointMomentum)?;
         }
         Ok(c.step)
     }

@@ -11,6 +11,7 @@
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
+use ts_rs::TS;
 
 /// Why settings could not be loaded or saved.
 #[derive(Debug, thiserror::Error)]
@@ -25,12 +26,12 @@ pub enum SettingsError {
         source: std::io::Error,
     },
     /// The file is not valid settings JSON.
-    #[error("{path}: {reason}")]
+    #[error("{path}: {source}")]
     Format {
         /// The file.
         path: PathBuf,
-        /// What is wrong.
-        reason: String,
+        /// What the parser said.
+        source: serde_json::Error,
     },
     /// Values out of range.
     #[error("{}", .0.iter().map(|e| format!("{}: {}", e.field, e.message)).collect::<Vec<_>>().join("; "))]
@@ -38,7 +39,7 @@ pub enum SettingsError {
 }
 
 /// One invalid field and what to do about it.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, TS)]
 pub struct FieldError {
     /// The field's JSON name.
     pub field: String,
@@ -47,7 +48,7 @@ pub struct FieldError {
 }
 
 /// A daily window, local time, `HH:MM`; `end` before `start` wraps midnight.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, TS)]
 #[serde(deny_unknown_fields)]
 pub struct Window {
     /// Start, e.g. "22:00".
@@ -57,7 +58,7 @@ pub struct Window {
 }
 
 /// Named settings for people who don't want to think about numbers.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, TS)]
 #[serde(rename_all = "lowercase")]
 pub enum Preset {
     /// Barely noticeable: small caps, only when idle, never on battery.
@@ -69,7 +70,7 @@ pub enum Preset {
 }
 
 /// Everything a volunteer can set.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, TS)]
 #[serde(deny_unknown_fields, default)]
 pub struct Settings {
     /// Upload cap in Mbit/s (`None`: unlimited).
@@ -103,7 +104,7 @@ impl Default for Settings {
 }
 
 /// Why participation is paused by a rule right now.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, TS)]
 #[serde(tag = "reason", rename_all = "snake_case")]
 pub enum Hold {
     /// The user is at the machine.
@@ -336,9 +337,9 @@ impl Settings {
                 });
             }
         };
-        let s: Self = serde_json::from_slice(&bytes).map_err(|e| SettingsError::Format {
+        let s: Self = serde_json::from_slice(&bytes).map_err(|source| SettingsError::Format {
             path: path.into(),
-            reason: e.to_string(),
+            source,
         })?;
         s.check()?;
         Ok(s)

@@ -16,9 +16,10 @@ use std::{
     time::Duration,
 };
 
+use starling_distro::IncomingUpdate;
 use starling_swarm::{
-    Announce, Body, EndpointId, Manifest, Member, Message, Net, NetConfig, NetEvent, Request,
-    Response, RoundOpen, RunState, SecretKey, Ticket, Traffic, WeightReport, unix_ms,
+    Announce, BlobRef, Body, EndpointId, Manifest, Member, Message, Net, NetConfig, NetEvent,
+    Request, Response, RoundOpen, RunState, SecretKey, Ticket, Traffic, WeightReport, unix_ms,
 };
 use starling_train::SelectedDevice;
 use tokio::{
@@ -45,21 +46,54 @@ const POLL_AFTER: Duration = Duration::from_secs(3);
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum VolunteerError {
-    /// The coordinator turned us away.
+    /// The run admits listed members only, and this node is not listed.
+    #[error("the host refused to admit this node: it is not on the run's member list")]
+    NotMember,
+    /// The coordinator turned us away, for the reason it gave.
     #[error("the host refused to admit this node: {0}")]
     Refused(String),
-    /// The network could not start.
+    /// The endpoint could not start.
     #[error("network: {0}")]
-    Net(String),
+    Spawn(#[source] Box<starling_swarm::SpawnError>),
+    /// The coordinator answered something other than the run's state.
+    #[error("network: unexpected answer from the host")]
+    UnexpectedAnswer,
+    /// The endpoint's event stream ended.
+    #[error("network: the endpoint stopped")]
+    NetworkStopped,
+    /// A download failed.
+    #[error("network: {what}: {source}")]
+    Fetch {
+        /// What was being fetched.
+        what: String,
+        /// Why it failed.
+        #[source]
+        source: Box<starling_swarm::FetchError>,
+    },
+    /// Our update could not be published.
+    #[error("network: {0}")]
+    Publish(#[source] Box<starling_swarm::PublishError>),
+    /// Our announce could not be signed.
+    #[error("network: {0}")]
+    Sign(#[source] starling_swarm::MessageError),
     /// The run's spec is unusable.
     #[error("the host's run spec is invalid: {0}")]
-    Spec(String),
+    Spec(#[source] crate::spec::SpecError),
     /// The local replica failed.
     #[error("training: {0}")]
     Replica(#[from] ReplicaError),
+    /// A training worker thread died.
+    #[error("training: the worker thread failed: {0}")]
+    Worker(#[source] tokio::task::JoinError),
     /// The data-use ledger could not be read or written.
-    #[error("data use ledger: {0}")]
-    Usage(String),
+    #[error("data use ledger {path}: {source}")]
+    Usage {
+        /// The ledger file.
+        path: PathBuf,
+        /// What the OS said.
+        #[source]
+        source: std::io::Error,
+    },
     /// The run's model needs more memory than this device may use.
     #[error(
         "this run trains a {params}-parameter model that needs about {need} to train; {device} may use {have}"
@@ -75,15 +109,27 @@ pub enum VolunteerError {
         device: String,
     },
     /// The coordinator's manifest lists an update that fails our checks.
-    #[error("round {round}: the host accepted an invalid update from {sender}: {reason}")]
+    #[error("round {round}: the host accepted an invalid update from {sender}: {source}")]
     InvalidAccepted {
         /// The round.
         round: u64,
         /// The update's author.
         sender: String,
         /// What our check found.
-        reason: String,
+        #[source]
+        source: crate::replica::UpdateError,
     },
+}
+
+impl VolunteerError {
+    /// Whether the run can go on after it: a peer or the host went away
+    /// mid-transfer, so the next tick tries again instead of leaving.
+    fn is_transient(&self) -> bool {
+        matches!(
+            self,
+            Self::UnexpectedAnswer | Self::Fetch { .. } | Self::Publish(_)
+        )
+    }
 }
 
 /// How to start a volunteer.
@@ -183,7 +229,7 @@ pub async fn run_volunteer(
         }
         None => Net::spawn(config(opts.bind)).await,
     };
-    let (net, rx) = spawned.map_err(|e| VolunteerError::Net(e.to_string()))?;
+    let (net, rx) = spawned.map_err(|e| VolunteerError::Spawn(Box::new(e)))?;
     if let (Some(path), Some(addr)) = (&opts.port_file, net.addrs().first()) {
         // Best effort: without it a restart only reconnects more slowly.
         let _ = starling_train::atomic::write_atomic(path, addr.port().to_string().as_bytes());
@@ -213,8 +259,10 @@ pub async fn run_volunteer(
         memory_budget: opts.memory_budget,
     };
     if let Some(path) = opts.usage_file {
-        let usage = Usage::load(&path)
-            .map_err(|e| VolunteerError::Usage(format!("cannot read {}: {e}", path.display())))?;
+        let usage = Usage::load(&path).map_err(|source| VolunteerError::Usage {
+            path: path.clone(),
+            source,
+        })?;
         v.usage = Some((path, usage));
     }
     let result = tokio::select! {
@@ -268,10 +316,10 @@ impl Volunteer {
         });
     }
 
+    /// The replica; it exists once `sync` has joined, and every caller
+    /// runs after that.
     fn replica(&self) -> Result<SharedReplica, VolunteerError> {
-        self.replica
-            .clone()
-            .ok_or_else(|| ReplicaError::Train("no replica yet".into()).into())
+        self.replica.clone().ok_or(VolunteerError::NetworkStopped)
     }
 
     async fn run(&mut self, max_rounds: Option<u64>) -> Result<(), VolunteerError> {
@@ -302,18 +350,18 @@ impl Volunteer {
                 Ok(false) => {}
                 // A peer or the host went away mid-transfer: retry on the
                 // next tick instead of leaving the run.
-                Err(VolunteerError::Net(message)) => self.warn(message),
+                Err(e) if e.is_transient() => self.warn(e.to_string()),
                 Err(e) => return Err(e),
             }
             match self.maybe_train().await {
                 Ok(()) => {}
                 // The host went away while we fetched our data: retry.
-                Err(VolunteerError::Net(message)) => self.warn(message),
+                Err(e) if e.is_transient() => self.warn(e.to_string()),
                 Err(e) => return Err(e),
             }
             tokio::select! {
                 ev = self.rx.recv() => {
-                    let Some(ev) = ev else { return Err(VolunteerError::Net("network stopped".into())) };
+                    let Some(ev) = ev else { return Err(VolunteerError::NetworkStopped) };
                     if self.on_event(ev) {
                         last_news = Instant::now();
                     }
@@ -327,7 +375,7 @@ impl Volunteer {
                     if last_news.elapsed() > POLL_AFTER {
                         match self.sync().await {
                             Ok(()) => {}
-                            Err(VolunteerError::Net(message)) => self.warn(message),
+                            Err(e) if e.is_transient() => self.warn(e.to_string()),
                             Err(e) => return Err(e),
                         }
                         last_news = Instant::now();
@@ -340,25 +388,39 @@ impl Volunteer {
     /// Ask the coordinator where the run is; load the spec, checkpoint and
     /// manifests we lack.
     async fn sync(&mut self) -> Result<(), VolunteerError> {
+        let state = self.ask_host().await?;
+        if self.replica.is_none() {
+            self.build_replica(&state).await?;
+        }
+        if let Some((round, blob)) = state.checkpoint
+            && round >= self.next
+        {
+            self.load_checkpoint(round, blob).await?;
+        }
+        for signed in state.manifests.iter().chain(state.round_open.iter()) {
+            if let Ok(m) = Message::verify(signed, self.net.run_id()) {
+                self.on_message(m);
+            }
+        }
+        Ok(())
+    }
+
+    /// The run's state from the coordinator, retrying (with a growing pause)
+    /// until it answers; a refusal ends the volunteer.
+    async fn ask_host(&mut self) -> Result<RunState, VolunteerError> {
         let request = Request::Join {
             run_id: self.net.run_id(),
             addrs: self.net.addrs(),
             since: self.replica.as_ref().map(|_| self.next),
         };
         let mut backoff = Duration::from_millis(500);
-        let state: RunState = loop {
+        loop {
             match self.net.request(&self.host, &request).await {
-                Ok(Response::State(s)) => break s,
+                Ok(Response::State(s)) => return Ok(s),
                 Ok(Response::Refused { reason }) => return Err(VolunteerError::Refused(reason)),
-                Ok(_) => {
-                    return Err(VolunteerError::Net(
-                        "unexpected answer from the host".into(),
-                    ));
-                }
+                Ok(_) => return Err(VolunteerError::UnexpectedAnswer),
                 Err(starling_swarm::ControlError::NotAdmitted) => {
-                    return Err(VolunteerError::Refused(
-                        "this node is not on the run's member list".into(),
-                    ));
+                    return Err(VolunteerError::NotMember);
                 }
                 Err(e) => {
                     self.state(
@@ -373,76 +435,78 @@ impl Volunteer {
                     backoff = (backoff * 2).min(Duration::from_secs(5));
                 }
             }
-        };
-        if self.replica.is_none() {
-            let spec = RunSpec::from_bytes(&state.spec)
-                .map_err(|e| VolunteerError::Spec(e.to_string()))?;
-            let need =
-                crate::machine::training_bytes(&spec.model, spec.run.micro_batch, spec.run.seq_len);
-            if let Some(have) = self.memory_budget
-                && need > have
-            {
-                return Err(VolunteerError::TooSmall {
-                    params: spec.model.param_count(),
-                    need: crate::machine::human_bytes(need),
-                    have: crate::machine::human_bytes(have),
-                    device: self.device.name.clone(),
-                });
-            }
-            let (device, run_id, id) = (
-                self.device.clone(),
-                self.net.run_id().0,
-                *self.net.id().as_bytes(),
-            );
-            let replica = tokio::task::spawn_blocking(move || {
-                Replica::new(&spec, &device, run_id, id, Tokens::fetched())
-            })
-            .await
-            .map_err(|e| ReplicaError::Train(format!("worker thread failed: {e}")))??;
-            let params = replica.spec().model.param_count();
-            let run = replica.spec().run.name.clone();
-            let total_rounds = replica.spec().run.total_rounds;
-            self.replica = Some(Arc::new(Mutex::new(replica)));
-            self.emit(NodeEvent::Joined {
-                node: self.name.clone(),
-                run,
-                params,
-                round: state.next_round,
-                total_rounds,
+        }
+    }
+
+    /// Check the run's spec against this device, then build the replica:
+    /// a model that needs more memory than the device may use is refused
+    /// here, before anything is downloaded.
+    async fn build_replica(&mut self, state: &RunState) -> Result<(), VolunteerError> {
+        let spec = RunSpec::from_bytes(&state.spec).map_err(VolunteerError::Spec)?;
+        let need =
+            crate::machine::training_bytes(&spec.model, spec.run.micro_batch, spec.run.seq_len);
+        if let Some(have) = self.memory_budget
+            && need > have
+        {
+            return Err(VolunteerError::TooSmall {
+                params: spec.model.param_count(),
+                need: crate::machine::human_bytes(need),
+                have: crate::machine::human_bytes(have),
+                device: self.device.name.clone(),
             });
         }
-        if let Some((round, blob)) = state.checkpoint
-            && round >= self.next
-        {
-            self.state(
-                NodeState::CatchingUp,
-                format!(
-                    "fetching the checkpoint after round {round} ({} bytes)",
-                    blob.size
-                ),
-            );
-            let progress = self.progress("checkpoint", blob.size);
-            let bytes = self
-                .net
-                .fetch_observed(
-                    &blob,
-                    &[self.host.id],
-                    MAX_CHECKPOINT_BYTES,
-                    "checkpoint",
-                    Duration::from_secs(3600),
-                    &progress,
-                )
-                .await
-                .map_err(|e| VolunteerError::Net(format!("checkpoint: {e}")))?;
-            replica::blocking(&self.replica()?, move |r| r.load_checkpoint(&bytes, false)).await?;
-            self.next = round + 1;
-            self.manifests.retain(|r, _| *r > round);
-        }
-        for signed in state.manifests.iter().chain(state.round_open.iter()) {
-            if let Ok(m) = Message::verify(signed, self.net.run_id()) {
-                self.on_message(m);
-            }
-        }
+        let (device, run_id, id) = (
+            self.device.clone(),
+            self.net.run_id().0,
+            *self.net.id().as_bytes(),
+        );
+        let replica = tokio::task::spawn_blocking(move || {
+            Replica::new(&spec, &device, run_id, id, Tokens::fetched())
+        })
+        .await
+        .map_err(VolunteerError::Worker)??;
+        let params = replica.spec().model.param_count();
+        let run = replica.spec().run.name.clone();
+        let total_rounds = replica.spec().run.total_rounds;
+        self.replica = Some(Arc::new(Mutex::new(replica)));
+        self.emit(NodeEvent::Joined {
+            node: self.name.clone(),
+            run,
+            params,
+            round: state.next_round,
+            total_rounds,
+        });
+        Ok(())
+    }
+
+    /// Download the checkpoint after `round` from the coordinator and load it.
+    async fn load_checkpoint(&mut self, round: u64, blob: BlobRef) -> Result<(), VolunteerError> {
+        self.state(
+            NodeState::CatchingUp,
+            format!(
+                "fetching the checkpoint after round {round} ({} bytes)",
+                blob.size
+            ),
+        );
+        let progress = self.progress("checkpoint", blob.size);
+        let bytes = self
+            .net
+            .fetch_observed(
+                &blob,
+                &[self.host.id],
+                MAX_CHECKPOINT_BYTES,
+                "checkpoint",
+                Duration::from_secs(3600),
+                &progress,
+            )
+            .await
+            .map_err(|source| VolunteerError::Fetch {
+                what: "checkpoint".into(),
+                source: Box::new(source),
+            })?;
+        replica::blocking(&self.replica()?, move |r| r.load_checkpoint(&bytes, false)).await?;
+        self.next = round + 1;
+        self.manifests.retain(|r, _| *r > round);
         Ok(())
     }
 
@@ -561,10 +625,9 @@ impl Volunteer {
             .net
             .publish(&update_tag(round, &me), trained.bytes)
             .await
-            .map_err(|e| VolunteerError::Net(e.to_string()))?;
+            .map_err(|e| VolunteerError::Publish(Box::new(e)))?;
         let announce = Announce {
             update: blob,
-            topk: trained.topk as u32,
             tokens: trained.tokens,
             loss: trained.loss,
         };
@@ -574,7 +637,7 @@ impl Volunteer {
             round,
             Body::Announce(announce),
         )
-        .map_err(|e| VolunteerError::Net(e.to_string()))?;
+        .map_err(VolunteerError::Sign)?;
         let _ = self.net.broadcast(signed.clone()).await;
         self.announce = Some((round, signed));
         self.trained_any = true;
@@ -619,7 +682,10 @@ impl Volunteer {
             .net
             .fetch_ranges(&data, &ranges, &[self.host.id], time_limit)
             .await
-            .map_err(|e| VolunteerError::Net(format!("training data: {e}")))?;
+            .map_err(|source| VolunteerError::Fetch {
+                what: "training data".into(),
+                source: Box::new(source),
+            })?;
         let mut r = lock(&replica);
         for ((offset, _), bytes) in missing.iter().zip(&fetched) {
             r.add_window(*offset, bytes)?;
@@ -634,7 +700,37 @@ impl Volunteer {
             return Ok(false);
         };
         let replica = self.replica()?;
-        let max = lock(&replica).spec().rounds.max_update_bytes;
+        let updates = self.fetch_accepted(round, &manifest, &replica).await?;
+        let n = updates.len();
+        let digest = replica::blocking(&replica, move |r| {
+            r.apply(round, &updates)?;
+            r.digest()
+        })
+        .await?;
+        self.report_applied(round, &manifest, n, digest, &replica)?;
+        let report_every = lock(&replica).spec().rounds.report_every;
+        if round.is_multiple_of(report_every)
+            && let Ok(signed) = Message::sign(
+                self.net.secret_key(),
+                self.net.run_id(),
+                round,
+                Body::WeightReport(WeightReport { digest }),
+            )
+        {
+            let _ = self.net.broadcast(signed).await;
+        }
+        self.advance(round).await;
+        self.check_divergence().await.map(|_| true)
+    }
+
+    /// Fetch and check every update `manifest` lists, in its order.
+    async fn fetch_accepted(
+        &self,
+        round: u64,
+        manifest: &Manifest,
+        replica: &SharedReplica,
+    ) -> Result<Vec<IncomingUpdate>, VolunteerError> {
+        let max = lock(replica).spec().rounds.max_update_bytes;
         let members: Vec<EndpointId> = self
             .opens
             .get(&round)
@@ -655,39 +751,43 @@ impl Volunteer {
                     Duration::from_secs(120),
                 )
                 .await
-                .map_err(|err| {
-                    VolunteerError::Net(format!(
-                        "round {round}: update of {}: {err}",
-                        short(&e.sender)
-                    ))
+                .map_err(|source| VolunteerError::Fetch {
+                    what: format!("round {round}: update of {}", short(&e.sender)),
+                    source: Box::new(source),
                 })?;
             let sender = *e.sender.as_bytes();
-            let checked = replica::blocking(&replica, move |r| Ok(r.check(&bytes, round, sender)))
+            let checked = replica::blocking(replica, move |r| Ok(r.check(&bytes, round, sender)))
                 .await?
-                .map_err(|err| VolunteerError::InvalidAccepted {
+                .map_err(|source| VolunteerError::InvalidAccepted {
                     round,
                     sender: short(&e.sender),
-                    reason: err.to_string(),
+                    source,
                 })?;
             updates.push(checked.update);
         }
-        let n = updates.len();
-        let digest = replica::blocking(&replica, move |r| {
-            r.apply(round, &updates)?;
-            r.digest()
-        })
-        .await?;
-        let loss = manifest.mean_loss();
+        Ok(updates)
+    }
+
+    /// Tell the faces about an applied round (loss, traffic, peers) and
+    /// add its traffic to the ledger.
+    fn report_applied(
+        &mut self,
+        round: u64,
+        manifest: &Manifest,
+        updates: usize,
+        digest: u64,
+        replica: &SharedReplica,
+    ) -> Result<(), VolunteerError> {
         let (up, down) = (
             self.net.traffic().total.up(),
             self.net.traffic().total.down(),
         );
-        let allreduce = lock(&replica).allreduce_bytes();
+        let allreduce = lock(replica).allreduce_bytes();
         self.emit(NodeEvent::RoundApplied {
             node: self.name.clone(),
             round,
-            updates: n,
-            loss,
+            updates,
+            loss: manifest.mean_loss(),
             eval_loss: None,
             digest,
             bytes_up: up - self.counters.0,
@@ -720,17 +820,12 @@ impl Volunteer {
         while self.my_digests.len() > 64 {
             self.my_digests.pop_first();
         }
-        let report_every = lock(&replica).spec().rounds.report_every;
-        if round.is_multiple_of(report_every)
-            && let Ok(signed) = Message::sign(
-                self.net.secret_key(),
-                self.net.run_id(),
-                round,
-                Body::WeightReport(WeightReport { digest }),
-            )
-        {
-            let _ = self.net.broadcast(signed).await;
-        }
+        Ok(())
+    }
+
+    /// Move on past `round`: drop what belonged to it and free the blobs of
+    /// two rounds ago.
+    async fn advance(&mut self, round: u64) {
         self.next = round + 1;
         self.applied += 1;
         self.opens.retain(|r, _| *r >= self.next);
@@ -739,7 +834,6 @@ impl Volunteer {
         if let Some(old) = round.checked_sub(2) {
             self.net.forget(&round_prefix(old)).await;
         }
-        self.check_divergence().await.map(|_| true)
     }
 
     /// Add a round's traffic to this month's ledger and report it.
@@ -748,9 +842,10 @@ impl Volunteer {
             return Ok(());
         };
         usage.add(unix_ms() / 1000, up, down);
-        usage
-            .save(path)
-            .map_err(|e| VolunteerError::Usage(format!("cannot write {}: {e}", path.display())))?;
+        usage.save(path).map_err(|source| VolunteerError::Usage {
+            path: path.clone(),
+            source,
+        })?;
         let event = NodeEvent::Usage {
             node: self.name.clone(),
             month: usage.month.clone(),

@@ -21,6 +21,6 @@ pub use message::{
 };
 pub use net::{
     BroadcastError, ControlError, ControlHandler, FetchError, Net, NetConfig, NetEvent, PeerStats,
-    PublishError, SpawnError,
+    ProviderError, ProviderFailure, PublishError, SpawnError,
 };
 pub use ticket::{Ticket, TicketError};

@@ -115,8 +115,6 @@ pub struct RoundOpen {
 pub struct Announce {
     /// The update blob.
     pub update: BlobRef,
-    /// How many DCT components per chunk it carries (what the sender chose to fit its cap).
-    pub topk: u32,
     /// Tokens the sender trained on for it.
     pub tokens: u64,
     /// The sender's local training loss for the round.
@@ -322,7 +320,6 @@ mod tests {
                 hash: [7; 32],
                 size: 1234,
             },
-            topk: 8,
             tokens: 4096,
             loss: 3.5,
         })

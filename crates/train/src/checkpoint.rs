@@ -15,7 +15,7 @@ use safetensors::tensor::{Dtype, SafeTensors, TensorView};
 use serde::{Deserialize, Serialize};
 
 use crate::atomic::write_atomic;
-use crate::config::ModelConfig;
+use crate::config::{ConfigError, ModelConfig};
 use crate::optim::AdamWState;
 
 /// The checkpoint file inside a checkpoint directory.
@@ -61,12 +61,43 @@ pub enum CheckpointError {
         source: std::io::Error,
     },
     /// The file is not a readable safetensors file.
-    #[error("{path}: not a valid safetensors file: {reason}")]
+    #[error("{path}: not a valid safetensors file: {source}")]
     Format {
         /// The file.
         path: PathBuf,
-        /// What is wrong.
-        reason: String,
+        /// What the safetensors reader said.
+        #[source]
+        source: safetensors::SafeTensorError,
+    },
+    /// The tensors could not be serialised as safetensors.
+    #[error("{path}: cannot serialize the tensors: {source}")]
+    Serialize {
+        /// The file.
+        path: PathBuf,
+        /// What the safetensors writer said.
+        #[source]
+        source: safetensors::SafeTensorError,
+    },
+    /// The model config or the checkpoint metadata is not valid JSON (or
+    /// could not be written as JSON).
+    #[error("{path}: {what}: {source}")]
+    Json {
+        /// The file.
+        path: PathBuf,
+        /// Which JSON: `model config` or `checkpoint metadata`.
+        what: &'static str,
+        /// What the JSON parser said.
+        #[source]
+        source: serde_json::Error,
+    },
+    /// The model config in the metadata is not a usable model.
+    #[error("{path}: model config: {source}")]
+    Model {
+        /// The file.
+        path: PathBuf,
+        /// Why the model is unusable.
+        #[source]
+        source: ConfigError,
     },
     /// The file is readable but its content does not add up.
     #[error("{path}: {reason}")]
@@ -104,16 +135,17 @@ impl Checkpoint {
     pub fn save(&self, dir: &Path) -> Result<(), CheckpointError> {
         let path = dir.join(CHECKPOINT_FILE);
         let file = self.encode(&path)?;
-        let invalid = |reason: String| CheckpointError::Invalid {
-            path: path.clone(),
-            reason,
-        };
         std::fs::create_dir_all(dir).map_err(|source| CheckpointError::Io {
             path: dir.to_path_buf(),
             source,
         })?;
         let config_path = dir.join(CONFIG_FILE);
-        let config = serde_json::to_vec_pretty(&self.model).map_err(|e| invalid(e.to_string()))?;
+        let config =
+            serde_json::to_vec_pretty(&self.model).map_err(|source| CheckpointError::Json {
+                path: config_path.clone(),
+                what: "model config",
+                source,
+            })?;
         write_atomic(&config_path, &config).map_err(|source| CheckpointError::Io {
             path: config_path,
             source,
@@ -179,16 +211,24 @@ impl Checkpoint {
             peers,
             adamw_steps,
         };
-        let meta_json = serde_json::to_string(&meta).map_err(|e| invalid(e.to_string()))?;
+        let meta_json = serde_json::to_string(&meta).map_err(|source| CheckpointError::Json {
+            path: path.to_path_buf(),
+            what: "checkpoint metadata",
+            source,
+        })?;
+        let serialize = |source| CheckpointError::Serialize {
+            path: path.to_path_buf(),
+            source,
+        };
         let views = tensors
             .iter()
             .map(|(name, shape, bytes)| {
                 TensorView::new(Dtype::F32, shape.clone(), bytes).map(|v| (name.clone(), v))
             })
             .collect::<Result<Vec<_>, _>>()
-            .map_err(|e| invalid(e.to_string()))?;
+            .map_err(serialize)?;
         let info = HashMap::from([("starling".to_string(), meta_json)]);
-        safetensors::serialize(views, Some(info)).map_err(|e| invalid(e.to_string()))
+        safetensors::serialize(views, Some(info)).map_err(serialize)
     }
 
     /// Reads and fully checks `dir/checkpoint.safetensors`.
@@ -208,22 +248,26 @@ impl Checkpoint {
     }
 
     fn parse(bytes: &[u8], path: PathBuf) -> Result<Self, CheckpointError> {
-        let format = |reason: String| CheckpointError::Format {
+        let format = |source| CheckpointError::Format {
             path: path.clone(),
-            reason,
+            source,
         };
         let invalid = |reason: String| CheckpointError::Invalid {
             path: path.clone(),
             reason,
         };
-        let (_, header) = SafeTensors::read_metadata(bytes).map_err(|e| format(e.to_string()))?;
+        let (_, header) = SafeTensors::read_metadata(bytes).map_err(format)?;
         let meta_json = header
             .metadata()
             .as_ref()
             .and_then(|m| m.get("starling"))
             .ok_or_else(|| invalid("no Starling metadata: not a Starling checkpoint".into()))?;
-        let meta: Meta = serde_json::from_str(meta_json)
-            .map_err(|e| invalid(format!("checkpoint metadata: {e}")))?;
+        let meta: Meta =
+            serde_json::from_str(meta_json).map_err(|source| CheckpointError::Json {
+                path: path.clone(),
+                what: "checkpoint metadata",
+                source,
+            })?;
         if meta.format != FORMAT {
             return Err(invalid(format!(
                 "format {:?}, expected {FORMAT:?}",
@@ -232,8 +276,11 @@ impl Checkpoint {
         }
         meta.model
             .validate()
-            .map_err(|e| invalid(format!("model config: {e}")))?;
-        let st = SafeTensors::deserialize(bytes).map_err(|e| format(e.to_string()))?;
+            .map_err(|source| CheckpointError::Model {
+                path: path.clone(),
+                source,
+            })?;
+        let st = SafeTensors::deserialize(bytes).map_err(format)?;
         let names = meta.model.stored_shapes();
         let read = |prefix: &str| -> Result<Vec<Vec<f32>>, CheckpointError> {
             names

@@ -10,7 +10,7 @@ use std::fmt;
 use std::str::FromStr;
 
 use burn::tensor::Device;
-use starling_distro::gpu::{list_adapters, wgpu_device, wgpu_device_at};
+use starling_distro::gpu::{GpuInitError, list_adapters, wgpu_device, wgpu_device_at};
 
 /// What the user asked for (`--device`).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -27,7 +27,7 @@ pub enum DeviceChoice {
 }
 
 /// Why a `--device` value or the device it names cannot be used.
-#[derive(Clone, Debug, thiserror::Error, PartialEq, Eq)]
+#[derive(Clone, Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum DeviceError {
     /// The text is not a device name.
@@ -36,6 +36,9 @@ pub enum DeviceError {
     /// The device exists in name but cannot be opened here.
     #[error("{0}")]
     Unavailable(String),
+    /// No wgpu device could be opened.
+    #[error(transparent)]
+    Wgpu(#[from] GpuInitError),
 }
 
 impl FromStr for DeviceChoice {
@@ -136,8 +139,7 @@ pub fn select_device(choice: DeviceChoice) -> Result<SelectedDevice, DeviceError
             let device = match index {
                 None => wgpu_device(),
                 Some(n) => wgpu_device_at(n),
-            }
-            .map_err(|e| DeviceError::Unavailable(e.to_string()))?;
+            }?;
             let adapters = list_adapters();
             let what = index
                 .and_then(|n| adapters.get(n))

@@ -33,9 +33,12 @@ pub enum ExportError {
         /// What the OS said.
         source: std::io::Error,
     },
-    /// Serialisation failed.
-    #[error("cannot serialize: {0}")]
-    Serialize(String),
+    /// The weights could not be serialised as safetensors.
+    #[error("cannot serialize the weights: {0}")]
+    Safetensors(#[from] safetensors::SafeTensorError),
+    /// `config.json` could not be serialised.
+    #[error("cannot serialize config.json: {0}")]
+    Json(#[from] serde_json::Error),
 }
 
 /// Row order that turns Burn's interleaved rotary pairs into `rotate_half`
@@ -103,14 +106,11 @@ pub fn export_hf(config: &ModelConfig, params: &[Vec<f32>], dir: &Path) -> Resul
         .map(|((name, shape, _), b)| {
             TensorView::new(Dtype::F32, shape.clone(), b).map(|v| (name.clone(), v))
         })
-        .collect::<Result<Vec<_>, _>>()
-        .map_err(|e| ExportError::Serialize(e.to_string()))?;
+        .collect::<Result<Vec<_>, _>>()?;
     // `transformers` expects the PyTorch marker in the metadata.
     let meta = HashMap::from([("format".to_string(), "pt".to_string())]);
-    let file = safetensors::serialize(views, Some(meta))
-        .map_err(|e| ExportError::Serialize(e.to_string()))?;
-    let json = serde_json::to_vec_pretty(&config.hf_config())
-        .map_err(|e| ExportError::Serialize(e.to_string()))?;
+    let file = safetensors::serialize(views, Some(meta))?;
+    let json = serde_json::to_vec_pretty(&config.hf_config())?;
     std::fs::create_dir_all(dir).map_err(|source| ExportError::Io {
         path: dir.to_path_buf(),
         source,

@@ -19,7 +19,7 @@ pub mod trainer;
 pub use checkpoint::{Checkpoint, CheckpointError, OptimizerSnapshot};
 pub use config::{ConfigError, ModelConfig};
 pub use data::corpus::{embedded_corpus, embedded_store};
-pub use data::sampling::{Sampler, Split};
+pub use data::sampling::{Sampler, SamplerError, Split};
 pub use data::shards::{ShardError, ShardIndex, TokenDtype, TokenStore};
 pub use data::tokenizer::{ByteTokenizer, Tokenizer, TokenizerError};
 pub use device::{DeviceChoice, DeviceError, SelectedDevice, select_device};

@@ -12,7 +12,7 @@ use burn::tensor::{Tensor, TensorData};
 use starling_distro::gpu::{GpuDistro, GpuError, KernelPath, is_wgpu};
 use starling_distro::{
     ApplyError, ApplyReport, DistroConfig, DistroOptimizer, IncomingUpdate, ModelLayout,
-    OutgoingUpdate, StepError,
+    OutgoingUpdate, StepError, StepOptions,
 };
 
 use crate::trainer::{StepGrads, TrainError, Trainer};
@@ -82,32 +82,26 @@ impl DistroPeer {
         }
     }
 
-    /// Changes the top-k from the next step on (to fit a bandwidth budget).
-    pub fn set_topk(&mut self, topk: usize) {
-        match &mut self.engine {
-            Engine::Host(o) => o.set_topk(topk),
-            Engine::Device(g) => g.set_topk(topk),
-        }
-    }
-
     /// Folds this peer's gradients into its momentum and returns the sparse
-    /// update to send.
-    pub fn step(&mut self, grads: &StepGrads, lr: f32) -> Result<OutgoingUpdate, OptimError> {
+    /// update to send, with this round's `options` (its top-k, e.g. what
+    /// fits the bandwidth budget).
+    pub fn step(
+        &mut self,
+        grads: &StepGrads,
+        lr: f32,
+        options: StepOptions,
+    ) -> Result<OutgoingUpdate, OptimError> {
         Ok(match &mut self.engine {
             Engine::Host(o) => {
                 let host: Vec<Vec<f32>> = grads
                     .tensors
                     .iter()
-                    .map(|g| {
-                        g.clone()
-                            .try_into_vec_as::<f32>()
-                            .map_err(|e| TrainError::Read(e.to_string()))
-                    })
+                    .map(|g| g.clone().try_into_vec_as::<f32>().map_err(TrainError::Read))
                     .collect::<Result<_, _>>()?;
                 let views: Vec<&[f32]> = host.iter().map(Vec::as_slice).collect();
-                o.step(&views, lr)?
+                o.step(&views, lr, options)?
             }
-            Engine::Device(g) => g.step(&grads.tensors, lr)?,
+            Engine::Device(g) => g.step(&grads.tensors, lr, options)?,
         })
     }
 
@@ -149,7 +143,7 @@ impl DistroPeer {
                     .ok_or_else(|| OptimError::State(format!("no momentum {i}")))?
                     .clone()
                     .try_into_vec_as::<f32>()
-                    .map_err(|e| OptimError::Train(TrainError::Read(e.to_string()))),
+                    .map_err(|e| OptimError::Train(TrainError::Read(e))),
             })
             .collect()
     }
@@ -325,7 +319,7 @@ impl AdamW {
                 .map(|t| {
                     t.clone()
                         .try_into_vec_as::<f32>()
-                        .map_err(|e| OptimError::Train(TrainError::Read(e.to_string())))
+                        .map_err(|e| OptimError::Train(TrainError::Read(e)))
                 })
                 .collect()
         };
@@ -423,7 +417,7 @@ mod tests {
         let mut peer = DistroPeer::new(&probe, config).unwrap();
         assert!(!peer.on_device());
         let (before, after) = loss_after(30, |t, g, _| {
-            let out = peer.step(g, 5e-3).unwrap();
+            let out = peer.step(g, 5e-3, config.step_options()).unwrap();
             peer.apply(t, &[out.into_incoming([1; 32])], 5e-3).unwrap();
         });
         assert!(after < 0.8 * before, "{before} -> {after}");
@@ -464,9 +458,9 @@ mod tests {
         for _ in 0..2 {
             // Both apply the same update (the CPU peer's), as a swarm would.
             let g = on_cpu.gradients(&batch, 2, 1.0).unwrap();
-            let out = p_cpu.step(&g, 1e-2).unwrap();
+            let out = p_cpu.step(&g, 1e-2, config.step_options()).unwrap();
             let g_gpu = on_gpu.gradients(&batch, 2, 1.0).unwrap();
-            p_gpu.step(&g_gpu, 1e-2).unwrap();
+            p_gpu.step(&g_gpu, 1e-2, config.step_options()).unwrap();
             let update = [out.into_incoming([3; 32])];
             p_cpu.apply(&mut on_cpu, &update, 1e-2).unwrap();
             p_gpu.apply(&mut on_gpu, &update, 1e-2).unwrap();

@@ -13,8 +13,8 @@
 use std::time::Instant;
 
 use serde::Serialize;
-use starling_distro::wire::{self, DecodeLimits, UpdateHeader};
-use starling_distro::{DistroConfig, IncomingUpdate};
+use starling_distro::wire::{self, DecodeError, DecodeLimits, EncodeError, UpdateHeader};
+use starling_distro::{DistroConfig, IncomingUpdate, StepOptions};
 
 use crate::checkpoint::{Checkpoint, OptimizerSnapshot};
 use crate::data::sampling::{Sampler, SamplerError};
@@ -108,15 +108,35 @@ pub enum SimError {
         /// What failed.
         source: OptimError,
     },
-    /// An update did not survive the wire format (a bug: peers here are honest).
-    #[error("step {step}: update of peer {peer} failed the wire format: {reason}")]
-    Wire {
+    /// An update could not be encoded (a bug: peers here are honest).
+    #[error("step {step}: update of peer {peer} failed the wire format: {source}")]
+    Encode {
         /// The step.
         step: u64,
         /// The peer.
         peer: usize,
         /// What failed.
-        reason: String,
+        #[source]
+        source: EncodeError,
+    },
+    /// An encoded update did not decode (a bug: peers here are honest).
+    #[error("step {step}: update of peer {peer} failed the wire format: {source}")]
+    Decode {
+        /// The step.
+        step: u64,
+        /// The peer.
+        peer: usize,
+        /// What failed.
+        #[source]
+        source: DecodeError,
+    },
+    /// An update's header changed between encoding and decoding (a bug).
+    #[error("step {step}: update of peer {peer} failed the wire format: header changed on the way")]
+    WireHeader {
+        /// The step.
+        step: u64,
+        /// The peer.
+        peer: usize,
     },
 }
 
@@ -172,6 +192,7 @@ impl Simulation {
                     .map(|_| DistroPeer::new(trainer, d))
                     .collect::<Result<_, _>>()
                     .map_err(|source| SimError::Optim { step: 0, source })?,
+                d.step_options(),
             ),
             SimOptimizer::AdamWDdp(a) => Method::AdamW(AdamW::new(trainer, a)),
         };
@@ -202,7 +223,7 @@ impl Simulation {
             source,
         };
         match (&mut sim.method, &checkpoint.optimizer) {
-            (Method::Distro(peers), OptimizerSnapshot::Distro(momenta)) => {
+            (Method::Distro(peers, _), OptimizerSnapshot::Distro(momenta)) => {
                 if peers.len() != momenta.len() {
                     return mismatch("it holds another number of peers");
                 }
@@ -232,7 +253,7 @@ impl Simulation {
     pub fn checkpoint(&self, trainer: &Trainer, seed: u64) -> Result<Checkpoint, SimError> {
         let step = self.next_step;
         let optimizer = match &self.method {
-            Method::Distro(peers) => OptimizerSnapshot::Distro(
+            Method::Distro(peers, _) => OptimizerSnapshot::Distro(
                 peers
                     .iter()
                     .map(DistroPeer::momentum)
@@ -290,7 +311,7 @@ impl Simulation {
             let lr = config.schedule.lr(step);
             let train = |source| SimError::Train { step, source };
             let clip = match self.method {
-                Method::Distro(_) => config.clip,
+                Method::Distro(..) => config.clip,
                 Method::AdamW(_) => 0.0,
             };
             let grads =
@@ -375,7 +396,8 @@ fn peer_gradients(
 }
 
 enum Method {
-    Distro(Vec<DistroPeer>),
+    /// The peers and the options of each of their steps (the run's top-k).
+    Distro(Vec<DistroPeer>, StepOptions),
     AdamW(AdamW),
 }
 
@@ -400,28 +422,33 @@ impl Method {
     ) -> Result<u64, SimError> {
         let optim = |source| SimError::Optim { step, source };
         match self {
-            Method::Distro(peers) => {
+            Method::Distro(peers, options) => {
                 let mut incoming: Vec<IncomingUpdate> = Vec::with_capacity(peers.len());
                 let mut bytes = 0u64;
                 for (slot, (peer, g)) in peers.iter_mut().zip(&grads).enumerate() {
-                    let update = peer.step(g, lr).map_err(optim)?;
+                    let update = peer.step(g, lr, *options).map_err(optim)?;
                     let header = UpdateHeader {
                         run_id: SIM_RUN,
                         round: step,
                         sender: peer_id(slot),
                     };
-                    let wire_err = |reason: String| SimError::Wire {
-                        step,
-                        peer: slot,
-                        reason,
-                    };
                     let encoded =
-                        wire::encode(&header, &update).map_err(|e| wire_err(e.to_string()))?;
+                        wire::encode(&header, &update).map_err(|source| SimError::Encode {
+                            step,
+                            peer: slot,
+                            source,
+                        })?;
                     bytes += encoded.len() as u64;
-                    let decoded = wire::decode(&encoded, &DecodeLimits::default())
-                        .map_err(|e| wire_err(e.to_string()))?;
+                    let decoded =
+                        wire::decode(&encoded, &DecodeLimits::default()).map_err(|source| {
+                            SimError::Decode {
+                                step,
+                                peer: slot,
+                                source,
+                            }
+                        })?;
                     if decoded.header != header {
-                        return Err(wire_err("header changed on the way".into()));
+                        return Err(SimError::WireHeader { step, peer: slot });
                     }
                     incoming.push(decoded.into_incoming());
                 }

@@ -7,7 +7,7 @@
 //! they came from a DisTrO round or from AdamW.
 
 use burn::module::{Module, ModuleMapper, ModuleVisitor, Param};
-use burn::tensor::{Device, Gradients, Int, Tensor, TensorData};
+use burn::tensor::{Device, Gradients, Int, Tensor, TensorData, TensorReadError};
 use starling_distro::{ChunkGrid, DEFAULT_CHUNK};
 
 use crate::config::ModelConfig;
@@ -51,7 +51,7 @@ pub enum TrainError {
     NonFinite(&'static str),
     /// The device could not give a value back.
     #[error("cannot read from the device: {0}")]
-    Read(String),
+    Read(#[from] TensorReadError),
     /// New parameters did not match the model.
     #[error("parameter {index}: expected {expected} values, got {got}")]
     ParamShape {
@@ -225,13 +225,11 @@ pub fn clip_global_norm(
 }
 
 fn read_vec(t: Tensor<2>) -> Result<Vec<f32>, TrainError> {
-    t.try_into_vec_as::<f32>()
-        .map_err(|e| TrainError::Read(e.to_string()))
+    Ok(t.try_into_vec_as::<f32>()?)
 }
 
 fn read_scalar(t: Tensor<1>) -> Result<f32, TrainError> {
-    t.try_into_scalar::<f32>()
-        .map_err(|e| TrainError::Read(e.to_string()))
+    Ok(t.try_into_scalar::<f32>()?)
 }
 
 /// The initial weights of a run with `seed`, in model order: normal with

@@ -87,10 +87,7 @@ pub(crate) fn decode_signs(
         .bool_not()
         .bool_and(limits.greater_elem(0.0));
     let signs = x.sign().mask_fill(certain.bool_not(), 0.0);
-    let positions = unsure
-        .argwhere()
-        .try_into_vec_as::<i64>()
-        .map_err(|err| GpuError::Read(err.to_string()))?;
+    let positions = unsure.argwhere().try_into_vec_as::<i64>()?;
     // argwhere gives (chunk, element) pairs; turn them into tensor offsets.
     let unsure = positions
         .chunks_exact(2)

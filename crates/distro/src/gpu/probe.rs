@@ -6,10 +6,11 @@
 //! initialisation for a device we can use. The device is opened once per
 //! process (Burn refuses a second initialisation) and shared.
 
-use std::sync::OnceLock;
+use std::sync::{Arc, OnceLock};
 
 use burn::backend::DispatchDevice;
 use burn::tensor::Device;
+use burn::tensor::wgpu::WgpuInitError;
 use cubecl::wgpu::wgpu;
 
 /// One adapter wgpu can see.
@@ -54,16 +55,30 @@ pub fn list_adapters() -> Vec<AdapterSummary> {
         .collect()
 }
 
-/// Why no wgpu device could be opened.
-#[derive(Clone, Debug, thiserror::Error, PartialEq, Eq)]
+/// Why no wgpu device could be opened. (`Clone`: the process's device, or
+/// why there is none, is opened once and shared.)
+#[derive(Clone, Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum GpuInitError {
-    /// wgpu found no adapter, or none it could open.
+    /// wgpu found no adapter (or not the one asked for).
     #[error(
         "no usable GPU adapter ({0}); install a Vulkan, Metal or DirectX 12 driver \
          (on Linux without a GPU: Mesa's lavapipe, package mesa-vulkan-drivers), or use the CPU"
     )]
     NoAdapter(String),
+    /// wgpu lists the adapter but Burn could not open a device on it.
+    #[error(
+        "no usable GPU adapter ({adapter}: {source}); install a Vulkan, Metal or DirectX 12 \
+         driver (on Linux without a GPU: Mesa's lavapipe, package mesa-vulkan-drivers), or use \
+         the CPU"
+    )]
+    Open {
+        /// Which adapter: `the default adapter` or `adapter N (name)`.
+        adapter: String,
+        /// What Burn said.
+        #[source]
+        source: Arc<WgpuInitError>,
+    },
 }
 
 /// The process's default wgpu device, opened on first use, or why there is none.
@@ -76,7 +91,10 @@ pub fn wgpu_device() -> Result<Device, GpuInitError> {
             }
             Device::wgpu_options()
                 .init()
-                .map_err(|e| GpuInitError::NoAdapter(e.to_string()))
+                .map_err(|e| GpuInitError::Open {
+                    adapter: "the default adapter".into(),
+                    source: Arc::new(e),
+                })
         })
         .clone()
 }
@@ -133,7 +151,10 @@ pub fn wgpu_device_at(index: usize) -> Result<Device, GpuInitError> {
         .device_kind(kind)
         .graphics_api(api)
         .init()
-        .map_err(|e| GpuInitError::NoAdapter(format!("adapter {index} ({}): {e}", info.name)))?;
+        .map_err(|e| GpuInitError::Open {
+            adapter: format!("adapter {index} ({})", info.name),
+            source: Arc::new(e),
+        })?;
     opened.push((index, device.clone()));
     Ok(device)
 }

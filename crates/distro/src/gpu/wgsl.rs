@@ -83,14 +83,14 @@ fn primitive<const D: usize>(t: &Tensor<D>) -> Result<CubeTensor, GpuError> {
     t.clone()
         .try_into_primitive::<Wgpu>()
         .map(into_contiguous)
-        .map_err(|e| GpuError::WgslUnavailable(format!("tensor is not on a wgpu device: {e:?}")))
+        .map_err(GpuError::NotWgpu)
 }
 
 fn int_primitive<const D: usize>(t: &Tensor<D, Int>) -> Result<CubeTensor, GpuError> {
     t.clone()
         .try_into_primitive::<Wgpu>()
         .map(into_contiguous)
-        .map_err(|e| GpuError::WgslUnavailable(format!("tensor is not on a wgpu device: {e:?}")))
+        .map_err(GpuError::NotWgpu)
 }
 
 /// Workgroup counts for `groups` workgroups, tiled into 2-D past wgpu's 65535 per dimension.
@@ -260,10 +260,8 @@ pub(crate) fn decode_signs(
             params,
         )?;
     }
-    let read_err = |e: burn::tensor::TensorReadError| GpuError::Read(e.to_string());
     let count = Tensor::<1, Int>::from_primitive::<Wgpu>(counter)
-        .try_into_vec_as::<i64>()
-        .map_err(read_err)?
+        .try_into_vec_as::<i64>()?
         .first()
         .copied()
         .unwrap_or(0) as usize;
@@ -285,7 +283,6 @@ pub(crate) fn decode_signs(
     }
     let list = Tensor::<1, Int>::from_primitive::<Wgpu>(unsure)
         .narrow(0, 0, count)
-        .try_into_vec_as::<i64>()
-        .map_err(read_err)?;
+        .try_into_vec_as::<i64>()?;
     Ok((signs, list.into_iter().map(|o| o as u32).collect()))
 }

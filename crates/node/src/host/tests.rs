@@ -1,19 +1,24 @@
 //! A run with a hostile member, in one process: a malformed update, a
 //! blown-up (scaled) update and forged announces must be rejected and logged,
 //! the member dropped after repeated faults, and the honest replicas must end
-//! identical.
+//! identical. Also the cheap checks of single phases: join answers, the
+//! robust filter's median, and the start's typed errors.
 
 use std::time::Duration;
 
 use starling_distro::{OutgoingUpdate, wire};
 use starling_swarm::{
-    Announce, Body, Member, Message, Net, NetConfig, NetEvent, Request, Response, SecretKey,
-    Traffic,
+    Announce, Body, EndpointId, Member, Message, Net, NetConfig, NetEvent, Request, Response,
+    RunId, SecretKey, Traffic,
 };
 use starling_train::{DeviceChoice, select_device};
 use tokio::sync::{mpsc, watch};
 
-use super::{Host, HostOptions};
+use super::{
+    Host, HostError, HostOptions,
+    control::{Shared, answer},
+    round::robust_median,
+};
 use crate::{
     MonthlyCap, NodeEvent, RunFile, VolunteerOptions, data::Tokens, replica::Replica,
     run_volunteer, short,
@@ -90,7 +95,6 @@ async fn attacker(net: Net, host: Member, replica: Replica, mut rx: mpsc::Receiv
                 hash: [9; 32],
                 size: 100,
             },
-            topk: 1,
             tokens: 1,
             loss: m.round as f32,
         };
@@ -148,7 +152,6 @@ async fn attacker(net: Net, host: Member, replica: Replica, mut rx: mpsc::Receiv
         };
         let announce = Announce {
             update: blob,
-            topk: 32,
             tokens: 64,
             loss: 1.0,
         };
@@ -325,5 +328,102 @@ async fn a_device_too_small_for_the_model_is_refused_before_any_download() {
     assert!(traffic.total.down() < 64 * 1024, "{}", traffic.total.down());
     let _ = stop_tx.send(true);
     let _ = host_task.await;
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+fn shared_for(allow: &[EndpointId], dropped: &[EndpointId]) -> std::sync::Mutex<Shared> {
+    std::sync::Mutex::new(Shared {
+        spec_bytes: b"spec".to_vec(),
+        checkpoint: None,
+        manifests: vec![(3, b"m3".to_vec()), (4, b"m4".to_vec())],
+        round_open: Some(b"open".to_vec()),
+        next_round: 5,
+        joined: Default::default(),
+        allow: allow.iter().copied().collect(),
+        dropped: dropped.iter().copied().collect(),
+    })
+}
+
+fn join(run_id: RunId, since: Option<u64>) -> Request {
+    Request::Join {
+        run_id,
+        addrs: vec![],
+        since,
+    }
+}
+
+#[test]
+fn join_requests_are_answered_from_the_shared_state() {
+    let run = RunId::random();
+    let (listed, unlisted, dropped) = (
+        SecretKey::generate().public(),
+        SecretKey::generate().public(),
+        SecretKey::generate().public(),
+    );
+    let shared = shared_for(&[listed, dropped], &[dropped]);
+    let refused = |r: Response| match r {
+        Response::Refused { reason } => reason,
+        other => panic!("expected a refusal, got {other:?}"),
+    };
+    let other_run = refused(answer(&shared, RunId::random(), listed, join(run, None)));
+    assert!(other_run.contains("another run"), "{other_run}");
+    let removed = refused(answer(&shared, run, dropped, join(run, None)));
+    assert!(removed.contains("removed"), "{removed}");
+    // The volunteer recognises this refusal by its wording: keep "member list".
+    let unlisted_reason = refused(answer(&shared, run, unlisted, join(run, None)));
+    assert!(unlisted_reason.contains("member list"), "{unlisted_reason}");
+    assert!(shared.lock().unwrap().joined.is_empty());
+
+    let Response::State(state) = answer(&shared, run, listed, join(run, Some(4))) else {
+        panic!("a listed member is admitted");
+    };
+    assert_eq!(state.spec, b"spec");
+    assert_eq!(
+        state.manifests,
+        vec![b"m4".to_vec()],
+        "manifests from `since`"
+    );
+    assert_eq!(state.round_open.as_deref(), Some(&b"open"[..]));
+    assert_eq!(state.next_round, 5);
+    assert!(shared.lock().unwrap().joined.contains_key(&listed));
+}
+
+#[test]
+fn robust_filtering_needs_three_updates_and_a_positive_factor() {
+    assert_eq!(robust_median(&[1.0, 2.0], 5.0), None);
+    assert_eq!(robust_median(&[1.0, 2.0, 3.0], 0.0), None);
+    assert_eq!(robust_median(&[3.0, 1.0, 2.0], 5.0), Some(2.0));
+    // The upper median of an even count, whatever the order.
+    assert_eq!(robust_median(&[400.0, 1.0, 3.0, 2.0], 5.0), Some(3.0));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_corrupt_state_file_is_an_error_naming_the_file_with_its_source() {
+    let dir = std::env::temp_dir().join(format!("starling-corrupt-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(dir.join("host.json"), b"{ not json").unwrap();
+    let (spec, tokens) = run_spec();
+    let (tx, _events) = mpsc::unbounded_channel();
+    let result = Host::start(
+        HostOptions {
+            state_dir: dir.clone(),
+            spec,
+            tokens,
+            allow: vec![],
+            bind: "127.0.0.1:0".parse().unwrap(),
+            traffic: Traffic::new(None, None),
+            device: select_device(DeviceChoice::Cpu).unwrap(),
+            max_rounds: None,
+        },
+        tx,
+    )
+    .await;
+    let Err(e @ HostError::StateFile { .. }) = result else {
+        panic!("expected a state file error");
+    };
+    assert!(e.to_string().contains("host.json"), "{e}");
+    let source = std::error::Error::source(&e).expect("the JSON error is its source");
+    assert!(source.is::<serde_json::Error>(), "{source}");
     let _ = std::fs::remove_dir_all(&dir);
 }

@@ -11,7 +11,8 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
-use super::tokenizer::Tokenizer;
+use super::tokenizer::{Tokenizer, TokenizerError};
+use crate::atomic::write_atomic;
 
 /// Name of the index file in a shard directory.
 pub const INDEX_FILE: &str = "index.json";
@@ -124,13 +125,22 @@ pub enum ShardError {
         /// 1-based line number.
         line: usize,
     },
-    /// The index is missing, malformed or of another format.
+    /// The index is malformed or of another format.
     #[error("{path}: not a valid shard index: {reason}")]
     Index {
         /// The index file.
         path: PathBuf,
         /// What is wrong.
         reason: String,
+    },
+    /// The index is not the JSON of a shard index (or could not be written as JSON).
+    #[error("{path}: not a valid shard index: {source}")]
+    IndexJson {
+        /// The index file.
+        path: PathBuf,
+        /// What the JSON parser said.
+        #[source]
+        source: serde_json::Error,
     },
     /// A shard disagrees with its index (size, or an id outside the vocabulary).
     #[error("{path}: {reason}")]
@@ -143,9 +153,17 @@ pub enum ShardError {
     /// Nothing to tokenize.
     #[error("the inputs hold no text")]
     Empty,
-    /// The tokenizer failed or produced an id outside its own vocabulary.
+    /// The tokenizer failed.
     #[error("tokenizer: {0}")]
-    Tokenizer(String),
+    Tokenizer(#[from] TokenizerError),
+    /// The tokenizer produced an id outside its own vocabulary.
+    #[error("tokenizer: id {id} is outside its vocabulary of {vocab}")]
+    OutOfVocabulary {
+        /// The id.
+        id: u32,
+        /// The tokenizer's vocabulary size.
+        vocab: usize,
+    },
 }
 
 fn io(path: &Path) -> impl FnOnce(std::io::Error) -> ShardError + '_ {
@@ -153,11 +171,6 @@ fn io(path: &Path) -> impl FnOnce(std::io::Error) -> ShardError + '_ {
         path: path.to_path_buf(),
         source,
     }
-}
-
-/// Writes `bytes` to `path` through a temporary file and a rename.
-fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), ShardError> {
-    crate::atomic::write_atomic(path, bytes).map_err(io(path))
 }
 
 /// Reads the documents of one input: a `.jsonl` file gives each line's `text`
@@ -202,27 +215,25 @@ pub fn prepare(
         if !tokens.is_empty() && matches!(tokenizer, Tokenizer::Bytes) {
             tokens.push(u32::from(b'\n'));
         }
-        tokens.extend(
-            tokenizer
-                .encode(doc)
-                .map_err(|e| ShardError::Tokenizer(e.to_string()))?,
-        );
+        tokens.extend(tokenizer.encode(doc)?);
     }
     if tokens.is_empty() {
         return Err(ShardError::Empty);
     }
     fs::create_dir_all(out_dir).map_err(io(out_dir))?;
     let vocab_size = tokenizer.vocab_size();
-    if let Some(bad) = tokens.iter().find(|&&t| t as usize >= vocab_size) {
-        return Err(ShardError::Tokenizer(format!(
-            "id {bad} is outside its vocabulary of {vocab_size}"
-        )));
+    if let Some(&id) = tokens.iter().find(|&&t| t as usize >= vocab_size) {
+        return Err(ShardError::OutOfVocabulary {
+            id,
+            vocab: vocab_size,
+        });
     }
     let dtype = TokenDtype::for_vocab(vocab_size);
     let mut shards = Vec::new();
     for (n, part) in tokens.chunks(shard_tokens.max(1)).enumerate() {
         let file = format!("shard-{n:05}.bin");
-        write_atomic(&out_dir.join(&file), &dtype.encode(part))?;
+        let path = out_dir.join(&file);
+        write_atomic(&path, &dtype.encode(part)).map_err(io(&path))?;
         shards.push(ShardEntry {
             file,
             tokens: part.len() as u64,
@@ -235,11 +246,12 @@ pub fn prepare(
         dtype,
         shards,
     };
-    let json = serde_json::to_vec_pretty(&index).map_err(|e| ShardError::Index {
-        path: out_dir.join(INDEX_FILE),
-        reason: e.to_string(),
+    let index_path = out_dir.join(INDEX_FILE);
+    let json = serde_json::to_vec_pretty(&index).map_err(|source| ShardError::IndexJson {
+        path: index_path.clone(),
+        source,
     })?;
-    write_atomic(&out_dir.join(INDEX_FILE), &json)?;
+    write_atomic(&index_path, &json).map_err(io(&index_path))?;
     Ok(index)
 }
 
@@ -262,7 +274,10 @@ impl TokenStore {
         };
         let text = fs::read(&index_path).map_err(io(&index_path))?;
         let index: ShardIndex =
-            serde_json::from_slice(&text).map_err(|e| bad_index(e.to_string()))?;
+            serde_json::from_slice(&text).map_err(|source| ShardError::IndexJson {
+                path: index_path.clone(),
+                source,
+            })?;
         if index.format != FORMAT {
             return Err(bad_index(format!(
                 "format is {:?}, expected {FORMAT:?}",
@@ -436,7 +451,7 @@ mod tests {
         fs::write(dir.join(INDEX_FILE), b"{").expect("write");
         assert!(matches!(
             TokenStore::load(&dir),
-            Err(ShardError::Index { .. })
+            Err(ShardError::IndexJson { .. })
         ));
         fs::remove_dir_all(dir).expect("cleanup");
     }

@@ -33,16 +33,17 @@ impl ByteTokenizer {
 #[non_exhaustive]
 pub enum TokenizerError {
     /// The file is missing or not a valid `tokenizer.json`.
-    #[error("{path}: not a usable tokenizer.json: {reason}")]
+    #[error("{path}: not a usable tokenizer.json: {source}")]
     Load {
         /// The file.
         path: PathBuf,
-        /// What the library said.
-        reason: String,
+        /// What the library said (its errors are opaque boxes).
+        #[source]
+        source: tokenizers::Error,
     },
     /// Encoding a text failed.
     #[error("cannot tokenize: {0}")]
-    Encode(String),
+    Encode(#[source] tokenizers::Error),
 }
 
 /// Any tokenizer Starling can prepare data with.
@@ -62,10 +63,11 @@ pub enum Tokenizer {
 impl Tokenizer {
     /// Loads a Hugging Face `tokenizer.json`.
     pub fn from_file(path: &Path) -> Result<Self, TokenizerError> {
-        let inner = tokenizers::Tokenizer::from_file(path).map_err(|e| TokenizerError::Load {
-            path: path.to_path_buf(),
-            reason: e.to_string(),
-        })?;
+        let inner =
+            tokenizers::Tokenizer::from_file(path).map_err(|source| TokenizerError::Load {
+                path: path.to_path_buf(),
+                source,
+            })?;
         let name = path.file_name().map_or_else(
             || "tokenizer.json".into(),
             |n| n.to_string_lossy().into_owned(),
@@ -100,7 +102,7 @@ impl Tokenizer {
             Self::HuggingFace { inner, .. } => inner
                 .encode(text, true)
                 .map(|e| e.get_ids().to_vec())
-                .map_err(|e| TokenizerError::Encode(e.to_string())),
+                .map_err(TokenizerError::Encode),
         }
     }
 }

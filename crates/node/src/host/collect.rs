@@ -1,0 +1,271 @@
+//! The round's collection phase: from the open until the deadline, take the
+//! members' announces, fetch each announced update from its sender and check
+//! it against the reference replica, all while the round stays open.
+//!
+//! Fetching and checking run as tasks beside the loop, not in it: a slow or
+//! stalling member must not delay the others' announces, the open's
+//! rebroadcast or the deadline. What a task can fail with is a [`Refusal`],
+//! typed so that the host can tell a peer's fault (counted towards dropping
+//! it) from an update that merely did not arrive (not held against anyone).
+
+use std::{
+    collections::{HashMap, HashSet, hash_map::Entry},
+    sync::Arc,
+    time::Duration,
+};
+
+use starling_swarm::{Announce, Bytes, EndpointId, FetchError, Member, Net};
+use tokio::{task::JoinSet, time::Instant};
+
+use super::{Host, update_tag};
+use crate::{
+    events::NodeEvent,
+    replica::{self, CheckedUpdate, ReplicaError, SharedReplica, UpdateError},
+    short,
+};
+
+/// How long updates still downloading at the deadline may take to finish.
+const GRACE: Duration = Duration::from_secs(5);
+
+/// What the collection phase gathered.
+pub(super) struct Collected {
+    /// Every member's announce that was taken (also those that failed).
+    pub(super) seen: HashMap<EndpointId, Announce>,
+    /// The updates that arrived and checked.
+    pub(super) accepted: Vec<Accepted>,
+}
+
+/// An update accepted into the round, with its bytes for the update file.
+pub(super) struct Accepted {
+    pub(super) sender: EndpointId,
+    pub(super) announce: Announce,
+    pub(super) bytes: Bytes,
+    pub(super) update: CheckedUpdate,
+}
+
+/// Why an announced update was left out of the round.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+enum Refusal {
+    /// The peer's blob is not what it announced (over the limit, another
+    /// size): a fault of the peer.
+    #[error("{0}")]
+    Fetch(#[source] FetchError),
+    /// The update does not check against the model: a fault of the peer.
+    #[error("{0}")]
+    Invalid(#[source] UpdateError),
+    /// No provider delivered it (the peer left, the link broke): not held
+    /// against the peer.
+    #[error("{0}")]
+    Unavailable(#[source] FetchError),
+    /// Our own worker failed: not held against the peer.
+    #[error("{0}")]
+    Worker(#[source] ReplicaError),
+}
+
+impl Refusal {
+    /// Whether the sender is to blame (counts towards dropping it).
+    fn is_fault(&self) -> bool {
+        matches!(self, Self::Fetch(_) | Self::Invalid(_))
+    }
+}
+
+/// What a fetch task reports: the announce, and the checked update or why not.
+struct Fetched {
+    sender: EndpointId,
+    announce: Announce,
+    result: Result<(Bytes, CheckedUpdate), Refusal>,
+}
+
+/// The collection's working state.
+struct Collection {
+    member_ids: HashSet<EndpointId>,
+    seen: HashMap<EndpointId, Announce>,
+    fetches: JoinSet<Fetched>,
+    accepted: Vec<Accepted>,
+}
+
+impl Host {
+    /// Take announces and fetch their updates until the deadline (or until
+    /// every member's update is in, when the run closes rounds early), then
+    /// give downloads still running a short grace.
+    pub(super) async fn collect(
+        &mut self,
+        round: u64,
+        members: &[Member],
+        signed_open: &[u8],
+    ) -> Collected {
+        let rounds = &self.state.spec.rounds;
+        let close_when_complete = rounds.close_when_complete;
+        let window = Duration::from_secs_f64(rounds.window_secs);
+        let mut c = Collection {
+            member_ids: members.iter().map(|m| m.id).collect(),
+            seen: HashMap::new(),
+            fetches: JoinSet::new(),
+            accepted: Vec::new(),
+        };
+        let deadline = Instant::now() + window;
+        let mut rebroadcast = tokio::time::interval(Duration::from_secs(1));
+        rebroadcast.tick().await;
+        loop {
+            let complete =
+                close_when_complete && c.seen.len() == c.member_ids.len() && c.fetches.is_empty();
+            if complete {
+                break;
+            }
+            tokio::select! {
+                _ = tokio::time::sleep_until(deadline) => break,
+                _ = rebroadcast.tick() => { let _ = self.net.broadcast(signed_open.to_vec()).await; }
+                Some(done) = c.fetches.join_next(), if !c.fetches.is_empty() => {
+                    self.settle(round, done, &mut c.accepted);
+                }
+                ev = self.events_rx.recv() => {
+                    let Some(ev) = ev else { break };
+                    if let Some((sender, ann)) = self.on_event(ev, round) {
+                        self.take_announce(round, sender, ann, window, &mut c);
+                    }
+                }
+            }
+        }
+        self.grace(round, &mut c).await;
+        Collected {
+            seen: c.seen,
+            accepted: c.accepted,
+        }
+    }
+
+    /// Take one announce: refuse a non-member, fault an oversized update,
+    /// and start fetching the first announce of each member.
+    fn take_announce(
+        &mut self,
+        round: u64,
+        sender: EndpointId,
+        ann: Announce,
+        window: Duration,
+        c: &mut Collection,
+    ) {
+        let max = self.state.spec.rounds.max_update_bytes;
+        if !c.member_ids.contains(&sender) {
+            self.emit(NodeEvent::Rejected {
+                node: self.name.clone(),
+                round,
+                peer: short(&sender),
+                reason: "not a member of this round".into(),
+            });
+        } else if ann.update.size > max {
+            self.fault(
+                round,
+                sender,
+                format!("announced {} bytes, the limit is {max}", ann.update.size),
+            );
+            c.seen.insert(sender, ann);
+        } else if let Entry::Vacant(v) = c.seen.entry(sender) {
+            v.insert(ann.clone());
+            c.fetches.spawn(fetch_and_check(
+                self.net.clone(),
+                self.replica.clone(),
+                round,
+                sender,
+                ann,
+                max,
+                window,
+            ));
+        }
+    }
+
+    /// Updates still downloading at the deadline get a short grace.
+    async fn grace(&mut self, round: u64, c: &mut Collection) {
+        let grace = tokio::time::sleep(GRACE);
+        tokio::pin!(grace);
+        while !c.fetches.is_empty() {
+            tokio::select! {
+                _ = &mut grace => { c.fetches.abort_all(); break; }
+                Some(done) = c.fetches.join_next() => {
+                    self.settle(round, done, &mut c.accepted);
+                }
+            }
+        }
+    }
+
+    /// Record a finished fetch: accepted, or a fault of its sender.
+    fn settle(
+        &mut self,
+        round: u64,
+        done: Result<Fetched, tokio::task::JoinError>,
+        accepted: &mut Vec<Accepted>,
+    ) {
+        match done {
+            Ok(Fetched {
+                sender,
+                announce,
+                result: Ok((bytes, update)),
+            }) => accepted.push(Accepted {
+                sender,
+                announce,
+                bytes,
+                update,
+            }),
+            Ok(Fetched {
+                sender,
+                result: Err(refusal),
+                ..
+            }) => {
+                if refusal.is_fault() {
+                    self.fault(round, sender, refusal.to_string());
+                } else {
+                    self.emit(NodeEvent::Rejected {
+                        node: self.name.clone(),
+                        round,
+                        peer: short(&sender),
+                        reason: format!("update not received: {refusal}"),
+                    });
+                }
+            }
+            Err(e) => self.warn(format!("round {round}: a fetch task failed: {e}")),
+        }
+    }
+}
+
+/// Fetch `sender`'s announced update (at most `max` bytes, within
+/// `time_limit`) and check it on a blocking worker.
+async fn fetch_and_check(
+    net: Arc<Net>,
+    replica: SharedReplica,
+    round: u64,
+    sender: EndpointId,
+    announce: Announce,
+    max: u64,
+    time_limit: Duration,
+) -> Fetched {
+    let tag = update_tag(round, &sender);
+    let refused = |announce, refusal| Fetched {
+        sender,
+        announce,
+        result: Err(refusal),
+    };
+    let bytes = match net
+        .fetch(&announce.update, &[sender], max, &tag, time_limit)
+        .await
+    {
+        Ok(b) => b,
+        Err(e @ FetchError::Unavailable { .. }) => {
+            return refused(announce, Refusal::Unavailable(e));
+        }
+        Err(e) => return refused(announce, Refusal::Fetch(e)),
+    };
+    let checked = bytes.clone();
+    let result = match replica::blocking(&replica, move |r| {
+        Ok(r.check(&checked, round, *sender.as_bytes()))
+    })
+    .await
+    {
+        Ok(Ok(update)) => Ok((bytes, update)),
+        Ok(Err(invalid)) => Err(Refusal::Invalid(invalid)),
+        Err(worker) => Err(Refusal::Worker(worker)),
+    };
+    Fetched {
+        sender,
+        announce,
+        result,
+    }
+}

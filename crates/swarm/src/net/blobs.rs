@@ -1,0 +1,617 @@
+//! Publishing and fetching blobs (updates, checkpoints, data shards).
+//!
+//! A blob comes from peers that may lie or vanish, and may be large, so a
+//! fetch proves the blob's size against its hash before downloading it (an
+//! announce that lies about its size, or an update bigger than the round
+//! allows, costs one chunk, not the download), verifies every chunk as it
+//! streams in, and tries the next provider when one fails. The errors keep
+//! the difference the caller acts on: a blob nobody delivered is not held
+//! against its sender; one that is not what was announced is.
+
+use std::{error::Error, fmt, future::Future, ops::Range, time::Duration};
+
+use bytes::Bytes;
+use iroh::{
+    Endpoint, EndpointId,
+    endpoint::{ConnectError, Connection, ConnectionError},
+};
+use iroh_blobs::{
+    BlobsProtocol, Hash,
+    api::{ExportBaoError, RequestError, TempTag, remote::GetProgressItem},
+    get::{GetError, request::get_verified_size},
+    protocol::{ChunkRanges, ChunkRangesExt, GetRequest},
+    store::mem::MemStore,
+};
+use n0_future::StreamExt;
+use tokio::time::timeout;
+use tracing::{debug, warn};
+
+use super::{
+    CONNECT_TIMEOUT,
+    gate::refused_by_gate,
+    gc::{GcGate, gated_store},
+    peers::{PeerBook, PeerStats},
+    throttle::{throttled_pair, upload_throttle},
+};
+use crate::{
+    bandwidth::Traffic,
+    message::{BlobHash, BlobRef},
+};
+
+/// Why a blob could not be published.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum PublishError {
+    /// The blob store refused the bytes or the tag.
+    #[error("cannot store the {size}-byte blob under tag {tag:?}: {source:#}")]
+    Store {
+        /// The tag it was to be kept under.
+        tag: String,
+        /// Its size in bytes.
+        size: u64,
+        /// What the store reported.
+        #[source]
+        source: RequestError,
+    },
+}
+
+/// Why a blob could not be fetched.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum FetchError {
+    /// The declared size exceeds what the caller accepts.
+    #[error("blob of {size} bytes exceeds the {max}-byte limit")]
+    TooLarge {
+        /// Declared size.
+        size: u64,
+        /// The limit.
+        max: u64,
+    },
+    /// The provider proved a size other than the one declared.
+    #[error("declared {declared} bytes but the blob has {actual}")]
+    SizeMismatch {
+        /// What the announce said.
+        declared: u64,
+        /// What the provider proved.
+        actual: u64,
+    },
+    /// A requested byte range does not lie inside the blob.
+    #[error("byte range {start}..{end} is outside the {size}-byte blob")]
+    OutOfRange {
+        /// Start of the range.
+        start: u64,
+        /// End of the range (exclusive).
+        end: u64,
+        /// The blob's size.
+        size: u64,
+    },
+    /// No provider delivered the blob.
+    #[error("no provider delivered blob {} ({})", short(&.blob.hash), LastAttempt(.last.as_ref()))]
+    Unavailable {
+        /// The blob.
+        blob: BlobRef,
+        /// The last provider asked and why it failed (`None`: no provider
+        /// other than this node was given).
+        #[source]
+        last: Option<ProviderError>,
+    },
+    /// The blob store could not protect the blob from garbage collection.
+    #[error("blob store: cannot hold blob {} against garbage collection: {source:#}", short(&.blob.hash))]
+    Hold {
+        /// The blob.
+        blob: BlobRef,
+        /// What the store reported.
+        #[source]
+        source: Box<dyn Error + Send + Sync + 'static>,
+    },
+    /// The blob store could not tag the blob.
+    #[error("blob store: cannot tag blob {} as {tag:?}: {source:#}", short(&.blob.hash))]
+    Tag {
+        /// The blob.
+        blob: BlobRef,
+        /// The tag.
+        tag: String,
+        /// What the store reported.
+        #[source]
+        source: RequestError,
+    },
+    /// The blob store could not hand back a blob it holds.
+    #[error("blob store: cannot read blob {}: {source:#}", short(&.blob.hash))]
+    Read {
+        /// The blob.
+        blob: BlobRef,
+        /// What the store reported.
+        #[source]
+        source: ExportBaoError,
+    },
+    /// The blob store could not tell which chunks of the blob it holds.
+    #[error("blob store: cannot list the chunks held of blob {}: {source:#}", short(&.blob.hash))]
+    Inventory {
+        /// The blob.
+        blob: BlobRef,
+        /// What the store reported.
+        #[source]
+        source: Box<dyn Error + Send + Sync + 'static>,
+    },
+    /// The blob store could not hand back a byte range it holds.
+    #[error("blob store: cannot read bytes {start}..{end} of blob {}: {source:#}", short(&.blob.hash))]
+    ReadRange {
+        /// The blob.
+        blob: BlobRef,
+        /// Start of the range.
+        start: u64,
+        /// End of the range (exclusive).
+        end: u64,
+        /// What the store reported.
+        #[source]
+        source: RequestError,
+    },
+    /// The blob store handed back fewer bytes than the range holds.
+    #[error("blob store: bytes {start}..{end} of blob {} came back as {got} bytes", short(&.blob.hash))]
+    ShortRange {
+        /// The blob.
+        blob: BlobRef,
+        /// Start of the range.
+        start: u64,
+        /// End of the range (exclusive).
+        end: u64,
+        /// How many bytes came back.
+        got: u64,
+    },
+}
+
+/// Why one provider did not deliver a blob.
+#[derive(Debug, thiserror::Error)]
+#[error("{}: {failure}", .provider.fmt_short())]
+#[non_exhaustive]
+pub struct ProviderError {
+    /// The provider.
+    pub provider: EndpointId,
+    /// What went wrong.
+    #[source]
+    pub failure: ProviderFailure,
+}
+
+/// What went wrong with one provider.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ProviderFailure {
+    /// Dialling it took too long.
+    #[error("no connection within {after:?}")]
+    ConnectTimeout {
+        /// How long the dial was given.
+        after: Duration,
+    },
+    /// Dialling it failed.
+    #[error("cannot connect: {source:#}")]
+    Connect {
+        /// Why the connection failed.
+        #[source]
+        source: ConnectError,
+    },
+    /// Its gate refused this node (it does not count this node as a member).
+    #[error("it does not admit this node")]
+    NotAdmitted,
+    /// The connection broke before a request stream opened.
+    #[error("cannot open a stream: {source}")]
+    Stream {
+        /// Why the stream did not open.
+        #[source]
+        source: ConnectionError,
+    },
+    /// It could not prove the blob's size (it does not have the blob, or the
+    /// connection broke).
+    #[error("cannot prove the blob's size: {source:#}")]
+    Size {
+        /// What the request reported.
+        #[source]
+        source: GetError,
+    },
+    /// The transfer failed (the provider lacks the data, sent data that does
+    /// not verify, or the connection broke).
+    #[error("transfer failed: {source:#}")]
+    Transfer {
+        /// What the transfer reported.
+        #[source]
+        source: GetError,
+    },
+    /// The transfer ended without saying whether it completed.
+    #[error("the transfer ended without a result")]
+    Ended,
+    /// The provider did not deliver within the caller's time limit.
+    #[error("no complete transfer within {after:?}")]
+    TimedOut {
+        /// The caller's time limit.
+        after: Duration,
+    },
+}
+
+/// The short form of a blob hash (as iroh shows endpoint ids).
+fn short(hash: &BlobHash) -> impl fmt::Display + use<> {
+    Hash::from_bytes(*hash).fmt_short()
+}
+
+/// The parenthesised tail of [`FetchError::Unavailable`]'s message.
+struct LastAttempt<'a>(Option<&'a ProviderError>);
+
+impl fmt::Display for LastAttempt<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.0 {
+            Some(e) => write!(f, "last error: {e}"),
+            None => f.write_str("no other node was asked"),
+        }
+    }
+}
+
+/// How one provider's attempt ended, short of success.
+enum Attempt {
+    /// The provider failed; the next one may do better.
+    Provider(ProviderFailure),
+    /// The blob is not what was declared: no provider can fix that.
+    Fatal(FetchError),
+}
+
+impl From<ProviderFailure> for Attempt {
+    fn from(failure: ProviderFailure) -> Self {
+        Self::Provider(failure)
+    }
+}
+
+impl Attempt {
+    /// Report a provider failure on a connection its gate closed as
+    /// [`ProviderFailure::NotAdmitted`]: the gate may close the connection
+    /// only after the handshake completed on this side.
+    fn or_refused(self, conn: &Connection) -> Self {
+        match self {
+            Self::Provider(_) if conn.close_reason().is_some_and(|r| refused_by_gate(&r)) => {
+                Self::Provider(ProviderFailure::NotAdmitted)
+            }
+            other => other,
+        }
+    }
+}
+
+/// The node's blob store and the means to fill it from peers.
+pub(super) struct Blobs {
+    store: MemStore,
+    gc: GcGate,
+    endpoint: Endpoint,
+    traffic: Traffic,
+    peers: PeerBook,
+}
+
+impl Blobs {
+    /// An empty store whose transfers run over `endpoint` under `traffic`'s caps.
+    pub(super) fn new(endpoint: Endpoint, traffic: Traffic) -> Self {
+        let (store, gc) = gated_store();
+        Self {
+            store,
+            gc,
+            endpoint,
+            traffic,
+            peers: PeerBook::default(),
+        }
+    }
+
+    /// The protocol that serves this store to peers, under the upload cap.
+    pub(super) fn protocol(&self) -> BlobsProtocol {
+        BlobsProtocol::new(&self.store, Some(upload_throttle(self.traffic.clone())))
+    }
+
+    /// Peers fetched from, most recent first.
+    pub(super) fn peer_stats(&self) -> Vec<PeerStats> {
+        self.peers.snapshot()
+    }
+
+    /// See [`super::Net::publish`].
+    pub(super) async fn publish(&self, tag: &str, bytes: Vec<u8>) -> Result<BlobRef, PublishError> {
+        let size = bytes.len() as u64;
+        let _creating = self.gc.creating().await;
+        let hf = self
+            .store
+            .add_bytes(bytes)
+            .with_named_tag(tag)
+            .await
+            .map_err(|source| PublishError::Store {
+                tag: tag.to_owned(),
+                size,
+                source,
+            })?;
+        Ok(BlobRef {
+            hash: *hf.hash.as_bytes(),
+            size,
+        })
+    }
+
+    /// See [`super::Net::forget`].
+    pub(super) async fn forget(&self, prefix: &str) {
+        if let Err(e) = self.store.tags().delete_prefix(prefix).await {
+            warn!("cannot delete tags {prefix}: {e:#}");
+        }
+    }
+
+    /// A temporary tag that keeps `blob` (and whatever arrives for it) from
+    /// the garbage collector until dropped.
+    async fn hold(&self, blob: &BlobRef) -> Result<TempTag, FetchError> {
+        let _creating = self.gc.creating().await;
+        self.store
+            .tags()
+            .temp_tag(Hash::from_bytes(blob.hash))
+            .await
+            .map_err(|e| FetchError::Hold {
+                blob: *blob,
+                source: Box::new(e),
+            })
+    }
+
+    /// Keep `blob` under `tag`.
+    async fn tag(&self, blob: &BlobRef, tag: &str) -> Result<(), FetchError> {
+        self.store
+            .tags()
+            .set(tag, Hash::from_bytes(blob.hash))
+            .await
+            .map_err(|source| FetchError::Tag {
+                blob: *blob,
+                tag: tag.to_owned(),
+                source,
+            })
+    }
+
+    /// Bytes of a blob this node holds completely, if it does.
+    pub(super) async fn local(&self, blob: &BlobRef) -> Option<Bytes> {
+        let hash = Hash::from_bytes(blob.hash);
+        match self.store.has(hash).await {
+            Ok(true) => self.store.get_bytes(hash).await.ok(),
+            _ => None,
+        }
+    }
+
+    /// See [`super::Net::fetch_observed`].
+    pub(super) async fn fetch(
+        &self,
+        blob: &BlobRef,
+        providers: &[EndpointId],
+        max_bytes: u64,
+        tag: &str,
+        time_limit: Duration,
+        progress: &(dyn Fn(u64) + Send + Sync),
+    ) -> Result<Bytes, FetchError> {
+        if blob.size > max_bytes {
+            return Err(FetchError::TooLarge {
+                size: blob.size,
+                max: max_bytes,
+            });
+        }
+        // Hold the data against garbage collection until it is tagged.
+        let _guard = self.hold(blob).await?;
+        if let Some(bytes) = self.local(blob).await {
+            self.tag(blob, tag).await?;
+            return Ok(bytes);
+        }
+        self.first_provider(blob, providers, time_limit, |provider| {
+            self.fetch_from(provider, blob, progress)
+        })
+        .await?;
+        self.tag(blob, tag).await?;
+        self.store
+            .get_bytes(Hash::from_bytes(blob.hash))
+            .await
+            .map_err(|source| FetchError::Read {
+                blob: *blob,
+                source,
+            })
+    }
+
+    /// See [`super::Net::fetch_ranges`].
+    pub(super) async fn fetch_ranges(
+        &self,
+        blob: &BlobRef,
+        ranges: &[Range<u64>],
+        providers: &[EndpointId],
+        time_limit: Duration,
+    ) -> Result<Vec<Bytes>, FetchError> {
+        if let Some(r) = ranges.iter().find(|r| r.start > r.end || r.end > blob.size) {
+            return Err(FetchError::OutOfRange {
+                start: r.start,
+                end: r.end,
+                size: blob.size,
+            });
+        }
+        let hash = Hash::from_bytes(blob.hash);
+        let mut wanted = ChunkRanges::empty();
+        for r in ranges {
+            wanted |= ChunkRanges::bytes(r.clone());
+        }
+        let _guard = self.hold(blob).await?;
+        let local = self
+            .store
+            .remote()
+            .local_for_request(GetRequest::blob_ranges(hash, wanted))
+            .await
+            .map_err(|e| FetchError::Inventory {
+                blob: *blob,
+                source: e.into(),
+            })?;
+        if !local.is_complete() {
+            let request = local.missing();
+            self.first_provider(blob, providers, time_limit, |provider| {
+                self.get_from(provider, request.clone())
+            })
+            .await?;
+        }
+        let mut out = Vec::with_capacity(ranges.len());
+        for r in ranges {
+            let bytes = self
+                .store
+                .export_ranges(hash, r.clone())
+                .concatenate()
+                .await
+                .map_err(|source| FetchError::ReadRange {
+                    blob: *blob,
+                    start: r.start,
+                    end: r.end,
+                    source,
+                })?;
+            if bytes.len() as u64 != r.end - r.start {
+                return Err(FetchError::ShortRange {
+                    blob: *blob,
+                    start: r.start,
+                    end: r.end,
+                    got: bytes.len() as u64,
+                });
+            }
+            out.push(Bytes::from(bytes));
+        }
+        Ok(out)
+    }
+
+    /// Run `attempt` against each of `providers` but this node in turn, each
+    /// within `time_limit`, until one succeeds or fails fatally.
+    async fn first_provider<F, Fut>(
+        &self,
+        blob: &BlobRef,
+        providers: &[EndpointId],
+        time_limit: Duration,
+        attempt: F,
+    ) -> Result<(), FetchError>
+    where
+        F: Fn(EndpointId) -> Fut,
+        Fut: Future<Output = Result<(), Attempt>>,
+    {
+        let me = self.endpoint.id();
+        let mut last = None;
+        for &provider in providers.iter().filter(|p| **p != me) {
+            let failure = match timeout(time_limit, attempt(provider)).await {
+                Ok(Ok(())) => return Ok(()),
+                Ok(Err(Attempt::Fatal(e))) => return Err(e),
+                Ok(Err(Attempt::Provider(failure))) => failure,
+                Err(_) => ProviderFailure::TimedOut { after: time_limit },
+            };
+            let error = ProviderError { provider, failure };
+            debug!("blob {}: {error}", short(&blob.hash));
+            last = Some(error);
+        }
+        Err(FetchError::Unavailable { blob: *blob, last })
+    }
+
+    /// A blob-protocol connection to `provider`.
+    async fn connect(&self, provider: EndpointId) -> Result<Connection, ProviderFailure> {
+        match timeout(
+            CONNECT_TIMEOUT,
+            self.endpoint.connect(provider, iroh_blobs::ALPN),
+        )
+        .await
+        {
+            Err(_) => Err(ProviderFailure::ConnectTimeout {
+                after: CONNECT_TIMEOUT,
+            }),
+            Ok(Err(ConnectError::Connection { source, .. })) if refused_by_gate(&source) => {
+                Err(ProviderFailure::NotAdmitted)
+            }
+            Ok(Err(source)) => Err(ProviderFailure::Connect { source }),
+            Ok(Ok(conn)) => Ok(conn),
+        }
+    }
+
+    /// Fetch all of `blob` from `provider`, after it proved the declared size.
+    async fn fetch_from(
+        &self,
+        provider: EndpointId,
+        blob: &BlobRef,
+        progress: &(dyn Fn(u64) + Send + Sync),
+    ) -> Result<(), Attempt> {
+        let conn = self.connect(provider).await?;
+        let result = async {
+            let hash = Hash::from_bytes(blob.hash);
+            let (actual, _) = get_verified_size(&conn, &hash)
+                .await
+                .map_err(|source| ProviderFailure::Size { source })?;
+            if actual != blob.size {
+                return Err(Attempt::Fatal(FetchError::SizeMismatch {
+                    declared: blob.size,
+                    actual,
+                }));
+            }
+            let pair = throttled_pair(&conn, &self.traffic)
+                .await
+                .map_err(|source| ProviderFailure::Stream { source })?;
+            let mut items = std::pin::pin!(self.store.remote().fetch(pair, hash).stream());
+            while let Some(item) = items.next().await {
+                match item {
+                    GetProgressItem::Progress(bytes) => progress(bytes),
+                    GetProgressItem::Done(stats) => {
+                        self.peers.observe(provider, &conn, &stats);
+                        return Ok(());
+                    }
+                    GetProgressItem::Error(source) => {
+                        return Err(ProviderFailure::Transfer { source }.into());
+                    }
+                }
+            }
+            Err(ProviderFailure::Ended.into())
+        }
+        .await;
+        result.map_err(|e| e.or_refused(&conn))
+    }
+
+    /// Run `request` (the chunks this node lacks) against `provider`.
+    async fn get_from(&self, provider: EndpointId, request: GetRequest) -> Result<(), Attempt> {
+        let conn = self.connect(provider).await?;
+        let result = async {
+            let pair = throttled_pair(&conn, &self.traffic)
+                .await
+                .map_err(|source| ProviderFailure::Stream { source })?;
+            let stats = self
+                .store
+                .remote()
+                .execute_get(pair, request)
+                .await
+                .map_err(|source| ProviderFailure::Transfer { source })?;
+            self.peers.observe(provider, &conn, &stats);
+            Ok::<(), ProviderFailure>(())
+        }
+        .await;
+        result.map_err(|e| Attempt::from(e).or_refused(&conn))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use iroh::SecretKey;
+
+    use super::*;
+
+    #[test]
+    fn unavailable_names_the_blob_and_the_last_provider() {
+        let blob = BlobRef::of(b"an update");
+        let hash = &blob.hex()[..10];
+        let none = FetchError::Unavailable { blob, last: None };
+        assert_eq!(
+            none.to_string(),
+            format!("no provider delivered blob {hash} (no other node was asked)")
+        );
+        assert!(none.source().is_none());
+        let provider = SecretKey::from_bytes(&[1; 32]).public();
+        let timed_out = FetchError::Unavailable {
+            blob,
+            last: Some(ProviderError {
+                provider,
+                failure: ProviderFailure::TimedOut {
+                    after: Duration::from_secs(20),
+                },
+            }),
+        };
+        assert_eq!(
+            timed_out.to_string(),
+            format!(
+                "no provider delivered blob {hash} (last error: {}: no complete transfer within 20s)",
+                provider.fmt_short()
+            )
+        );
+        let source = timed_out.source().map(|s| s.to_string());
+        assert_eq!(
+            source.as_deref(),
+            Some(format!("{}: no complete transfer within 20s", provider.fmt_short()).as_str())
+        );
+    }
+}
