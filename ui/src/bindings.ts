@@ -553,3 +553,122 @@ mem_used: number | null,
  * Total memory, bytes.
  */
 mem_total: number | null, };
+
+/**
+ * A snapshot for the dashboard.
+ */
+export type Status = {
+/**
+ * What the volunteer is doing.
+ */
+activity: Activity,
+/**
+ * The node's short id (what a host puts on its member list).
+ */
+node: string,
+/**
+ * The node's full endpoint id.
+ */
+endpoint_id: string,
+/**
+ * The run joined, if any.
+ */
+ticket: string | null,
+/**
+ * Bytes sent since the volunteer started.
+ */
+bytes_up: number,
+/**
+ * Bytes received since the volunteer started.
+ */
+bytes_down: number,
+/**
+ * The settings in force.
+ */
+settings: Settings, };
+
+/**
+ * What the volunteer is doing.
+ */
+export type Activity = { "activity": "idle" } | { "activity": "running" } | { "activity": "paused",
+/**
+ * When a snooze ends (unix ms).
+ */
+until_ms: number | null, } | { "activity": "held",
+/**
+ * Which rule.
+ */
+hold: Hold, } | { "activity": "finished" } | { "activity": "failed",
+/**
+ * What happened and what to do.
+ */
+error: ErrorInfo, };
+
+/**
+ * An error as it crosses to a face: a code to branch on, a sentence for
+ * the person, and per-field messages for a settings form.
+ */
+export type ErrorInfo = {
+/**
+ * What kind of failure.
+ */
+code: ErrorCode,
+/**
+ * What happened and what to do, in words.
+ */
+message: string,
+/**
+ * Invalid settings fields, if that is what failed.
+ */
+fields: Array<FieldError>, };
+
+/**
+ * What the app and the CLI branch on: a stable name per kind of failure,
+ * so no face ever decides from an error's wording.
+ */
+export type ErrorCode = "invalid_ticket" | "no_run" | "invalid_settings" | "key_file" | "device" | "not_member" | "refused" | "too_small" | "ledger" | "network" | "spec" | "training" | "invalid_update" | "crashed" | "metrics" | "other";
+
+/**
+ * Once a second: traffic and GPU, for charts.
+ */
+export type Tick = {
+/**
+ * When (unix seconds).
+ */
+t: number,
+/**
+ * Bytes sent since the volunteer started.
+ */
+bytes_up: number,
+/**
+ * Bytes received since the volunteer started.
+ */
+bytes_down: number,
+/**
+ * The upload cap in force.
+ */
+up_cap_mbit: number | null,
+/**
+ * The download cap in force.
+ */
+down_cap_mbit: number | null,
+/**
+ * [`Activity::name`].
+ */
+activity: string,
+/**
+ * GPU busy percentage.
+ */
+gpu_util: number | null,
+/**
+ * GPU temperature, °C.
+ */
+gpu_temp_c: number | null,
+/**
+ * GPU memory in use, bytes.
+ */
+gpu_mem_used: number | null,
+/**
+ * GPU memory in all, bytes.
+ */
+gpu_mem_total: number | null, };

@@ -9,15 +9,9 @@ import uPlot from "uplot";
 import "uplot/dist/uPlot.min.css";
 import "./style.css";
 import { formatBytes, formatDuration, formatNumber, formatRate } from "./format";
-import type { FieldError, MachineReport, NodeEvent, Settings } from "./bindings";
+import type { ErrorInfo, MachineReport, NodeEvent, Settings, Status } from "./bindings";
 import { fromForm, toForm } from "./settings";
 import { empty, fetchEta, onTick, reduce, runEta, secondsPerRound, share, type Dashboard, type Tick } from "./state";
-
-interface Status {
-  activity: { activity: string };
-  ticket: string | null;
-  settings: Settings;
-}
 
 const $ = <T extends HTMLElement>(id: string) => document.getElementById(id) as T;
 let dash: Dashboard = empty();
@@ -183,7 +177,7 @@ function render(): void {
   $("log").textContent = dash.log.slice(-200).join("\n");
 }
 
-function showErrors(el: HTMLElement, errors: FieldError[]): void {
+function showErrors(el: HTMLElement, errors: ErrorInfo["fields"]): void {
   el.textContent = errors.map((e) => `${e.field}: ${e.message}`).join("\n");
 }
 
@@ -214,7 +208,7 @@ async function call(cmd: string, args?: Record<string, unknown>, errorEl = $("jo
     errorEl.textContent = "";
     return true;
   } catch (e) {
-    const err = e as { message?: string; fields?: FieldError[] };
+    const err = e as Partial<ErrorInfo>;
     if (err.fields?.length) showErrors(errorEl, err.fields);
     else errorEl.textContent = err.message ?? String(e);
     return false;

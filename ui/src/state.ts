@@ -5,21 +5,10 @@
 // The event types are generated from the node's Rust types (bindings.ts), so
 // each case below sees its own fields; nothing checks a payload at runtime,
 // so the fold still guards every value it draws.
-import type { NodeEvent, PeerView } from "./bindings";
+import type { NodeEvent, PeerView, Tick } from "./bindings";
 
-/** What the shell sends every second. */
-export interface Tick {
-  t: number; // unix seconds
-  bytes_up: number; // since the app started
-  bytes_down: number;
-  up_cap_mbit: number | null;
-  down_cap_mbit: number | null;
-  activity: string;
-  gpu_util: number | null;
-  gpu_temp_c: number | null;
-  gpu_mem_used: number | null;
-  gpu_mem_total: number | null;
-}
+/** What the shell sends every second (the node's `Tick`). */
+export type { Tick };
 
 /** A download in progress (the checkpoint), as the node reports it. */
 export interface Fetch {

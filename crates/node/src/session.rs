@@ -14,10 +14,10 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use serde::Serialize;
-use ts_rs::TS;
 use starling_swarm::{SecretKey, Ticket, TicketError, Traffic, unix_ms};
 use tokio::sync::{Mutex, mpsc, watch};
 use tokio::task::JoinHandle;
+use ts_rs::TS;
 
 use crate::caps::{Caps, CapsWatcher};
 use crate::events::{NodeEvent, NodeState};

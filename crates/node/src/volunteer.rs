@@ -19,7 +19,8 @@ use std::{
 use starling_distro::IncomingUpdate;
 use starling_swarm::{
     Announce, BlobRef, Body, EndpointId, Manifest, Member, Message, Net, NetConfig, NetEvent,
-    Request, Response, RoundOpen, RunState, SecretKey, Ticket, Traffic, WeightReport, unix_ms,
+    Refusal, Request, Response, RoundOpen, RunState, SecretKey, Ticket, Traffic, WeightReport,
+    unix_ms,
 };
 use starling_train::SelectedDevice;
 use tokio::{
@@ -417,7 +418,13 @@ impl Volunteer {
         loop {
             match self.net.request(&self.host, &request).await {
                 Ok(Response::State(s)) => return Ok(s),
-                Ok(Response::Refused { reason }) => return Err(VolunteerError::Refused(reason)),
+                Ok(Response::Refused {
+                    why: Refusal::NotMember,
+                    ..
+                }) => return Err(VolunteerError::NotMember),
+                Ok(Response::Refused { reason, .. }) => {
+                    return Err(VolunteerError::Refused(reason));
+                }
                 Ok(_) => return Err(VolunteerError::UnexpectedAnswer),
                 Err(starling_swarm::ControlError::NotAdmitted) => {
                     return Err(VolunteerError::NotMember);

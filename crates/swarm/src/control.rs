@@ -43,11 +43,31 @@ pub enum Request {
 pub enum Response {
     /// The run as it stands.
     State(RunState),
-    /// Not admitted, and why (shown to the volunteer).
+    /// Not admitted, and why: a code the volunteer decides on and a
+    /// sentence it shows.
     Refused {
+        /// What kind of refusal.
+        why: Refusal,
         /// Human-readable reason.
         reason: String,
     },
+}
+
+/// Why a coordinator refused a request: what a volunteer branches on (never
+/// the reason's wording).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[non_exhaustive]
+pub enum Refusal {
+    /// The request names another run.
+    OtherRun,
+    /// The caller was removed from the run.
+    Removed,
+    /// The run admits listed members only, and the caller is not listed.
+    NotMember,
+    /// The request could not be read or is not supported.
+    BadRequest,
+    /// Any other reason (the text says which).
+    Other,
 }
 
 /// Where a run stands.

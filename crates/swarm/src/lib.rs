@@ -13,7 +13,7 @@ pub mod ticket;
 
 pub use bandwidth::{RateLimiter, Traffic};
 pub use bytes::Bytes;
-pub use control::{CONTROL_ALPN, Request, Response, RunState};
+pub use control::{CONTROL_ALPN, Refusal, Request, Response, RunState};
 pub use iroh::{EndpointId, SecretKey};
 pub use message::{
     Announce, BlobRef, Body, Manifest, ManifestEntry, Member, Message, MessageError, RoundOpen,

@@ -12,7 +12,7 @@ use std::{
     sync::Mutex,
 };
 
-use starling_swarm::{EndpointId, Member, Request, Response, RunId, RunState};
+use starling_swarm::{EndpointId, Member, Refusal, Request, Response, RunId, RunState};
 
 /// What the control handler shares with the round loop.
 pub(super) struct Shared {
@@ -43,16 +43,19 @@ pub(super) fn answer(
         } => {
             if asked != run_id {
                 return Response::Refused {
+                    why: Refusal::OtherRun,
                     reason: "this host coordinates another run".into(),
                 };
             }
             if s.dropped.contains(&from) {
                 return Response::Refused {
+                    why: Refusal::Removed,
                     reason: "removed from this run after repeated invalid updates".into(),
                 };
             }
             if !s.allow.is_empty() && !s.allow.contains(&from) {
                 return Response::Refused {
+                    why: Refusal::NotMember,
                     reason: "not on this run's member list".into(),
                 };
             }
@@ -72,6 +75,7 @@ pub(super) fn answer(
             })
         }
         _ => Response::Refused {
+            why: Refusal::BadRequest,
             reason: "unsupported request".into(),
         },
     }

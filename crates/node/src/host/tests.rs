@@ -362,16 +362,25 @@ fn join_requests_are_answered_from_the_shared_state() {
     );
     let shared = shared_for(&[listed, dropped], &[dropped]);
     let refused = |r: Response| match r {
-        Response::Refused { reason } => reason,
+        Response::Refused { reason, .. } => reason,
         other => panic!("expected a refusal, got {other:?}"),
     };
     let other_run = refused(answer(&shared, RunId::random(), listed, join(run, None)));
     assert!(other_run.contains("another run"), "{other_run}");
     let removed = refused(answer(&shared, run, dropped, join(run, None)));
     assert!(removed.contains("removed"), "{removed}");
-    // The volunteer recognises this refusal by its wording: keep "member list".
-    let unlisted_reason = refused(answer(&shared, run, unlisted, join(run, None)));
-    assert!(unlisted_reason.contains("member list"), "{unlisted_reason}");
+    // The volunteer recognises this refusal by its code, not its wording.
+    let unlisted_answer = answer(&shared, run, unlisted, join(run, None));
+    assert!(
+        matches!(
+            unlisted_answer,
+            Response::Refused {
+                why: starling_swarm::Refusal::NotMember,
+                ..
+            }
+        ),
+        "{unlisted_answer:?}"
+    );
     assert!(shared.lock().unwrap().joined.is_empty());
 
     let Response::State(state) = answer(&shared, run, listed, join(run, Some(4))) else {

@@ -177,6 +177,7 @@ impl ProtocolHandler for ControlProtocol {
         let response = match postcard::from_bytes::<Request>(&bytes) {
             Ok(request) => (self.0)(from, request).await,
             Err(e) => Response::Refused {
+                why: crate::control::Refusal::BadRequest,
                 reason: format!("malformed request: {e}"),
             },
         };

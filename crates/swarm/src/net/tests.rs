@@ -34,6 +34,7 @@ async fn members_gossip_fetch_and_control_while_outsiders_are_refused() {
     host_cfg.control = Some(Arc::new(|_, _| {
         Box::pin(async {
             Response::Refused {
+                why: crate::control::Refusal::Other,
                 reason: "full".into(),
             }
         })
