@@ -160,8 +160,12 @@ pub async fn watch_caps(
     every: Duration,
 ) {
     let mut watcher = CapsWatcher::new(path, every);
-    while !out.is_closed() {
-        let event = match watcher.next().await {
+    loop {
+        let next = tokio::select! {
+            next = watcher.next() => next,
+            () = out.closed() => return,
+        };
+        let event = match next {
             Ok(caps) => {
                 caps.apply(&traffic);
                 NodeEvent::Caps {

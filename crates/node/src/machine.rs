@@ -548,7 +548,8 @@ mod tests {
             memory_budget(Some(8_000_000_000), Some(12.0)),
             Some(6_800_000_000)
         );
-        assert_eq!(device_memory_budget("cpu", Some(1.0)), None);
+        // A CPU trains in RAM: the limit applies there too.
+        assert_eq!(device_memory_budget("cpu", Some(1.0)), Some(1_000_000_000));
     }
 
     fn cpu(ram_gb: u64) -> CpuReport {

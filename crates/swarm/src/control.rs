@@ -14,7 +14,7 @@ use serde::{Deserialize, Serialize};
 use crate::message::{BlobRef, RunId};
 
 /// ALPN of the control protocol.
-pub const CONTROL_ALPN: &[u8] = b"starling/control/1";
+pub const CONTROL_ALPN: &[u8] = b"starling/control/2";
 
 /// Largest control request accepted.
 pub const MAX_REQUEST_BYTES: usize = 16 * 1024;

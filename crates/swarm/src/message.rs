@@ -18,7 +18,7 @@ use serde::{Deserialize, Serialize};
 pub const MAX_MESSAGE_BYTES: usize = 4096;
 
 /// Domain-separation tag mixed into every signature.
-const DOMAIN: &[u8] = b"starling/message/v1";
+const DOMAIN: &[u8] = b"starling/message/v2";
 
 /// Identifies one training run; part of every signed message and update.
 #[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
