@@ -648,3 +648,120 @@ fn join_applies_the_apps_memory_check_and_schedule_rule() {
     );
     drop(host);
 }
+
+/// Three hundred synthetic volunteers (one `starling bench swarm --join`
+/// process) and two real ones in one run: every round's manifest names over
+/// 300 accepted updates, merged into one aggregate that every real replica
+/// applies to the host's digest; meanwhile a join listing 1,000 addresses is
+/// refused with its reason and the run goes on.
+#[test]
+fn a_round_of_three_hundred_members_and_a_crowded_join() {
+    let dir = scratch("crowd");
+    let run = format!(
+        "{}min_members = 302\n",
+        RUN.replace("window_secs = 8.0", "window_secs = 240.0")
+            .replace(
+                "eval_sequences = 8",
+                "eval_sequences = 8\ntopk = 4\nvalues = \"sign\""
+            )
+    );
+    let (host, ticket) = start_host(&dir, &run, &["--rounds", "2"]);
+    let real: Vec<Node> = (0..2)
+        .map(|i| join(&dir, &ticket, &format!("v{i}"), &["--rounds", "2"]))
+        .collect();
+    let crowd_log = dir.join("crowd.log");
+    let mut crowd = Command::new(BIN)
+        .args([
+            "bench",
+            "swarm",
+            "--join",
+            ticket.trim(),
+            "--volunteers",
+            "300",
+        ])
+        .args(["--rounds", "2", "--json", "--dir"])
+        .arg(dir.join("bench"))
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(&crowd_log).expect("log file"))
+        .spawn()
+        .expect("start the crowd");
+
+    // A join carrying 1,000 addresses, from a node of its own.
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    let parsed: starling_swarm::Ticket = ticket.trim().parse().unwrap();
+    let refusal = runtime.block_on(async {
+        let host = starling_swarm::Member {
+            id: parsed.host,
+            addrs: parsed.addrs.clone(),
+        };
+        let (net, _rx) = starling_swarm::Net::spawn(starling_swarm::NetConfig {
+            secret_key: starling_swarm::SecretKey::generate(),
+            bind: "127.0.0.1:0".parse().unwrap(),
+            run_id: parsed.run_id,
+            traffic: starling_swarm::Traffic::new(None, None),
+            open: false,
+            control: None,
+            bootstrap: vec![host.clone()],
+        })
+        .await
+        .unwrap();
+        let addrs = (0..1000u16)
+            .map(|p| std::net::SocketAddr::from(([10, 1, (p >> 8) as u8, p as u8], 9000 + p)))
+            .collect();
+        let request = starling_swarm::Request::Join {
+            run_id: parsed.run_id,
+            addrs,
+            since: None,
+        };
+        let answer = net.request(&host, &request).await;
+        net.shutdown().await;
+        answer
+    });
+    match refusal {
+        Ok(starling_swarm::Response::Refused { reason, .. }) => {
+            assert!(reason.contains("at most 8 addresses"), "{reason}");
+        }
+        other => panic!("a join with 1,000 addresses was not refused: {other:?}"),
+    }
+
+    let limit = Duration::from_secs(900);
+    let mut host_events = Vec::new();
+    assert!(
+        host.until(limit, &mut host_events, |e| applied(e, 1).is_some()),
+        "host did not finish 2 rounds: {}\ncrowd: {}",
+        host.stderr(),
+        std::fs::read_to_string(&crowd_log).unwrap_or_default()
+    );
+    for r in 0..2 {
+        let updates = applied(&host_events, r).unwrap()["updates"]
+            .as_u64()
+            .unwrap();
+        assert!(updates >= 300, "round {r} applied {updates} updates");
+    }
+    let digest = applied(&host_events, 1).unwrap()["digest"].clone();
+    for v in &real {
+        let mut events = Vec::new();
+        assert!(
+            v.until(limit, &mut events, |e| applied(e, 1).is_some()),
+            "volunteer did not apply round 1: {}",
+            v.stderr()
+        );
+        assert_eq!(applied(&events, 1).unwrap()["digest"], digest);
+    }
+    let end = Instant::now() + Duration::from_secs(120);
+    let status = loop {
+        if let Ok(Some(status)) = crowd.try_wait() {
+            break Some(status);
+        }
+        if Instant::now() > end {
+            let _ = crowd.kill();
+            break None;
+        }
+        thread::sleep(Duration::from_millis(200));
+    };
+    assert!(
+        status.is_some_and(|s| s.success()),
+        "the crowd failed: {}",
+        std::fs::read_to_string(&crowd_log).unwrap_or_default()
+    );
+}

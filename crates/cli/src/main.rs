@@ -17,6 +17,7 @@ mod demo;
 mod distro_cmd;
 mod idle;
 mod sim_cmd;
+mod swarm_bench_cmd;
 mod swarm_cmd;
 
 use anyhow::Result;

@@ -98,6 +98,11 @@ pub struct SimArgs {
     /// Also save a checkpoint (OUT/checkpoint) every this many steps; one is always saved at the end.
     #[arg(long, default_value_t = 0)]
     pub checkpoint_every: u64,
+    /// DisTrO: also run with each step's aggregate capped at this many
+    /// coefficients per chunk (error feedback, as a run's `aggregate_topk`),
+    /// and print both side by side (OUT/exact, OUT/capped).
+    #[arg(long)]
+    pub aggregate_topk: Option<usize>,
     /// Continue from a checkpoint directory (same settings), appending to steps.jsonl.
     #[arg(long)]
     pub resume: Option<PathBuf>,
@@ -113,6 +118,8 @@ struct Saving<'a> {
 pub enum BenchCommand {
     /// AdamW-DDP against DisTrO (k=32/f32 and k=4/sign) on the same data, one table.
     Convergence(ConvergenceArgs),
+    /// A coordinator and N synthetic volunteers on loopback: what a round costs as N grows.
+    Swarm(crate::swarm_bench_cmd::SwarmBenchArgs),
 }
 
 #[derive(Args, Debug)]
@@ -130,6 +137,10 @@ pub struct ConvergenceArgs {
     /// DisTrO settings as K/VALUES, comma separated.
     #[arg(long, value_delimiter = ',', default_value = "32/f32,4/sign")]
     pub distro: Vec<String>,
+    /// Also run every DisTrO setting with its aggregate capped at this many
+    /// coefficients per chunk (a row each).
+    #[arg(long)]
+    pub aggregate_topk: Option<usize>,
     /// Output directory: one folder per run, convergence.json, convergence.svg.
     #[arg(long, default_value = "runs/convergence")]
     pub out: PathBuf,
@@ -157,8 +168,14 @@ fn load_data(run: &RunOpts, model: &ModelConfig) -> Result<TokenStore> {
     Ok(store)
 }
 
-fn sim_config(run: &RunOpts, optimizer: SimOptimizer, lr: f32) -> SimConfig {
+fn sim_config(
+    run: &RunOpts,
+    optimizer: SimOptimizer,
+    lr: f32,
+    aggregate_topk: Option<usize>,
+) -> SimConfig {
     SimConfig {
+        aggregate_topk,
         peers: run.peers,
         steps: run.steps,
         batch: run.batch,
@@ -194,6 +211,7 @@ fn run_one(
     setup: &Setup<'_>,
     optimizer: SimOptimizer,
     lr: f32,
+    aggregate_topk: Option<usize>,
     out: &Path,
     saving: Option<Saving<'_>>,
 ) -> Result<(SimSummary, Vec<StepRecord>)> {
@@ -215,7 +233,7 @@ fn run_one(
         run.seq_len,
         selected.reason
     );
-    let config = sim_config(run, optimizer, lr);
+    let config = sim_config(run, optimizer, lr, aggregate_topk);
     let mut sim = match saving.as_ref().and_then(|s| s.resume) {
         Some(dir) => {
             let ck = Checkpoint::load(dir)
@@ -327,6 +345,13 @@ fn merge(a: SimSummary, b: SimSummary) -> SimSummary {
         } else {
             b.bytes_per_peer_per_step
         },
+        bytes_received_per_peer_per_step: if total > 0.0 {
+            (a.bytes_received_per_peer_per_step * steps(&a)
+                + b.bytes_received_per_peer_per_step * steps(&b))
+                / total
+        } else {
+            b.bytes_received_per_peer_per_step
+        },
         allreduce_bytes_per_peer: b.allreduce_bytes_per_peer,
         tokens: a.tokens + b.tokens,
         wall_s: a.wall_s + b.wall_s,
@@ -427,7 +452,18 @@ pub fn run_sim(a: &SimArgs) -> Result<()> {
         store: &store,
         device: &select_device(a.run.device).context("cannot open the training device")?,
     };
-    let (s, _) = run_one(&label, &setup, optimizer, lr, &a.out, Some(saving))?;
+    if let Some(k) = a.aggregate_topk {
+        if a.optimizer != OptimizerChoice::Distro {
+            bail!("--aggregate-topk applies to DisTrO only");
+        }
+        if a.resume.is_some() || a.checkpoint_every > 0 {
+            bail!(
+                "--aggregate-topk runs two simulations: use it without --resume and --checkpoint-every"
+            );
+        }
+        return compare_capped(&label, &setup, optimizer, lr, k, &a.out);
+    }
+    let (s, _) = run_one(&label, &setup, optimizer, lr, None, &a.out, Some(saving))?;
     say!(
         "final eval loss {:.4}; {:.0} B/peer/step vs {} B for fp32 all-reduce ({:.1}x fewer); {:.0} s; records in {}",
         s.final_eval_loss,
@@ -447,6 +483,7 @@ struct Row {
     lr: f32,
     final_eval_loss: f32,
     bytes_per_peer_per_step: f64,
+    bytes_received_per_peer_per_step: f64,
     fewer_bytes_than_allreduce: f64,
     vs_best_adamw: f64,
     wall_s: f64,
@@ -468,25 +505,33 @@ fn parse_distro(spec: &str) -> Result<(usize, Values)> {
 }
 
 pub fn run_bench(cmd: BenchCommand) -> Result<()> {
-    let BenchCommand::Convergence(a) = cmd;
+    let a = match cmd {
+        BenchCommand::Convergence(a) => a,
+        BenchCommand::Swarm(a) => return crate::swarm_bench_cmd::run(&a),
+    };
     let model = load_model(&a.run.model)?;
     let store = load_data(&a.run, &model)?;
-    let mut plans: Vec<(String, SimOptimizer, f32)> = Vec::new();
+    let mut plans: Vec<(String, SimOptimizer, f32, Option<usize>)> = Vec::new();
     for &lr in &a.adamw_lr {
         plans.push((
             "adamw-ddp".into(),
             SimOptimizer::AdamWDdp(AdamWConfig::default()),
             lr,
+            None,
         ));
     }
     for spec in &a.distro {
         let (k, v) = parse_distro(spec)?;
         for &lr in &a.distro_lr {
-            plans.push((
-                format!("distro k={k}/{v:?}").to_lowercase(),
-                distro_optimizer(k, v.into()),
-                lr,
-            ));
+            for cap in std::iter::once(None).chain(a.aggregate_topk.map(Some)) {
+                let capped = cap.map(|c| format!(" cap {c}")).unwrap_or_default();
+                plans.push((
+                    format!("distro k={k}/{v:?}{capped}").to_lowercase(),
+                    distro_optimizer(k, v.into()),
+                    lr,
+                    cap,
+                ));
+            }
         }
     }
     let setup = Setup {
@@ -496,11 +541,11 @@ pub fn run_bench(cmd: BenchCommand) -> Result<()> {
         device: &select_device(a.run.device).context("cannot open the training device")?,
     };
     let mut done: Vec<(String, f32, SimSummary, Vec<StepRecord>)> = Vec::new();
-    for (label, optimizer, lr) in plans {
+    for (label, optimizer, lr, cap) in plans {
         let dir = a
             .out
             .join(format!("{label}-lr{lr:e}").replace([' ', '/', '='], "_"));
-        let (s, r) = run_one(&label, &setup, optimizer, lr, &dir, None)?;
+        let (s, r) = run_one(&label, &setup, optimizer, lr, cap, &dir, None)?;
         done.push((label, lr, s, r));
     }
     let best_adamw = done
@@ -515,6 +560,7 @@ pub fn run_bench(cmd: BenchCommand) -> Result<()> {
             lr: *lr,
             final_eval_loss: s.final_eval_loss,
             bytes_per_peer_per_step: s.bytes_per_peer_per_step,
+            bytes_received_per_peer_per_step: s.bytes_received_per_peer_per_step,
             fewer_bytes_than_allreduce: s.allreduce_bytes_per_peer as f64
                 / s.bytes_per_peer_per_step.max(1.0),
             vs_best_adamw: f64::from(s.final_eval_loss / best_adamw - 1.0),
@@ -532,17 +578,18 @@ pub fn run_bench(cmd: BenchCommand) -> Result<()> {
         model.param_count()
     );
     say!(
-        "| run | peak lr | final eval loss | vs best AdamW | bytes/peer/step | fewer bytes than fp32 all-reduce | wall s |"
+        "| run | peak lr | final eval loss | vs best AdamW | bytes sent/peer/step | bytes received/peer/step | fewer bytes than fp32 all-reduce | wall s |"
     );
-    say!("|---|---|---|---|---|---|---|");
+    say!("|---|---|---|---|---|---|---|---|");
     for r in &rows {
         say!(
-            "| {} | {:e} | {:.4} | {:+.1}% | {:.0} | {:.1}x | {:.0} |",
+            "| {} | {:e} | {:.4} | {:+.1}% | {:.0} | {:.0} | {:.1}x | {:.0} |",
             r.run,
             r.lr,
             r.final_eval_loss,
             100.0 * r.vs_best_adamw,
             r.bytes_per_peer_per_step,
+            r.bytes_received_per_peer_per_step,
             r.fewer_bytes_than_allreduce,
             r.wall_s
         );
@@ -566,6 +613,55 @@ pub fn run_bench(cmd: BenchCommand) -> Result<()> {
         a.out.join("convergence.svg").display()
     );
     Ok(())
+}
+
+/// `starling sim --aggregate-topk K`: the same DisTrO run with the exact
+/// aggregate and with the capped one, their held-out losses side by side.
+fn compare_capped(
+    label: &str,
+    setup: &Setup<'_>,
+    optimizer: SimOptimizer,
+    lr: f32,
+    k: usize,
+    out: &Path,
+) -> Result<()> {
+    let (exact, exact_steps) =
+        run_one(label, setup, optimizer, lr, None, &out.join("exact"), None)?;
+    let capped_label = format!("{label} cap {k}");
+    let (capped, capped_steps) = run_one(
+        &capped_label,
+        setup,
+        optimizer,
+        lr,
+        Some(k),
+        &out.join("capped"),
+        None,
+    )?;
+    say!("");
+    say!("| step | eval loss, exact aggregate | eval loss, capped at {k} |");
+    say!("|---|---|---|");
+    for (a, b) in exact_steps.iter().zip(&capped_steps) {
+        if let (Some(x), Some(y)) = (a.eval_loss, b.eval_loss) {
+            say!("| {} | {x:.4} | {y:.4} |", a.step + 1);
+        }
+    }
+    say!(
+        "final eval loss: exact {:.4}, capped {:.4} ({:+.2}%); received per peer per step: exact {:.0} B, capped {:.0} B; {} peers",
+        exact.final_eval_loss,
+        capped.final_eval_loss,
+        100.0 * f64::from(capped.final_eval_loss / exact.final_eval_loss - 1.0),
+        exact.bytes_received_per_peer_per_step,
+        capped.bytes_received_per_peer_per_step,
+        setup.run.peers
+    );
+    plot(
+        &out.join("loss.svg"),
+        &format!("{label}: exact vs capped aggregate"),
+        &[
+            series(label, &exact_steps),
+            series(&capped_label, &capped_steps),
+        ],
+    )
 }
 
 #[derive(Args, Debug)]

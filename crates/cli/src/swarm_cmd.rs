@@ -479,6 +479,10 @@ pub fn run_demo(args: &DemoArgs) -> Result<()> {
     file.run.total_rounds = args.rounds;
     // Start training once every volunteer is in.
     file.rounds.min_members = args.volunteers;
+    // Every replica trains and applies on this machine's cores, one step at
+    // a time: give each volunteer half a second of the window beyond the
+    // base (rounds still close as soon as every update is in).
+    file.rounds.window_secs += 0.5 * args.volunteers as f64;
     let (spec, tokens) = file.resolve(Path::new("."))?;
     let device = select_device(DeviceChoice::Cpu)?;
     if args.dir.exists() {
@@ -557,6 +561,7 @@ pub fn run_demo(args: &DemoArgs) -> Result<()> {
         let mut meta: BTreeMap<u64, (Option<f32>, Option<f32>, usize, u64)> = BTreeMap::new();
         let mut last_digests: BTreeMap<String, (u64, u64)> = BTreeMap::new();
         let mut failures = Vec::new();
+        let mut fewest = usize::MAX;
         while let Some(e) = rx.recv().await {
             if args.verbose {
                 say!("  {}", e.line());
@@ -588,10 +593,27 @@ pub fn run_demo(args: &DemoArgs) -> Result<()> {
                     }
                     if row.len() == nodes {
                         let (loss, eval, updates, allreduce) = meta[&round];
-                        let traffic: Vec<String> = row
-                            .iter()
-                            .map(|(_, u, d, _)| format!("{}/{}", u / 1000, d / 1000))
-                            .collect();
+                        let traffic: Vec<String> = if row.len() <= 4 {
+                            row.iter()
+                                .map(|(_, u, d, _)| format!("{}/{}", u / 1000, d / 1000))
+                                .collect()
+                        } else {
+                            // Many nodes: the volunteers' median and most, then the host.
+                            let mut ups: Vec<u64> = row.iter().map(|r| r.1).collect();
+                            let mut downs: Vec<u64> = row.iter().map(|r| r.2).collect();
+                            ups.sort_unstable();
+                            downs.sort_unstable();
+                            let mid = row.len() / 2;
+                            vec![
+                                format!("median {}/{}", ups[mid] / 1000, downs[mid] / 1000),
+                                format!(
+                                    "max {}/{}",
+                                    ups[row.len() - 1] / 1000,
+                                    downs[row.len() - 1] / 1000
+                                ),
+                            ]
+                        };
+                        fewest = fewest.min(updates);
                         let fmt = |v: Option<f32>| {
                             v.map(|x| format!("{x:.4}")).unwrap_or_else(|| "-".into())
                         };
@@ -636,6 +658,13 @@ pub fn run_demo(args: &DemoArgs) -> Result<()> {
             "all {nodes} replicas hold identical weights after round {} (digest {:016x})",
             finals[0].0,
             finals[0].1
+        );
+        if fewest == 0 {
+            bail!("a round applied no update: the volunteers trained nothing in it");
+        }
+        say!(
+            "every round applied updates from at least {fewest} of the {} volunteers",
+            args.volunteers
         );
         Ok(())
     })

@@ -14,11 +14,15 @@
 //! - [`dct_basis`]: the orthonormal DCT-II, `[position][frequency]`;
 //! - [`compress`] / [`decompress`]: one tensor to sparse coefficients and back;
 //! - [`DistroOptimizer`]: momentum, `step` (what to send), `apply` (the round's update);
-//! - [`wire`]: the compact, checked byte format of an update;
+//! - [`wire`]: the compact, checked byte format of an update, and
+//!   [`wire::aggregate`] that of a round's merged updates;
+//! - [`cap`]: the coordinator's optional top-K of that aggregate, with the
+//!   remainder carried to the next round;
 //! - [`budget`]: bytes per step, and the top-k that fits a bandwidth budget;
 //! - [`sparse_file`]: sparse and dense tensors in safetensors files.
 
 pub mod budget;
+pub mod cap;
 pub mod chunk;
 pub mod compress;
 pub mod dct;
@@ -34,6 +38,7 @@ pub mod wire;
 mod reference_tests;
 
 pub use budget::{TensorBudget, budget_topk, update_wire_bytes};
+pub use cap::{CapError, Residual, ResidualError};
 pub use chunk::{ChunkGrid, DEFAULT_CHUNK, chunk_size};
 pub use compress::{CompressError, DecompressError, aggregate, compress, decompress};
 pub use dct::dct_basis;

@@ -518,6 +518,59 @@ mod tests {
     }
 
     #[test]
+    fn the_wire_aggregate_applies_bit_identically_to_its_updates() {
+        use crate::wire::{DecodeLimits, aggregate as agg};
+        for values in [ValueEncoding::Sign, ValueEncoding::Bf16, ValueEncoding::F32] {
+            let config = DistroConfig {
+                values,
+                topk: 4,
+                weight_decay: 0.1,
+                ..DistroConfig::default()
+            };
+            let mut rng = StdRng::seed_from_u64(11);
+            let init: Vec<Vec<f32>> = shapes()
+                .iter()
+                .map(|s| random(&mut rng, s.iter().product()))
+                .collect();
+            let updates: Vec<IncomingUpdate> = (0..9u8)
+                .map(|peer| {
+                    let mut opt = DistroOptimizer::new(&shapes(), config);
+                    let grads: Vec<Vec<f32>> = shapes()
+                        .iter()
+                        .map(|s| random(&mut rng, s.iter().product()))
+                        .collect();
+                    let refs: Vec<&[f32]> = grads.iter().map(Vec::as_slice).collect();
+                    opt.step(&refs, 0.01, config.step_options())
+                        .expect("step")
+                        .into_incoming([peer * 29; 32])
+                })
+                .collect();
+            let opt = DistroOptimizer::new(&shapes(), config);
+            let mut direct = init.clone();
+            let mut refs: Vec<&mut [f32]> = direct.iter_mut().map(Vec::as_mut_slice).collect();
+            opt.apply(&mut refs, &updates, 0.01).expect("apply");
+
+            let merged = opt.layout().merge(&updates, 0.0).expect("merge");
+            let header = agg::AggregateHeader {
+                run_id: [1; 16],
+                round: 0,
+                updates: 9,
+            };
+            let bytes = agg::encode(&header, &merged).expect("encode");
+            let decoded = agg::decode(&bytes, &DecodeLimits::default()).expect("decode");
+            let one = IncomingUpdate {
+                sender: [0; 32],
+                tensors: decoded.tensors,
+            };
+            let mut via_aggregate = init.clone();
+            let mut refs: Vec<&mut [f32]> =
+                via_aggregate.iter_mut().map(Vec::as_mut_slice).collect();
+            opt.apply(&mut refs, &[one], 0.01).expect("apply");
+            assert_eq!(digest(&direct), digest(&via_aggregate), "{values:?}");
+        }
+    }
+
+    #[test]
     fn step_matches_reference_momentum_rule() {
         let shapes = vec![vec![8, 8]];
         let config = DistroConfig {

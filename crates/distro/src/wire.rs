@@ -29,6 +29,8 @@ use crate::chunk::ChunkGrid;
 use crate::optimizer::{IncomingUpdate, OutgoingUpdate, PeerId};
 use crate::sparse::{SparseError, SparseTensor, ValueEncoding};
 
+pub mod aggregate;
+
 /// First bytes of every update.
 pub const MAGIC: [u8; 4] = *b"SDTR";
 /// The format version this code writes and reads.
@@ -260,24 +262,12 @@ pub fn encode(header: &UpdateHeader, update: &OutgoingUpdate) -> Result<Vec<u8>,
             });
         }
         let too_large = |what| EncodeError::TooLarge { tensor, what };
-        if t.shape.len() > MAX_NDIM {
-            return Err(too_large("rank"));
-        }
-        out.push(t.shape.len() as u8);
-        for &d in &t.shape {
-            out.extend_from_slice(
-                &u32::try_from(d)
-                    .map_err(|_| too_large("dimension"))?
-                    .to_le_bytes(),
-            );
-        }
-        for v in [t.grid.chunk_rows, t.grid.chunk_cols, t.k] {
-            out.extend_from_slice(
-                &u32::try_from(v)
-                    .map_err(|_| too_large("chunk or k"))?
-                    .to_le_bytes(),
-            );
-        }
+        write_shape(&mut out, t, tensor)?;
+        out.extend_from_slice(
+            &u32::try_from(t.k)
+                .map_err(|_| too_large("k"))?
+                .to_le_bytes(),
+        );
         let body = encode_body(t, values);
         out.extend_from_slice(
             &u32::try_from(body.len())
@@ -406,23 +396,8 @@ fn decode_tensor(
     limits: &DecodeLimits,
 ) -> Result<SparseTensor, DecodeError> {
     let bad = |reason| DecodeError::BadTensorHeader { tensor, reason };
-    let ndim = r.u8()? as usize;
-    if ndim > MAX_NDIM {
-        return Err(bad("too many dimensions"));
-    }
-    let mut shape = Vec::with_capacity(ndim);
-    let mut numel: u64 = 1;
-    for _ in 0..ndim {
-        let d = r.u32()?;
-        numel = numel.saturating_mul(u64::from(d));
-        shape.push(d as usize);
-    }
-    if numel > limits.max_tensor_elems {
-        return Err(bad("more elements than the cap"));
-    }
-    let (chunk_rows, chunk_cols, k) = (r.u32()? as usize, r.u32()? as usize, r.u32()? as usize);
-    let grid = ChunkGrid::with_chunks(&shape, chunk_rows, chunk_cols)
-        .ok_or(bad("chunk dimensions do not tile the shape"))?;
+    let (shape, grid) = read_shape(r, tensor, limits)?;
+    let k = r.u32()? as usize;
     if k == 0 || k > grid.chunk_elems() {
         return Err(bad("top-k outside 1..=chunk elements"));
     }
@@ -496,6 +471,55 @@ fn decode_tensor(
     t.validate()
         .map_err(|source| DecodeError::Invalid { tensor, source })?;
     Ok(t)
+}
+
+/// Reads a tensor record's rank, dimensions and chunk dimensions, checked
+/// against the caps and for a grid that tiles the shape.
+fn read_shape(
+    r: &mut Reader<'_>,
+    tensor: usize,
+    limits: &DecodeLimits,
+) -> Result<(Vec<usize>, ChunkGrid), DecodeError> {
+    let bad = |reason| DecodeError::BadTensorHeader { tensor, reason };
+    let ndim = r.u8()? as usize;
+    if ndim > MAX_NDIM {
+        return Err(bad("too many dimensions"));
+    }
+    let mut shape = Vec::with_capacity(ndim);
+    let mut numel: u64 = 1;
+    for _ in 0..ndim {
+        let d = r.u32()?;
+        numel = numel.saturating_mul(u64::from(d));
+        shape.push(d as usize);
+    }
+    if numel > limits.max_tensor_elems {
+        return Err(bad("more elements than the cap"));
+    }
+    let (chunk_rows, chunk_cols) = (r.u32()? as usize, r.u32()? as usize);
+    let grid = ChunkGrid::with_chunks(&shape, chunk_rows, chunk_cols)
+        .ok_or(bad("chunk dimensions do not tile the shape"))?;
+    Ok((shape, grid))
+}
+
+/// Writes a tensor record's rank, dimensions and chunk dimensions.
+fn write_shape(out: &mut Vec<u8>, t: &SparseTensor, tensor: usize) -> Result<(), EncodeError> {
+    let too_large = |what| EncodeError::TooLarge { tensor, what };
+    if t.shape.len() > MAX_NDIM {
+        return Err(too_large("rank"));
+    }
+    out.push(t.shape.len() as u8);
+    for &d in t
+        .shape
+        .iter()
+        .chain([&t.grid.chunk_rows, &t.grid.chunk_cols])
+    {
+        out.extend_from_slice(
+            &u32::try_from(d)
+                .map_err(|_| too_large("dimension"))?
+                .to_le_bytes(),
+        );
+    }
+    Ok(())
 }
 
 struct Reader<'a> {

@@ -25,6 +25,7 @@ use std::{
 };
 
 use serde::{Deserialize, Serialize};
+use starling_distro::Residual;
 use starling_swarm::{
     Announce, BlobRef, Body, EndpointId, Member, Message, MessageError, Net, NetConfig, NetEvent,
     PublishError, RunId, SecretKey, SpawnError, Ticket, Traffic,
@@ -122,12 +123,20 @@ pub enum HostError {
         /// The round it is saved under.
         round: u64,
     },
-    /// A saved update file no longer checks against the reference replica.
-    #[error("saved update {path} of round {round}: {source}")]
+    /// A saved file a manifest names is not the blob it names.
+    #[error("saved file {path} of round {round} is not the blob its manifest names")]
+    SavedBlobChanged {
+        /// Its round.
+        round: u64,
+        /// The file.
+        path: PathBuf,
+    },
+    /// A saved aggregate no longer checks against the reference replica.
+    #[error("saved aggregate {path} of round {round}: {source}")]
     SavedUpdate {
         /// Its round.
         round: u64,
-        /// The update file.
+        /// The aggregate file.
         path: PathBuf,
         /// Why it is refused.
         #[source]
@@ -152,17 +161,6 @@ pub enum HostError {
         served: String,
         /// The hash in the spec.
         expected: String,
-    },
-    /// A message could not be signed (it would be too large to send).
-    #[error("round {round}: cannot sign the {what}: {source}")]
-    Sign {
-        /// The round.
-        round: u64,
-        /// Which message ("round open", "manifest", "weight report").
-        what: &'static str,
-        /// Why signing failed.
-        #[source]
-        source: MessageError,
     },
     /// The reference replica could not be built.
     #[error("reference replica: {0}")]
@@ -226,7 +224,13 @@ struct SavedState {
 const STATE_FILE: &str = "host.json";
 const KEY_FILE: &str = "host.key";
 const CHECKPOINT_FILE: &str = "checkpoint.safetensors";
-const UPDATES_DIR: &str = "updates";
+/// The aggregate cap's residual after the last recorded round.
+const RESIDUAL_FILE: &str = "residual.bin";
+/// Where the aggregates and accepted lists of the manifests since the
+/// checkpoint are kept, named by hash, so a restart serves and replays them.
+const BLOBS_DIR: &str = "blobs";
+/// Announces the control protocol queues for the round loop at most.
+const ANNOUNCE_QUEUE: usize = 4096;
 /// Blob tag the latest checkpoint is served under.
 const CHECKPOINT_TAG: &str = "checkpoint";
 /// Blob tag the run's data is served under for the whole run.
@@ -257,6 +261,8 @@ fn load_or_create_key(dir: &Path) -> Result<SecretKey, HostError> {
 pub struct Host {
     net: Arc<Net>,
     events_rx: mpsc::Receiver<NetEvent>,
+    /// Announces members sent over the control protocol (verified).
+    announce_rx: mpsc::Receiver<(EndpointId, u64, Announce)>,
     shared: Arc<Mutex<Shared>>,
     state: SavedState,
     dir: PathBuf,
@@ -266,6 +272,8 @@ pub struct Host {
     faults: HashMap<EndpointId, u32>,
     digests: BTreeMap<u64, u64>,
     max_rounds: Option<u64>,
+    /// What the aggregate cap carried into the next round (`None`: no cap).
+    residual: Option<Residual>,
 }
 
 impl Host {
@@ -275,8 +283,8 @@ impl Host {
         out: mpsc::UnboundedSender<NodeEvent>,
     ) -> Result<Self, HostError> {
         let dir = opts.state_dir.clone();
-        let updates_dir = dir.join(UPDATES_DIR);
-        std::fs::create_dir_all(&updates_dir).map_err(io_err(&updates_dir))?;
+        let blobs_dir = dir.join(BLOBS_DIR);
+        std::fs::create_dir_all(&blobs_dir).map_err(io_err(&blobs_dir))?;
         let key = load_or_create_key(&dir)?;
         let state_path = dir.join(STATE_FILE);
         let resumed = state_path.exists();
@@ -307,6 +315,7 @@ impl Host {
         if resumed {
             bind.set_port(state.port);
         }
+        let (announce_tx, announce_rx) = mpsc::channel(ANNOUNCE_QUEUE);
         let shared = Arc::new(Mutex::new(Shared {
             spec_bytes: state.spec.to_bytes(),
             checkpoint: state.checkpoint,
@@ -316,6 +325,7 @@ impl Host {
             joined: state.members.iter().map(|m| (m.id, m.clone())).collect(),
             allow: opts.allow.iter().copied().collect(),
             dropped: state.dropped.iter().copied().collect(),
+            announces: announce_tx,
         }));
         let handler_shared = shared.clone();
         let run_id = state.run_id;
@@ -363,6 +373,7 @@ impl Host {
         let mut host = Self {
             net,
             events_rx,
+            announce_rx,
             shared,
             state,
             dir,
@@ -372,8 +383,10 @@ impl Host {
             faults: HashMap::new(),
             digests: BTreeMap::new(),
             max_rounds: opts.max_rounds,
+            residual: None,
         };
         host.restore().await?;
+        host.residual = host.load_residual();
         host.save()?;
         let (params, round) = (host.state.spec.model.param_count(), host.state.next_round);
         host.emit(NodeEvent::Joined {
@@ -412,10 +425,8 @@ impl Host {
         write_atomic(&path, &bytes).map_err(io_err(&path))
     }
 
-    fn update_path(&self, blob: &BlobRef) -> PathBuf {
-        self.dir
-            .join(UPDATES_DIR)
-            .join(format!("{}.bin", blob.hex()))
+    fn blob_path(&self, blob: &BlobRef) -> PathBuf {
+        self.dir.join(BLOBS_DIR).join(format!("{}.bin", blob.hex()))
     }
 
     fn shared(&self) -> std::sync::MutexGuard<'_, Shared> {
@@ -455,34 +466,98 @@ impl Host {
             if msg.author != host_id || msg.round != round {
                 return Err(HostError::ForeignManifest { round });
             }
-            let mut updates = Vec::new();
-            for e in &manifest.entries {
-                let path = self.update_path(&e.update);
-                let bytes = std::fs::read(&path).map_err(io_err(&path))?;
-                let tag = update_tag(round, &e.sender);
-                if let Err(source) = self.net.publish(&tag, bytes.clone()).await {
-                    return Err(HostError::Publish { tag, source });
-                }
-                let checked = match lock(&self.replica).check(&bytes, round, *e.sender.as_bytes()) {
-                    Ok(checked) => checked,
-                    Err(source) => {
-                        return Err(HostError::SavedUpdate {
-                            round,
-                            path,
-                            source,
-                        });
-                    }
-                };
-                updates.push(checked.update);
+            if let Some(accepted) = manifest.accepted {
+                self.serve_saved(round, &accepted, format!("{}accepted", round_prefix(round)))
+                    .await?;
             }
+            let Some(aggregate) = manifest.aggregate else {
+                continue;
+            };
+            let bytes = self
+                .serve_saved(round, &aggregate, aggregate_tag(round))
+                .await?;
+            let checked = lock(&self.replica).check_aggregate(&bytes, round, manifest.updates);
+            let update = checked.map_err(|source| HostError::SavedUpdate {
+                round,
+                path: self.blob_path(&aggregate),
+                source,
+            })?;
             lock(&self.replica)
-                .apply(round, &updates)
+                .apply(round, &[update])
                 .map_err(|source| HostError::Replica {
                     round,
                     source: Box::new(source),
                 })?;
         }
         Ok(())
+    }
+
+    /// The aggregate cap's residual to continue with: the saved one when it
+    /// follows the last recorded round, else zero (logged: the cap then
+    /// forgets what it carried, which costs a little quality, not
+    /// correctness). `None` when the run has no cap.
+    fn load_residual(&self) -> Option<Residual> {
+        self.state.spec.rounds.aggregate_topk?;
+        let layout = lock(&self.replica).layout().clone();
+        let zeros = Residual::zeros(&layout);
+        let last = self.state.next_round.checked_sub(1);
+        let path = self.dir.join(RESIDUAL_FILE);
+        let saved = match std::fs::read(&path) {
+            Ok(bytes) => Residual::from_bytes(&bytes, &layout).map_err(|e| e.to_string()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound && last.is_none() => {
+                return Some(zeros);
+            }
+            Err(e) => Err(e.to_string()),
+        };
+        match saved {
+            Ok(r) if r.round == last => Some(r),
+            Ok(r) => {
+                self.warn(format!(
+                    "{}: saved after round {:?}, the run is after round {last:?}; the aggregate \
+                     cap starts from zero",
+                    path.display(),
+                    r.round
+                ));
+                Some(zeros)
+            }
+            Err(e) => {
+                self.warn(format!(
+                    "{}: {e}; the aggregate cap starts from zero",
+                    path.display()
+                ));
+                Some(zeros)
+            }
+        }
+    }
+
+    /// Save the aggregate cap's residual (after the aggregate file, before
+    /// the state file names the round).
+    fn save_residual(&self) -> Result<(), HostError> {
+        let Some(residual) = &self.residual else {
+            return Ok(());
+        };
+        let path = self.dir.join(RESIDUAL_FILE);
+        write_atomic(&path, &residual.to_bytes()).map_err(io_err(&path))
+    }
+
+    /// Read a blob a saved manifest names from the state directory, check it
+    /// is that blob, and serve it again under `tag`.
+    async fn serve_saved(
+        &self,
+        round: u64,
+        blob: &BlobRef,
+        tag: String,
+    ) -> Result<Vec<u8>, HostError> {
+        let path = self.blob_path(blob);
+        let bytes = std::fs::read(&path).map_err(io_err(&path))?;
+        if BlobRef::of(&bytes) != *blob {
+            return Err(HostError::SavedBlobChanged { round, path });
+        }
+        self.net
+            .publish(&tag, bytes.clone())
+            .await
+            .map_err(|source| HostError::Publish { tag, source })?;
+        Ok(bytes)
     }
 
     /// Coordinate rounds until `stop` turns true (or `max_rounds` have run).
@@ -574,8 +649,8 @@ impl Host {
                 ..
             }) = Message::verify(&signed, self.state.run_id)
             {
-                for e in m.entries {
-                    let _ = std::fs::remove_file(self.update_path(&e.update));
+                for blob in [m.aggregate, m.accepted].into_iter().flatten() {
+                    let _ = std::fs::remove_file(self.blob_path(&blob));
                 }
             }
             self.net.forget(&round_prefix(r)).await;
@@ -657,7 +732,14 @@ impl Host {
         while let Ok(ev) = self.events_rx.try_recv() {
             let _ = self.on_event(ev, round);
         }
+        // Announces for no open round: nothing to collect them into.
+        while self.announce_rx.try_recv().is_ok() {}
     }
+}
+
+/// The blob tag a round's aggregate is kept under.
+pub(crate) fn aggregate_tag(round: u64) -> String {
+    format!("{}aggregate", round_prefix(round))
 }
 
 /// The blob tag of an update.

@@ -15,9 +15,9 @@ mod keyfile;
 pub mod machine;
 mod metrics;
 mod replica;
-mod session;
 pub mod settings;
 mod spec;
+mod swarm_bench;
 mod usage;
 mod volunteer;
 
@@ -29,14 +29,17 @@ pub use events::{NodeEvent, NodeState, PeerView};
 pub use host::{Host, HostError, HostOptions};
 pub use keyfile::load_or_create as load_or_create_key;
 pub use metrics::{Metrics, serve as serve_metrics};
-pub use session::{
-    Activity, ErrorCode, ErrorInfo, IdleTime, NoIdleTime, SessionError, Status, Tick, Volunteer,
-    VolunteerConfig, VolunteerPaths,
-};
 pub use settings::{Preset, Settings, SettingsError, Window};
 pub use spec::{RunFile, RunSpec, SpecError};
 pub use starling_swarm::{EndpointId, SecretKey, Ticket, Traffic, unix_ms};
-pub use volunteer::VolunteerError;
+pub use swarm_bench::{
+    RoundReport as SwarmRoundReport, SwarmBenchError, SwarmBenchOptions, process_rss,
+    run as bench_swarm,
+};
+pub use volunteer::{
+    Activity, ErrorCode, ErrorInfo, IdleTime, NoIdleTime, SessionError, Status, Tick, Volunteer,
+    VolunteerConfig, VolunteerError, VolunteerPaths,
+};
 
 #[cfg(test)]
 pub(crate) use {

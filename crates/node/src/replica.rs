@@ -11,8 +11,13 @@
 
 use std::sync::{Arc, Mutex, MutexGuard};
 
-use starling_distro::wire::{self, DecodeError, DecodeLimits, EncodeError, UpdateHeader};
-use starling_distro::{ApplyError, IncomingUpdate, StepOptions, TensorBudget, budget_topk};
+use starling_distro::wire::{
+    self, DecodeError, DecodeLimits, EncodeError, UpdateHeader,
+    aggregate::{self, AggregateHeader},
+};
+use starling_distro::{
+    ApplyError, CapError, IncomingUpdate, Residual, StepOptions, TensorBudget, budget_topk,
+};
 use starling_train::{
     Batch, Checkpoint, CheckpointError, DistroPeer, OptimError, OptimizerSnapshot, Sampler,
     SamplerError, SelectedDevice, TrainError, Trainer,
@@ -92,6 +97,15 @@ pub enum ReplicaError {
     /// The checkpoint is for another model or run.
     #[error("checkpoint: it belongs to another model or run")]
     ForeignCheckpoint,
+    /// The round's accepted updates could not be merged.
+    #[error("aggregate: {0}")]
+    Merge(#[source] ApplyError),
+    /// The aggregate could not be capped.
+    #[error("aggregate: {0}")]
+    Cap(#[source] CapError),
+    /// The coordinator's own aggregate failed the checks members run on it.
+    #[error("aggregate: the coordinator's own aggregate does not check: {0}")]
+    OwnAggregate(#[source] Box<UpdateError>),
 }
 
 /// Why an update was refused.
@@ -107,6 +121,14 @@ pub enum UpdateError {
     /// Shapes, indices or values do not fit the model.
     #[error("update does not fit the model: {0}")]
     Model(#[source] ApplyError),
+    /// An aggregate says it merges another number of updates than its manifest.
+    #[error("the aggregate merges {got} updates, its manifest says {expected}")]
+    UpdateCount {
+        /// What the manifest says.
+        expected: u32,
+        /// What the aggregate says.
+        got: u32,
+    },
 }
 
 /// A checked update and its L2 norm (for robust aggregation).
@@ -330,6 +352,88 @@ impl Replica {
             update,
             norm: sum.sqrt() as f32,
         })
+    }
+
+    /// Most bytes the aggregate of any round of this model can take.
+    pub fn max_aggregate_bytes(&self) -> u64 {
+        aggregate::max_len(
+            self.peer
+                .layout()
+                .tensors()
+                .iter()
+                .map(|t| (t.shape.as_slice(), t.grid)),
+        )
+    }
+
+    /// The model as DisTrO chunks it.
+    pub fn layout(&self) -> &starling_distro::ModelLayout {
+        self.peer.layout()
+    }
+
+    /// Merge `round`'s accepted updates (checked, any order) into the
+    /// aggregate's bytes: what every replica applies for the round. With a
+    /// `cap`, only the top-K coefficients of each chunk of the merge plus
+    /// the residual are kept, and the rest stays in the residual.
+    pub fn aggregate(
+        &self,
+        round: u64,
+        updates: &[IncomingUpdate],
+        cap: Option<(&mut Residual, usize)>,
+    ) -> Result<Vec<u8>, ReplicaError> {
+        let mut merged = self
+            .peer
+            .layout()
+            .merge(updates, 0.0)
+            .map_err(ReplicaError::Merge)?;
+        if let Some((residual, k)) = cap {
+            merged = residual.cap(round, &merged, k).map_err(ReplicaError::Cap)?;
+        }
+        let header = AggregateHeader {
+            run_id: self.run_id,
+            round,
+            updates: u32::try_from(updates.len()).unwrap_or(u32::MAX),
+        };
+        aggregate::encode(&header, &merged).map_err(ReplicaError::Encode)
+    }
+
+    /// Fully check `round`'s aggregate, said to merge `updates` updates:
+    /// format, run, round, count, and shapes, indices and values against
+    /// the model. Returns it as the one update to apply.
+    pub fn check_aggregate(
+        &self,
+        bytes: &[u8],
+        round: u64,
+        updates: u32,
+    ) -> Result<IncomingUpdate, UpdateError> {
+        let limits = DecodeLimits {
+            max_bytes: usize::try_from(self.max_aggregate_bytes()).unwrap_or(usize::MAX),
+            ..DecodeLimits::default()
+        };
+        let decoded = aggregate::decode(bytes, &limits).map_err(UpdateError::Wire)?;
+        let h = &decoded.header;
+        if h.run_id != self.run_id {
+            return Err(UpdateError::Header("run"));
+        }
+        if h.round != round {
+            return Err(UpdateError::Header("round"));
+        }
+        if h.updates != updates {
+            return Err(UpdateError::UpdateCount {
+                expected: updates,
+                got: h.updates,
+            });
+        }
+        // Merging one update divides each value by one: exact, so the
+        // aggregate applies as the updates it was made from would.
+        let update = IncomingUpdate {
+            sender: [0; 32],
+            tensors: decoded.tensors,
+        };
+        self.peer
+            .layout()
+            .merge(std::slice::from_ref(&update), 0.0)
+            .map_err(UpdateError::Model)?;
+        Ok(update)
     }
 
     /// Apply `round`'s accepted updates (in any order; the optimizer sorts by sender).

@@ -151,6 +151,11 @@ pub struct RoundsSection {
     pub robust_norm_factor: f32,
     /// Invalid updates after which a member is removed from the run.
     pub max_faults: u32,
+    /// Cap the round's aggregate at this many coefficients per chunk, the
+    /// rest carried to the next round (`None`: send the exact aggregate).
+    /// Fixes what every volunteer downloads per round, whatever the member
+    /// count.
+    pub aggregate_topk: Option<usize>,
 }
 
 impl Default for RoundsSection {
@@ -165,6 +170,7 @@ impl Default for RoundsSection {
             max_update_bytes: 8 << 20,
             robust_norm_factor: 5.0,
             max_faults: 3,
+            aggregate_topk: None,
         }
     }
 }
@@ -314,6 +320,9 @@ impl RunSpec {
         }
         if !(rd.robust_norm_factor.is_finite() && rd.robust_norm_factor >= 0.0) {
             return bad("rounds.robust_norm_factor must be 0 (off) or positive");
+        }
+        if rd.aggregate_topk == Some(0) {
+            return bad("rounds.aggregate_topk must be at least 1 (or left out)");
         }
         Ok(())
     }

@@ -11,8 +11,8 @@ use ts_rs::{Config, TS};
 
 use crate::events::{NodeEvent, NodeState, PeerView};
 use crate::machine::{CpuReport, GpuReport, GpuSample, MachineReport, ModelFit, Verdict};
-use crate::session::{Activity, ErrorCode, ErrorInfo, Status, Tick};
 use crate::settings::{FieldError, Hold, Preset, Settings, Window};
+use crate::volunteer::{Activity, ErrorCode, ErrorInfo, Status, Tick};
 
 /// Every type the page reads, in the order the file declares them. To give
 /// the page another type, derive `ts_rs::TS` on it and add it here.
@@ -34,7 +34,7 @@ const TYPES: &[fn(&Config) -> String] = &[
     declaration::<ModelFit>,
     declaration::<Verdict>,
     declaration::<GpuSample>,
-    // session.rs: the volunteer's status, its failures, the charts' ticks.
+    // volunteer.rs: the volunteer's status, its failures, the charts' ticks.
     declaration::<Status>,
     declaration::<Activity>,
     declaration::<ErrorInfo>,

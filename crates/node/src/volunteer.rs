@@ -1,929 +1,958 @@
-//! A volunteer: joins a run by ticket, catches up from the checkpoint and
-//! the manifests since, then trains its share of every round it is a member
-//! of and applies exactly the updates each signed manifest lists.
+//! The one way to be a volunteer, for the desktop app and `starling join`
+//! alike: settings, caps, the data-use ledger, the memory budget, the rules
+//! (idle, battery, schedule, temperature), metrics, pause/snooze/resume and
+//! the event stream live here, so both faces only translate input and render
+//! events, and a check added for one is a check the other gets.
 //!
-//! The volunteer trusts nothing but the coordinator's signature (named by the
-//! ticket) and BLAKE3: announces, manifests and updates may come from anyone,
-//! in any order, twice or never. Missed gossip is recovered by asking the
-//! coordinator directly; a replica whose weights disagree with the
-//! coordinator's reported digest throws its state away and catches up again.
+//! Pausing stops the protocol engine cleanly (it leaves between steps; the
+//! host's deadline covers a round it abandons) and resuming rejoins with the
+//! same key and port, which catches up from the host's checkpoint in seconds.
 
-use std::{
-    collections::{BTreeMap, BTreeSet},
-    net::SocketAddr,
-    path::PathBuf,
-    sync::{Arc, Mutex},
-    time::Duration,
-};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
 
-use starling_distro::IncomingUpdate;
-use starling_swarm::{
-    Announce, BlobRef, Body, EndpointId, Manifest, Member, Message, Net, NetConfig, NetEvent,
-    Refusal, Request, Response, RoundOpen, RunState, SecretKey, Ticket, Traffic, WeightReport,
-    unix_ms,
-};
-use starling_train::SelectedDevice;
-use tokio::{
-    sync::{mpsc, watch},
-    time::Instant,
-};
+use serde::Serialize;
+use starling_swarm::{SecretKey, Ticket, TicketError, Traffic, unix_ms};
+use tokio::sync::{Mutex, mpsc, watch};
+use tokio::task::JoinHandle;
+use ts_rs::TS;
 
-use crate::{
-    data::Tokens,
-    events::{NodeEvent, NodeState, PeerView},
-    host::{round_prefix, update_tag},
-    replica::{self, Replica, ReplicaError, SharedReplica, lock},
-    short,
-    spec::RunSpec,
-    usage::{MonthlyCap, Usage},
-};
+use crate::caps::{Caps, CapsWatcher};
+use crate::events::{NodeEvent, NodeState};
+use crate::machine::{self, GpuMonitor, GpuSample};
+use crate::metrics::Metrics;
+use crate::settings::{Conditions, FieldError, Hold, Settings, SettingsError};
+use crate::usage::MonthlyCap;
+use crate::{keyfile, short};
 
-/// Largest checkpoint a volunteer downloads.
-const MAX_CHECKPOINT_BYTES: u64 = 16 << 30;
-/// Ask the coordinator directly after this long without news.
-const POLL_AFTER: Duration = Duration::from_secs(3);
+mod engine;
+pub(crate) mod spread;
 
-/// Why a volunteer stopped.
+pub use engine::VolunteerError;
+pub(crate) use engine::{VolunteerOptions, run_volunteer};
+
+/// How often the rules look at the machine.
+const RULES_EVERY: Duration = Duration::from_secs(5);
+
+/// Why an operation on a [`Volunteer`] failed.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
-pub enum VolunteerError {
-    /// The run admits listed members only, and this node is not listed.
-    #[error("the host refused to admit this node: it is not on the run's member list")]
-    NotMember,
-    /// The coordinator turned us away, for the reason it gave.
-    #[error("the host refused to admit this node: {0}")]
-    Refused(String),
-    /// The endpoint could not start.
-    #[error("network: {0}")]
-    Spawn(#[source] Box<starling_swarm::SpawnError>),
-    /// The coordinator answered something other than the run's state.
-    #[error("network: unexpected answer from the host")]
-    UnexpectedAnswer,
-    /// The endpoint's event stream ended.
-    #[error("network: the endpoint stopped")]
-    NetworkStopped,
-    /// A download failed.
-    #[error("network: {what}: {source}")]
-    Fetch {
-        /// What was being fetched.
-        what: String,
-        /// Why it failed.
-        #[source]
-        source: Box<starling_swarm::FetchError>,
-    },
-    /// Our update could not be published.
-    #[error("network: {0}")]
-    Publish(#[source] Box<starling_swarm::PublishError>),
-    /// Our announce could not be signed.
-    #[error("network: {0}")]
-    Sign(#[source] starling_swarm::MessageError),
-    /// The run's spec is unusable.
-    #[error("the host's run spec is invalid: {0}")]
-    Spec(#[source] crate::spec::SpecError),
-    /// The local replica failed.
-    #[error("training: {0}")]
-    Replica(#[from] ReplicaError),
-    /// A training worker thread died.
-    #[error("training: the worker thread failed: {0}")]
-    Worker(#[source] tokio::task::JoinError),
-    /// The data-use ledger could not be read or written.
-    #[error("data use ledger {path}: {source}")]
-    Usage {
-        /// The ledger file.
+pub enum SessionError {
+    /// The ticket does not parse.
+    #[error(
+        "this is not a Starling ticket ({0}); copy the whole line the host printed, starting with starling1"
+    )]
+    Ticket(#[source] TicketError),
+    /// Nothing to resume.
+    #[error("no run to resume: paste a ticket and press Join")]
+    NoRun,
+    /// The settings are invalid or could not be saved.
+    #[error(transparent)]
+    Settings(#[from] SettingsError),
+    /// The node's key could not be read or created.
+    #[error("cannot use the key file {path}: {source}")]
+    Key {
+        /// The file.
         path: PathBuf,
         /// What the OS said.
         #[source]
         source: std::io::Error,
     },
-    /// The run's model needs more memory than this device may use.
-    #[error(
-        "this run trains a {params}-parameter model that needs about {need} to train; {device} may use {have}"
-    )]
-    TooSmall {
-        /// The model's parameters.
-        params: usize,
-        /// Estimated training memory.
-        need: String,
-        /// What the device may use.
-        have: String,
-        /// The device.
+    /// The settings name a device that cannot be used.
+    #[error("cannot train on {device:?}: {source}")]
+    Device {
+        /// The device asked for.
         device: String,
-    },
-    /// The coordinator's manifest lists an update that fails our checks.
-    #[error("round {round}: the host accepted an invalid update from {sender}: {source}")]
-    InvalidAccepted {
-        /// The round.
-        round: u64,
-        /// The update's author.
-        sender: String,
-        /// What our check found.
+        /// Why not.
         #[source]
-        source: crate::replica::UpdateError,
+        source: starling_train::DeviceError,
+    },
+    /// The device probe's worker thread died.
+    #[error("the device probe failed: {0}")]
+    Probe(#[source] tokio::task::JoinError),
+    /// A caps file could not be read or written.
+    #[error(transparent)]
+    Caps(#[from] crate::caps::CapsError),
+    /// The metrics endpoint could not listen.
+    #[error("cannot serve metrics on {addr}: {source}")]
+    Metrics {
+        /// The address asked for.
+        addr: SocketAddr,
+        /// What the OS said.
+        #[source]
+        source: std::io::Error,
     },
 }
 
-impl VolunteerError {
-    /// Whether the run can go on after it: a peer or the host went away
-    /// mid-transfer, so the next tick tries again instead of leaving.
-    fn is_transient(&self) -> bool {
-        matches!(
-            self,
-            Self::UnexpectedAnswer | Self::Fetch { .. } | Self::Publish(_)
-        )
-    }
+/// What the app and the CLI branch on: a stable name per kind of failure,
+/// so no face ever decides from an error's wording.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, TS)]
+#[serde(rename_all = "snake_case")]
+#[non_exhaustive]
+pub enum ErrorCode {
+    /// The ticket does not parse.
+    InvalidTicket,
+    /// Resume with no run joined.
+    NoRun,
+    /// Settings out of range (see the fields) or unreadable.
+    InvalidSettings,
+    /// The node's key file cannot be used.
+    KeyFile,
+    /// The chosen device cannot be used.
+    Device,
+    /// The run admits listed members only and this node is not listed.
+    NotMember,
+    /// The host refused this node for another reason.
+    Refused,
+    /// The run's model needs more memory than this device may use.
+    TooSmall,
+    /// The data-use ledger cannot be written.
+    Ledger,
+    /// The network failed.
+    Network,
+    /// The host's run spec is unusable.
+    Spec,
+    /// Training failed locally.
+    Training,
+    /// The host sent a round (its aggregate or member list) that fails
+    /// this node's checks.
+    InvalidUpdate,
+    /// A worker crashed.
+    Crashed,
+    /// The metrics endpoint could not start.
+    Metrics,
+    /// Something else (the message says what).
+    Other,
 }
 
-/// How to start a volunteer.
-pub struct VolunteerOptions {
-    /// The run to join.
-    pub ticket: Ticket,
-    /// This node's identity.
-    pub key: SecretKey,
-    /// Where to listen.
-    pub bind: SocketAddr,
-    /// Upload and download caps and counters; keep a clone to change the
-    /// caps while the node runs (`Traffic::set_caps`).
-    pub traffic: Traffic,
-    /// Where to train.
-    pub device: SelectedDevice,
-    /// Stop after applying this many rounds (tests, demos).
-    pub max_rounds: Option<u64>,
-    /// Where this month's data use is kept (`None`: not kept, no monthly cap).
-    pub usage_file: Option<PathBuf>,
-    /// Where the listening port is kept so a restart with port 0 binds the
-    /// same one again: peers' paths to this node stay valid and they reach
-    /// the new process at once instead of after their connections to the old
-    /// one time out (`None`: a fresh port each start).
-    pub port_file: Option<PathBuf>,
-    /// Pause participation once this many bytes moved this month.
-    pub monthly_cap: MonthlyCap,
-    /// Bytes of device memory training may use (from the device's memory
-    /// and the volunteer's limit); a run whose model needs more is refused
-    /// before anything is downloaded. `None`: unknown, not checked.
-    pub memory_budget: Option<u64>,
+/// An error as it crosses to a face: a code to branch on, a sentence for
+/// the person, and per-field messages for a settings form.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, TS)]
+pub struct ErrorInfo {
+    /// What kind of failure.
+    pub code: ErrorCode,
+    /// What happened and what to do, in words.
+    pub message: String,
+    /// Invalid settings fields, if that is what failed.
+    pub fields: Vec<FieldError>,
 }
 
-struct Volunteer {
-    net: Arc<Net>,
-    rx: mpsc::Receiver<NetEvent>,
-    host: Member,
-    name: String,
-    out: mpsc::UnboundedSender<NodeEvent>,
-    device: SelectedDevice,
-    replica: Option<SharedReplica>,
-    next: u64,
-    opens: BTreeMap<u64, RoundOpen>,
-    /// The round of the last run eval loss reported.
-    last_eval: Option<u64>,
-    /// Whether this process has finished a training step yet.
-    trained_any: bool,
-    manifests: BTreeMap<u64, Manifest>,
-    host_reports: BTreeMap<u64, u64>,
-    my_digests: BTreeMap<u64, u64>,
-    trained: BTreeSet<u64>,
-    announce: Option<(u64, Vec<u8>)>,
-    applied: u64,
-    counters: (u64, u64),
-    /// Members of the newest round, to admit at the gate.
-    admit: Option<Vec<Member>>,
-    /// This month's data use and where it is kept.
-    usage: Option<(PathBuf, Usage)>,
-    monthly_cap: MonthlyCap,
-    memory_budget: Option<u64>,
-}
-
-/// Join the run and take part until `stop` turns true or `max_rounds` are applied.
-pub async fn run_volunteer(
-    opts: VolunteerOptions,
-    out: mpsc::UnboundedSender<NodeEvent>,
-    mut stop: watch::Receiver<bool>,
-) -> Result<(), VolunteerError> {
-    let host = Member {
-        id: opts.ticket.host,
-        addrs: opts.ticket.addrs.clone(),
-    };
-    let config = |bind| NetConfig {
-        secret_key: opts.key.clone(),
-        bind,
-        run_id: opts.ticket.run_id,
-        traffic: opts.traffic.clone(),
-        open: false,
-        control: None,
-        bootstrap: vec![host.clone()],
-    };
-    let saved_port = opts
-        .port_file
-        .as_deref()
-        .filter(|_| opts.bind.port() == 0)
-        .and_then(|p| std::fs::read_to_string(p).ok())
-        .and_then(|s| s.trim().parse::<u16>().ok())
-        .filter(|&p| p != 0);
-    let spawned = match saved_port {
-        Some(port) => {
-            let mut bind = opts.bind;
-            bind.set_port(port);
-            match Net::spawn(config(bind)).await {
-                Ok(n) => Ok(n),
-                // Taken by another program meanwhile: any port will do.
-                Err(_) => Net::spawn(config(opts.bind)).await,
-            }
+impl ErrorInfo {
+    /// An error with no fields.
+    pub fn new(code: ErrorCode, message: impl Into<String>) -> Self {
+        Self {
+            code,
+            message: message.into(),
+            fields: Vec::new(),
         }
-        None => Net::spawn(config(opts.bind)).await,
-    };
-    let (net, rx) = spawned.map_err(|e| VolunteerError::Spawn(Box::new(e)))?;
-    if let (Some(path), Some(addr)) = (&opts.port_file, net.addrs().first()) {
-        // Best effort: without it a restart only reconnects more slowly.
-        let _ = starling_train::atomic::write_atomic(path, addr.port().to_string().as_bytes());
     }
-    let mut v = Volunteer {
-        net: Arc::new(net),
-        rx,
-        host,
-        name: short(&opts.key.public()),
-        out,
-        device: opts.device,
-        replica: None,
-        next: 0,
-        opens: BTreeMap::new(),
-        last_eval: None,
-        trained_any: false,
-        manifests: BTreeMap::new(),
-        host_reports: BTreeMap::new(),
-        my_digests: BTreeMap::new(),
-        trained: BTreeSet::new(),
-        announce: None,
-        applied: 0,
-        counters: (0, 0),
-        admit: None,
-        usage: None,
-        monthly_cap: opts.monthly_cap,
-        memory_budget: opts.memory_budget,
-    };
-    if let Some(path) = opts.usage_file {
-        let usage = Usage::load(&path).map_err(|source| VolunteerError::Usage {
-            path: path.clone(),
-            source,
-        })?;
-        v.usage = Some((path, usage));
+}
+
+impl From<&SessionError> for ErrorInfo {
+    fn from(e: &SessionError) -> Self {
+        let code = match e {
+            SessionError::Ticket(_) => ErrorCode::InvalidTicket,
+            SessionError::NoRun => ErrorCode::NoRun,
+            SessionError::Settings(_) | SessionError::Caps(_) => ErrorCode::InvalidSettings,
+            SessionError::Key { .. } => ErrorCode::KeyFile,
+            SessionError::Device { .. } | SessionError::Probe(_) => ErrorCode::Device,
+            SessionError::Metrics { .. } => ErrorCode::Metrics,
+        };
+        let fields = match e {
+            SessionError::Settings(SettingsError::Invalid(f)) => f.clone(),
+            _ => Vec::new(),
+        };
+        Self {
+            code,
+            message: e.to_string(),
+            fields,
+        }
     }
-    let result = tokio::select! {
-        r = v.run(opts.max_rounds) => r,
-        _ = stop.wait_for(|s| *s) => Ok(()),
-    };
-    v.state(NodeState::Stopped, format!("left before round {}", v.next));
-    if let Ok(net) = Arc::try_unwrap(v.net) {
-        net.shutdown().await;
+}
+
+impl From<SessionError> for ErrorInfo {
+    fn from(e: SessionError) -> Self {
+        Self::from(&e)
     }
-    result
+}
+
+/// What the volunteer is doing.
+#[derive(Clone, Debug, PartialEq, Serialize, TS)]
+#[serde(tag = "activity", rename_all = "snake_case")]
+pub enum Activity {
+    /// No run joined.
+    Idle,
+    /// Taking part in a run.
+    Running,
+    /// Paused by the owner; `until_ms` for a snooze.
+    Paused {
+        /// When a snooze ends (unix ms).
+        until_ms: Option<u64>,
+    },
+    /// Held back by a rule in the settings.
+    Held {
+        /// Which rule.
+        hold: Hold,
+    },
+    /// The run ended, or the rounds asked for are done.
+    Finished,
+    /// The volunteer stopped with an error.
+    Failed {
+        /// What happened and what to do.
+        error: ErrorInfo,
+    },
+}
+
+impl Activity {
+    /// A one-word name for charts and the tray.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Activity::Idle => "idle",
+            Activity::Running => "running",
+            Activity::Paused { until_ms: None } => "paused",
+            Activity::Paused { .. } => "snoozed",
+            Activity::Held { .. } => "held",
+            Activity::Finished => "finished",
+            Activity::Failed { .. } => "error",
+        }
+    }
+}
+
+/// A snapshot for the dashboard.
+#[derive(Clone, Debug, Serialize, TS)]
+pub struct Status {
+    /// What the volunteer is doing.
+    pub activity: Activity,
+    /// The node's short id (what a host puts on its member list).
+    pub node: String,
+    /// The node's full endpoint id.
+    pub endpoint_id: String,
+    /// The run joined, if any.
+    pub ticket: Option<String>,
+    /// Bytes sent since the volunteer started.
+    pub bytes_up: u64,
+    /// Bytes received since the volunteer started.
+    pub bytes_down: u64,
+    /// The settings in force.
+    pub settings: Settings,
+}
+
+/// Once a second: traffic and GPU, for charts.
+#[derive(Clone, Debug, PartialEq, Serialize, TS)]
+pub struct Tick {
+    /// When (unix seconds).
+    pub t: f64,
+    /// Bytes sent since the volunteer started.
+    pub bytes_up: u64,
+    /// Bytes received since the volunteer started.
+    pub bytes_down: u64,
+    /// The upload cap in force.
+    pub up_cap_mbit: Option<f64>,
+    /// The download cap in force.
+    pub down_cap_mbit: Option<f64>,
+    /// [`Activity::name`].
+    pub activity: String,
+    /// GPU busy percentage.
+    pub gpu_util: Option<u32>,
+    /// GPU temperature, °C.
+    pub gpu_temp_c: Option<u32>,
+    /// GPU memory in use, bytes.
+    pub gpu_mem_used: Option<u64>,
+    /// GPU memory in all, bytes.
+    pub gpu_mem_total: Option<u64>,
+}
+
+/// How long the person at this computer has not touched it: the desktop
+/// app asks the desktop, the CLI the input devices. Blocking is fine (it is
+/// called on a worker thread every few seconds).
+pub trait IdleTime: Send + Sync + 'static {
+    /// Seconds since the last keyboard or pointer input; `None` where this
+    /// machine does not say (then the idle rule holds nothing).
+    fn idle_secs(&self) -> Option<u64>;
+}
+
+/// No idle reading: the idle rule holds nothing.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct NoIdleTime;
+
+impl IdleTime for NoIdleTime {
+    fn idle_secs(&self) -> Option<u64> {
+        None
+    }
+}
+
+/// Where a volunteer keeps its files.
+#[derive(Clone, Debug)]
+pub struct VolunteerPaths {
+    /// The settings file, saved on every change (`None`: settings live in
+    /// memory only, as given to [`Volunteer::open`]).
+    pub settings: Option<PathBuf>,
+    /// The node's key (created on first use).
+    pub key: PathBuf,
+    /// The data-use ledger.
+    pub usage: PathBuf,
+    /// The listening port, so a restart keeps its address.
+    pub port: PathBuf,
+}
+
+impl VolunteerPaths {
+    /// Key, ledger and port files in `data_dir`.
+    pub fn in_dir(data_dir: &Path, settings: Option<PathBuf>) -> Self {
+        Self::beside_key(data_dir.join("node.key"), settings)
+    }
+
+    /// Ledger and port files next to the key file `key`.
+    pub fn beside_key(key: PathBuf, settings: Option<PathBuf>) -> Self {
+        Self {
+            settings,
+            usage: key.with_file_name("usage.json"),
+            port: key.with_file_name("node.port"),
+            key,
+        }
+    }
+}
+
+/// How to open a [`Volunteer`].
+#[derive(Clone, Debug)]
+pub struct VolunteerConfig {
+    /// Its files.
+    pub paths: VolunteerPaths,
+    /// The settings when `paths.settings` is `None` (ignored otherwise: the
+    /// file's, or the defaults, apply).
+    pub settings: Settings,
+    /// Where to listen (port 0: the saved port, else any).
+    pub bind: SocketAddr,
+    /// Stop after applying this many rounds (tests, benchmarks).
+    pub max_rounds: Option<u64>,
+    /// Serve OpenMetrics text here.
+    pub metrics_addr: Option<SocketAddr>,
+    /// Share these traffic counters and caps (a host's own trainer) instead
+    /// of keeping the volunteer's own.
+    pub traffic: Option<Traffic>,
+}
+
+impl VolunteerConfig {
+    /// The app's configuration: settings and files where `paths` say,
+    /// listening on any port, no round limit, no metrics.
+    pub fn new(paths: VolunteerPaths) -> Self {
+        Self {
+            paths,
+            settings: Settings::default(),
+            bind: SocketAddr::from(([0, 0, 0, 0], 0)),
+            max_rounds: None,
+            metrics_addr: None,
+            traffic: None,
+        }
+    }
+}
+
+struct Running {
+    stop: watch::Sender<bool>,
+    task: JoinHandle<Result<(), VolunteerError>>,
+}
+
+struct Inner {
+    settings: Settings,
+    running: Option<Running>,
+    /// The rules' verdict at their last look: a join or resume while a rule
+    /// holds waits for the rule instead of starting.
+    hold: Option<Hold>,
+    /// Bumped on every pause/resume so a stale snooze timer does nothing.
+    epoch: u64,
+}
+
+struct Shared {
+    config: VolunteerConfig,
+    key: SecretKey,
+    traffic: Traffic,
+    monthly_cap: MonthlyCap,
+    /// Into the tap that feeds metrics and then the face.
+    out: mpsc::UnboundedSender<NodeEvent>,
+    name: String,
+    activity: watch::Sender<Activity>,
+    metrics_addr: Option<SocketAddr>,
+    /// Turns true at shutdown: the watchers end and the tap drains and
+    /// closes, so the face's event stream ends.
+    closing: watch::Sender<bool>,
+}
+
+/// A volunteer: one run at a time, joined with a ticket, paused, snoozed and
+/// resumed by its owner or by the rules in its settings.
+#[derive(Clone)]
+pub struct Volunteer {
+    inner: Arc<Mutex<Inner>>,
+    shared: Arc<Shared>,
+}
+
+/// What a volunteer's owner should do about the engine's failure.
+fn advice(e: &VolunteerError, endpoint_id: &str) -> ErrorInfo {
+    match e {
+        VolunteerError::NotMember => ErrorInfo::new(
+            ErrorCode::NotMember,
+            format!(
+                "This run only admits listed members. Send the host your id ({endpoint_id}) and ask to be added."
+            ),
+        ),
+        VolunteerError::Refused(reason) => {
+            ErrorInfo::new(ErrorCode::Refused, format!("The host refused: {reason}."))
+        }
+        VolunteerError::Usage { .. } => ErrorInfo::new(
+            ErrorCode::Ledger,
+            format!("Your data-use ledger cannot be written ({e}): is the disk full?"),
+        ),
+        VolunteerError::TooSmall { .. } => ErrorInfo::new(
+            ErrorCode::TooSmall,
+            format!(
+                "This device is too small for this run: {e}. Pick another device or raise the \
+                 VRAM limit, or join a run with a smaller model."
+            ),
+        ),
+        other => {
+            let code = match other {
+                VolunteerError::Spec(_) => ErrorCode::Spec,
+                VolunteerError::Replica(_) => ErrorCode::Training,
+                VolunteerError::InvalidAggregate { .. } | VolunteerError::InvalidRoster { .. } => {
+                    ErrorCode::InvalidUpdate
+                }
+                _ => ErrorCode::Network,
+            };
+            ErrorInfo::new(code, format!("{other}. Resume to try again."))
+        }
+    }
 }
 
 impl Volunteer {
-    fn emit(&self, e: NodeEvent) {
-        let _ = self.out.send(e);
+    /// Load the settings (the file's, or the defaults) and the node key
+    /// (created on first use), start the metrics endpoint if asked for, and
+    /// pass every event to `out`. Nothing runs until [`Volunteer::join`] or
+    /// [`Volunteer::resume`].
+    pub async fn open(
+        config: VolunteerConfig,
+        out: mpsc::UnboundedSender<NodeEvent>,
+    ) -> Result<Self, SessionError> {
+        let settings = match &config.paths.settings {
+            Some(path) => Settings::load(path)?,
+            None => {
+                config.settings.check()?;
+                config.settings.clone()
+            }
+        };
+        let key_path = &config.paths.key;
+        let key = keyfile::load_or_create(key_path).map_err(|source| SessionError::Key {
+            path: key_path.clone(),
+            source,
+        })?;
+        let metrics = match config.metrics_addr {
+            Some(addr) => {
+                let listener = tokio::net::TcpListener::bind(addr)
+                    .await
+                    .map_err(|source| SessionError::Metrics { addr, source })?;
+                let bound = listener
+                    .local_addr()
+                    .map_err(|source| SessionError::Metrics { addr, source })?;
+                let metrics = Arc::new(Metrics::default());
+                tokio::spawn(crate::metrics::serve(listener, metrics.clone()));
+                Some((metrics, bound))
+            }
+            None => None,
+        };
+        let (tx, rx) = mpsc::unbounded_channel();
+        let (closing, closing_rx) = watch::channel(false);
+        tokio::spawn(tap(
+            rx,
+            metrics.as_ref().map(|(m, _)| m.clone()),
+            out,
+            closing_rx,
+        ));
+        let traffic = match &config.traffic {
+            Some(shared) => shared.clone(),
+            None => Traffic::new(settings.up_mbit, settings.down_mbit),
+        };
+        let monthly_cap = MonthlyCap::new(settings.monthly_cap_bytes());
+        let name = short(&key.public());
+        let (activity, _) = watch::channel(Activity::Idle);
+        Ok(Self {
+            inner: Arc::new(Mutex::new(Inner {
+                settings,
+                running: None,
+                hold: None,
+                epoch: 0,
+            })),
+            shared: Arc::new(Shared {
+                config,
+                key,
+                traffic,
+                monthly_cap,
+                out: tx,
+                name,
+                activity,
+                metrics_addr: metrics.map(|(_, a)| a),
+                closing,
+            }),
+        })
     }
 
-    /// A progress callback for downloading `total` bytes of `what`: emits
-    /// [`NodeEvent::Fetching`] at most every 250 ms, and at the end.
-    fn progress(&self, what: &str, total: u64) -> impl Fn(u64) + Send + Sync + use<> {
-        let (out, node, what) = (self.out.clone(), self.name.clone(), what.to_string());
-        let last = std::sync::Mutex::new(None::<Instant>);
-        move |done| {
-            let mut last = last.lock().unwrap_or_else(|e| e.into_inner());
-            if done < total && last.is_some_and(|t| t.elapsed() < Duration::from_millis(250)) {
-                return;
-            }
-            *last = Some(Instant::now());
-            let _ = out.send(NodeEvent::Fetching {
-                node: node.clone(),
-                what: what.clone(),
-                done,
-                total,
-            });
-        }
+    /// The traffic counters and caps (the dashboard samples rates from them).
+    pub fn traffic(&self) -> &Traffic {
+        &self.shared.traffic
+    }
+
+    /// Where the metrics endpoint listens, if it was asked for.
+    pub fn metrics_addr(&self) -> Option<SocketAddr> {
+        self.shared.metrics_addr
+    }
+
+    /// The node's short id.
+    pub fn name(&self) -> &str {
+        &self.shared.name
+    }
+
+    /// The node's endpoint id (what a host puts on its member list).
+    pub fn id(&self) -> starling_swarm::EndpointId {
+        self.shared.key.public()
+    }
+
+    /// Resolves once [`Volunteer::shutdown`] has run.
+    async fn closed(&self) {
+        let mut rx = self.shared.closing.subscribe();
+        let _ = rx.wait_for(|c| *c).await;
+    }
+
+    fn emit(&self, event: NodeEvent) {
+        let _ = self.shared.out.send(event);
     }
 
     fn state(&self, state: NodeState, detail: String) {
         self.emit(NodeEvent::State {
-            node: self.name.clone(),
+            node: self.shared.name.clone(),
             state,
             detail,
         });
     }
 
-    fn warn(&self, message: String) {
-        self.emit(NodeEvent::Warning {
-            node: self.name.clone(),
-            message,
+    fn set_activity(&self, activity: Activity) {
+        self.shared.activity.send_replace(activity);
+    }
+
+    /// What the volunteer is doing, as it changes.
+    pub fn activity(&self) -> watch::Receiver<Activity> {
+        self.shared.activity.subscribe()
+    }
+
+    /// A snapshot for the dashboard.
+    pub async fn status(&self) -> Status {
+        let inner = self.inner.lock().await;
+        Status {
+            activity: self.shared.activity.borrow().clone(),
+            node: self.shared.name.clone(),
+            endpoint_id: self.shared.key.public().to_string(),
+            ticket: inner.settings.ticket.clone(),
+            bytes_up: self.shared.traffic.total.up(),
+            bytes_down: self.shared.traffic.total.down(),
+            settings: inner.settings.clone(),
+        }
+    }
+
+    /// Check, save (where there is a file) and apply new settings: caps and
+    /// the monthly cap at once, a device change at the next join. The run
+    /// joined stays as it is (it changes only by joining).
+    pub async fn update_settings(&self, new: Settings) -> Result<(), SessionError> {
+        let mut inner = self.inner.lock().await;
+        let new = Settings {
+            ticket: inner.settings.ticket.clone(),
+            ..new
+        };
+        self.store(&new)?;
+        self.shared.traffic.set_caps(new.up_mbit, new.down_mbit);
+        self.shared.monthly_cap.set(new.monthly_cap_bytes());
+        self.emit(NodeEvent::Caps {
+            node: self.shared.name.clone(),
+            up_mbit: new.up_mbit,
+            down_mbit: new.down_mbit,
         });
+        inner.settings = new;
+        Ok(())
     }
 
-    /// The replica; it exists once `sync` has joined, and every caller
-    /// runs after that.
-    fn replica(&self) -> Result<SharedReplica, VolunteerError> {
-        self.replica.clone().ok_or(VolunteerError::NetworkStopped)
-    }
-
-    async fn run(&mut self, max_rounds: Option<u64>) -> Result<(), VolunteerError> {
-        self.state(
-            NodeState::Connecting,
-            format!("joining via {}", short(&self.host.id)),
-        );
-        self.sync().await?;
-        let mut last_news = Instant::now();
-        let mut tick = tokio::time::interval(Duration::from_secs(1));
-        loop {
-            if max_rounds.is_some_and(|m| self.applied >= m) {
-                return Ok(());
-            }
-            if self.over_cap() {
-                self.pause_for_cap().await?;
-                last_news = Instant::now();
-                continue;
-            }
-            if let Some(members) = self.admit.take() {
-                self.net.set_members(&members, &[self.host.id]).await;
-            }
-            match self.apply_ready().await {
-                Ok(true) => {
-                    last_news = Instant::now();
-                    continue;
-                }
-                Ok(false) => {}
-                // A peer or the host went away mid-transfer: retry on the
-                // next tick instead of leaving the run.
-                Err(e) if e.is_transient() => self.warn(e.to_string()),
-                Err(e) => return Err(e),
-            }
-            match self.maybe_train().await {
-                Ok(()) => {}
-                // The host went away while we fetched our data: retry.
-                Err(e) if e.is_transient() => self.warn(e.to_string()),
-                Err(e) => return Err(e),
-            }
-            tokio::select! {
-                ev = self.rx.recv() => {
-                    let Some(ev) = ev else { return Err(VolunteerError::NetworkStopped) };
-                    if self.on_event(ev) {
-                        last_news = Instant::now();
-                    }
-                }
-                _ = tick.tick() => {
-                    if let Some((round, signed)) = &self.announce
-                        && *round == self.next
-                    {
-                        let _ = self.net.broadcast(signed.clone()).await;
-                    }
-                    if last_news.elapsed() > POLL_AFTER {
-                        match self.sync().await {
-                            Ok(()) => {}
-                            Err(e) if e.is_transient() => self.warn(e.to_string()),
-                            Err(e) => return Err(e),
-                        }
-                        last_news = Instant::now();
-                    }
-                }
-            }
-        }
-    }
-
-    /// Ask the coordinator where the run is; load the spec, checkpoint and
-    /// manifests we lack.
-    async fn sync(&mut self) -> Result<(), VolunteerError> {
-        let state = self.ask_host().await?;
-        if self.replica.is_none() {
-            self.build_replica(&state).await?;
-        }
-        if let Some((round, blob)) = state.checkpoint
-            && round >= self.next
-        {
-            self.load_checkpoint(round, blob).await?;
-        }
-        for signed in state.manifests.iter().chain(state.round_open.iter()) {
-            if let Ok(m) = Message::verify(signed, self.net.run_id()) {
-                self.on_message(m);
-            }
+    /// Check the settings, and save them where there is a settings file.
+    fn store(&self, settings: &Settings) -> Result<(), SessionError> {
+        match &self.shared.config.paths.settings {
+            Some(path) => settings.save(path)?,
+            None => settings.check()?,
         }
         Ok(())
     }
 
-    /// The run's state from the coordinator, retrying (with a growing pause)
-    /// until it answers; a refusal ends the volunteer.
-    async fn ask_host(&mut self) -> Result<RunState, VolunteerError> {
-        let request = Request::Join {
-            run_id: self.net.run_id(),
-            addrs: self.net.addrs(),
-            since: self.replica.as_ref().map(|_| self.next),
-        };
-        let mut backoff = Duration::from_millis(500);
-        loop {
-            match self.net.request(&self.host, &request).await {
-                Ok(Response::State(s)) => return Ok(s),
-                Ok(Response::Refused {
-                    why: Refusal::NotMember,
-                    ..
-                }) => return Err(VolunteerError::NotMember),
-                Ok(Response::Refused { reason, .. }) => {
-                    return Err(VolunteerError::Refused(reason));
-                }
-                Ok(_) => return Err(VolunteerError::UnexpectedAnswer),
-                Err(starling_swarm::ControlError::NotAdmitted) => {
-                    return Err(VolunteerError::NotMember);
-                }
-                Err(e) => {
-                    self.state(
-                        NodeState::Connecting,
-                        format!(
-                            "cannot reach the host yet ({e}): is it running, and is the ticket \
-                             from its current run? Trying again in {} s",
-                            backoff.as_secs_f32()
-                        ),
-                    );
-                    tokio::time::sleep(backoff).await;
-                    backoff = (backoff * 2).min(Duration::from_secs(5));
-                }
-            }
-        }
-    }
-
-    /// Check the run's spec against this device, then build the replica:
-    /// a model that needs more memory than the device may use is refused
-    /// here, before anything is downloaded.
-    async fn build_replica(&mut self, state: &RunState) -> Result<(), VolunteerError> {
-        let spec = RunSpec::from_bytes(&state.spec).map_err(VolunteerError::Spec)?;
-        let need =
-            crate::machine::training_bytes(&spec.model, spec.run.micro_batch, spec.run.seq_len);
-        if let Some(have) = self.memory_budget
-            && need > have
-        {
-            return Err(VolunteerError::TooSmall {
-                params: spec.model.param_count(),
-                need: crate::machine::human_bytes(need),
-                have: crate::machine::human_bytes(have),
-                device: self.device.name.clone(),
-            });
-        }
-        let (device, run_id, id) = (
-            self.device.clone(),
-            self.net.run_id().0,
-            *self.net.id().as_bytes(),
-        );
-        let replica = tokio::task::spawn_blocking(move || {
-            Replica::new(&spec, &device, run_id, id, Tokens::fetched())
+    /// Change only the bandwidth caps (a caps file's edit), with the same
+    /// checks as any settings change.
+    pub async fn set_caps(&self, caps: Caps) -> Result<(), SessionError> {
+        let current = self.inner.lock().await.settings.clone();
+        self.update_settings(Settings {
+            up_mbit: caps.up_mbit,
+            down_mbit: caps.down_mbit,
+            ..current
         })
         .await
-        .map_err(VolunteerError::Worker)??;
-        let params = replica.spec().model.param_count();
-        let run = replica.spec().run.name.clone();
-        let total_rounds = replica.spec().run.total_rounds;
-        self.replica = Some(Arc::new(Mutex::new(replica)));
-        self.emit(NodeEvent::Joined {
-            node: self.name.clone(),
-            run,
-            params,
-            round: state.next_round,
-            total_rounds,
-        });
-        Ok(())
     }
 
-    /// Download the checkpoint after `round` from the coordinator and load it.
-    async fn load_checkpoint(&mut self, round: u64, blob: BlobRef) -> Result<(), VolunteerError> {
-        self.state(
-            NodeState::CatchingUp,
-            format!(
-                "fetching the checkpoint after round {round} ({} bytes)",
-                blob.size
-            ),
-        );
-        let progress = self.progress("checkpoint", blob.size);
-        let bytes = self
-            .net
-            .fetch_observed(
-                &blob,
-                &[self.host.id],
-                MAX_CHECKPOINT_BYTES,
-                "checkpoint",
-                Duration::from_secs(3600),
-                &progress,
-            )
-            .await
-            .map_err(|source| VolunteerError::Fetch {
-                what: "checkpoint".into(),
-                source: Box::new(source),
-            })?;
-        replica::blocking(&self.replica()?, move |r| r.load_checkpoint(&bytes, false)).await?;
-        self.next = round + 1;
-        self.manifests.retain(|r, _| *r > round);
-        Ok(())
-    }
-
-    /// Record a message; returns whether it was news from the coordinator.
-    fn on_message(&mut self, m: Message) -> bool {
-        if m.author != self.host.id {
-            return false;
+    /// Apply the caps in `path` now and whenever the file changes (checked
+    /// every `every`); a bad edit is reported and the old caps stay. A
+    /// missing file is written from the caps in force first.
+    pub async fn watch_caps_file(
+        &self,
+        path: PathBuf,
+        every: Duration,
+    ) -> Result<(), SessionError> {
+        if !path.exists() {
+            let settings = self.inner.lock().await.settings.clone();
+            Caps {
+                up_mbit: settings.up_mbit,
+                down_mbit: settings.down_mbit,
+            }
+            .save(&path)?;
         }
-        match m.body {
-            Body::RoundOpen(open) if m.round >= self.next && !self.opens.contains_key(&m.round) => {
-                self.emit(NodeEvent::RoundOpened {
-                    node: self.name.clone(),
-                    round: m.round,
-                    members: open.members.len(),
-                });
-                if let Some((round, eval_loss)) = open.eval
-                    && eval_loss.is_finite()
-                    && self.last_eval.is_none_or(|r| round > r)
-                {
-                    self.last_eval = Some(round);
-                    self.emit(NodeEvent::Evaluated {
-                        node: self.name.clone(),
-                        round,
-                        eval_loss,
+        let this = self.clone();
+        let mut watcher = CapsWatcher::new(path, every);
+        tokio::spawn(async move {
+            loop {
+                let next = tokio::select! {
+                    next = watcher.next() => next,
+                    () = this.closed() => return,
+                };
+                let result = match next {
+                    Ok(caps) => this.set_caps(caps).await.map_err(|e| e.to_string()),
+                    Err(e) => Err(e.to_string()),
+                };
+                if let Err(message) = result {
+                    this.emit(NodeEvent::Warning {
+                        node: this.shared.name.clone(),
+                        message: format!("caps not changed: {message}"),
                     });
                 }
-                self.admit = Some(open.members.clone());
-                self.opens.insert(m.round, open);
-                true
             }
-            Body::Manifest(man) if m.round >= self.next && man.is_canonical() => {
-                self.manifests.insert(m.round, man).is_none()
-            }
-            Body::WeightReport(WeightReport { digest }) => {
-                self.host_reports.insert(m.round, digest);
-                while self.host_reports.len() > 64 {
-                    self.host_reports.pop_first();
-                }
-                false
-            }
-            _ => false,
-        }
-    }
-
-    fn on_event(&mut self, ev: NetEvent) -> bool {
-        match ev {
-            NetEvent::Message(m) => self.on_message(m),
-            NetEvent::Refused(id) => {
-                self.warn(format!(
-                    "refused a connection from non-member {}",
-                    short(&id)
-                ));
-                false
-            }
-            NetEvent::BadMessage { via, error } => {
-                self.emit(NodeEvent::Rejected {
-                    node: self.name.clone(),
-                    round: self.next,
-                    peer: short(&via),
-                    reason: error,
-                });
-                false
-            }
-            _ => false,
-        }
-    }
-
-    /// Train the open round if we are a member and have not yet.
-    async fn maybe_train(&mut self) -> Result<(), VolunteerError> {
-        let round = self.next;
-        let Some(open) = self.opens.get(&round) else {
-            return Ok(());
-        };
-        if self.trained.contains(&round)
-            || self.manifests.contains_key(&round)
-            || unix_ms() >= open.deadline_ms
-        {
-            return Ok(());
-        }
-        let me = self.net.id();
-        let Some(slot) = open.members.iter().position(|m| m.id == me) else {
-            // The host admits whoever asked since the last round opened: ask
-            // (again), so we are in the next round.
-            self.state(
-                NodeState::Waiting,
-                format!("not a member of round {round}; asking to take part in the next"),
-            );
-            self.trained.insert(round);
-            return self.sync().await;
-        };
-        let replica = self.replica()?;
-        let deadline = Duration::from_millis(open.deadline_ms.saturating_sub(unix_ms()));
-        // On failure the round stays untrained: the next tick tries again
-        // until the deadline.
-        self.fetch_windows(round, slot as u32, deadline).await?;
-        self.trained.insert(round);
-        if self.trained_any {
-            self.state(NodeState::Training, format!("round {round}"));
-        } else {
-            self.state(
-                NodeState::WarmingUp,
-                format!(
-                    "round {round}: the first step on {} prepares its kernels and memory \
-                     (up to a minute on some GPUs)",
-                    self.device.name
-                ),
-            );
-        }
-        let topk = lock(&replica).topk_for_cap(self.net.traffic().up.rate());
-        let step = Instant::now();
-        let trained =
-            replica::blocking(&replica, move |r| r.train(round, slot as u32, topk)).await?;
-        let secs = step.elapsed().as_secs_f64();
-        let size = trained.bytes.len() as u64;
-        let blob = self
-            .net
-            .publish(&update_tag(round, &me), trained.bytes)
-            .await
-            .map_err(|e| VolunteerError::Publish(Box::new(e)))?;
-        let announce = Announce {
-            update: blob,
-            tokens: trained.tokens,
-            loss: trained.loss,
-        };
-        let signed = Message::sign(
-            self.net.secret_key(),
-            self.net.run_id(),
-            round,
-            Body::Announce(announce),
-        )
-        .map_err(VolunteerError::Sign)?;
-        let _ = self.net.broadcast(signed.clone()).await;
-        self.announce = Some((round, signed));
-        self.trained_any = true;
-        self.emit(NodeEvent::Trained {
-            node: self.name.clone(),
-            round,
-            loss: trained.loss,
-            tokens: trained.tokens,
-            topk: trained.topk,
-            bytes: size,
-            secs,
         });
-        self.state(
-            NodeState::Syncing,
-            format!("round {round}: waiting for the manifest"),
-        );
         Ok(())
     }
 
-    /// Fetch the data windows this member trains on in `round` from the
-    /// host: only the byte ranges they cover, BLAKE3-verified.
-    async fn fetch_windows(
-        &mut self,
-        round: u64,
-        slot: u32,
-        time_limit: Duration,
-    ) -> Result<(), VolunteerError> {
-        let replica = self.replica()?;
-        let (missing, data) = {
-            let r = lock(&replica);
-            (r.missing_windows(round, slot), r.spec().data.blob)
+    /// Join the run `ticket` names (text or a `starling://join/` link) and
+    /// remember it for the next start.
+    pub async fn join(&self, ticket: &str) -> Result<(), SessionError> {
+        let parsed: Ticket = ticket.trim().parse().map_err(SessionError::Ticket)?;
+        let mut inner = self.inner.lock().await;
+        self.stop_running(&mut inner).await;
+        let settings = Settings {
+            ticket: Some(parsed.to_string()),
+            ..inner.settings.clone()
         };
-        if missing.is_empty() {
+        self.store(&settings)?;
+        inner.settings = settings;
+        self.start(&mut inner, parsed).await
+    }
+
+    async fn start(&self, inner: &mut Inner, ticket: Ticket) -> Result<(), SessionError> {
+        if let Some(hold) = inner.hold.clone() {
+            inner.epoch += 1;
+            self.state(NodeState::Paused, hold.to_string());
+            self.set_activity(Activity::Held { hold });
             return Ok(());
         }
-        self.state(
-            NodeState::Training,
-            format!("round {round}: fetching {} data windows", missing.len()),
-        );
-        let ranges: Vec<_> = missing.iter().map(|(_, r)| r.clone()).collect();
-        let fetched = self
-            .net
-            .fetch_ranges(&data, &ranges, &[self.host.id], time_limit)
-            .await
-            .map_err(|source| VolunteerError::Fetch {
-                what: "training data".into(),
-                source: Box::new(source),
+        let device_name = inner.settings.device.clone();
+        let choice = device_name
+            .parse::<starling_train::DeviceChoice>()
+            .map_err(|source| SessionError::Device {
+                device: device_name.clone(),
+                source,
             })?;
-        let mut r = lock(&replica);
-        for ((offset, _), bytes) in missing.iter().zip(&fetched) {
-            r.add_window(*offset, bytes)?;
-        }
-        Ok(())
-    }
-
-    /// Apply the manifest of the next round if we have it. Returns whether one was applied.
-    async fn apply_ready(&mut self) -> Result<bool, VolunteerError> {
-        let round = self.next;
-        let Some(manifest) = self.manifests.get(&round).cloned() else {
-            return Ok(false);
-        };
-        let replica = self.replica()?;
-        let updates = self.fetch_accepted(round, &manifest, &replica).await?;
-        let n = updates.len();
-        let digest = replica::blocking(&replica, move |r| {
-            r.apply(round, &updates)?;
-            r.digest()
+        let vram_limit = inner.settings.vram_limit_gb;
+        let (device, memory_budget) = tokio::task::spawn_blocking(move || {
+            let device = starling_train::select_device(choice)?;
+            let budget = machine::device_memory_budget(&device.name, vram_limit);
+            Ok::<_, starling_train::DeviceError>((device, budget))
         })
-        .await?;
-        self.report_applied(round, &manifest, n, digest, &replica)?;
-        let report_every = lock(&replica).spec().rounds.report_every;
-        if round.is_multiple_of(report_every)
-            && let Ok(signed) = Message::sign(
-                self.net.secret_key(),
-                self.net.run_id(),
-                round,
-                Body::WeightReport(WeightReport { digest }),
-            )
-        {
-            let _ = self.net.broadcast(signed).await;
-        }
-        self.advance(round).await;
-        self.check_divergence().await.map(|_| true)
-    }
-
-    /// Fetch and check every update `manifest` lists, in its order.
-    async fn fetch_accepted(
-        &self,
-        round: u64,
-        manifest: &Manifest,
-        replica: &SharedReplica,
-    ) -> Result<Vec<IncomingUpdate>, VolunteerError> {
-        let max = lock(replica).spec().rounds.max_update_bytes;
-        let members: Vec<EndpointId> = self
-            .opens
-            .get(&round)
-            .map(|o| o.members.iter().map(|m| m.id).collect())
-            .unwrap_or_default();
-        let mut updates = Vec::with_capacity(manifest.entries.len());
-        for e in &manifest.entries {
-            // The author first, then the coordinator (which holds every accepted update), then the others.
-            let mut providers = vec![e.sender, self.host.id];
-            providers.extend(members.iter().copied().filter(|m| *m != e.sender));
-            let bytes = self
-                .net
-                .fetch(
-                    &e.update,
-                    &providers,
-                    max,
-                    &update_tag(round, &e.sender),
-                    Duration::from_secs(120),
-                )
-                .await
-                .map_err(|source| VolunteerError::Fetch {
-                    what: format!("round {round}: update of {}", short(&e.sender)),
-                    source: Box::new(source),
-                })?;
-            let sender = *e.sender.as_bytes();
-            let checked = replica::blocking(replica, move |r| Ok(r.check(&bytes, round, sender)))
-                .await?
-                .map_err(|source| VolunteerError::InvalidAccepted {
-                    round,
-                    sender: short(&e.sender),
-                    source,
-                })?;
-            updates.push(checked.update);
-        }
-        Ok(updates)
-    }
-
-    /// Tell the faces about an applied round (loss, traffic, peers) and
-    /// add its traffic to the ledger.
-    fn report_applied(
-        &mut self,
-        round: u64,
-        manifest: &Manifest,
-        updates: usize,
-        digest: u64,
-        replica: &SharedReplica,
-    ) -> Result<(), VolunteerError> {
-        let (up, down) = (
-            self.net.traffic().total.up(),
-            self.net.traffic().total.down(),
-        );
-        let allreduce = lock(replica).allreduce_bytes();
-        self.emit(NodeEvent::RoundApplied {
-            node: self.name.clone(),
-            round,
-            updates,
-            loss: manifest.mean_loss(),
-            eval_loss: None,
-            digest,
-            bytes_up: up - self.counters.0,
-            bytes_down: down - self.counters.1,
-            allreduce_bytes: allreduce,
-            tokens: manifest.tokens(),
-            run_tokens: manifest.run_tokens,
-        });
-        let peers = self
-            .net
-            .peer_stats()
-            .into_iter()
-            .take(32)
-            .map(|p| PeerView {
-                peer: short(&p.id),
-                host: p.id == self.host.id,
-                rtt_ms: p.rtt_ms,
-                relayed: p.relayed,
-                bytes_down: p.bytes_down,
-                down_bytes_per_sec: p.down_bytes_per_sec,
-            })
-            .collect();
-        self.emit(NodeEvent::Peers {
-            node: self.name.clone(),
-            peers,
-        });
-        self.account(up - self.counters.0, down - self.counters.1)?;
-        self.counters = (up, down);
-        self.my_digests.insert(round, digest);
-        while self.my_digests.len() > 64 {
-            self.my_digests.pop_first();
-        }
-        Ok(())
-    }
-
-    /// Move on past `round`: drop what belonged to it and free the blobs of
-    /// two rounds ago.
-    async fn advance(&mut self, round: u64) {
-        self.next = round + 1;
-        self.applied += 1;
-        self.opens.retain(|r, _| *r >= self.next);
-        self.manifests.retain(|r, _| *r >= self.next);
-        self.trained.retain(|r| *r >= self.next);
-        if let Some(old) = round.checked_sub(2) {
-            self.net.forget(&round_prefix(old)).await;
-        }
-    }
-
-    /// Add a round's traffic to this month's ledger and report it.
-    fn account(&mut self, up: u64, down: u64) -> Result<(), VolunteerError> {
-        let Some((path, usage)) = &mut self.usage else {
-            return Ok(());
-        };
-        usage.add(unix_ms() / 1000, up, down);
-        usage.save(path).map_err(|source| VolunteerError::Usage {
-            path: path.clone(),
+        .await
+        .map_err(SessionError::Probe)?
+        .map_err(|source| SessionError::Device {
+            device: device_name,
             source,
         })?;
-        let event = NodeEvent::Usage {
-            node: self.name.clone(),
-            month: usage.month.clone(),
-            up: usage.month_up,
-            down: usage.month_down,
-            cap: self.monthly_cap.get(),
-            today: usage.day_bytes,
+        self.state(
+            NodeState::Connecting,
+            format!("training on {} ({})", device.name, device.reason),
+        );
+        let (stop, stop_rx) = watch::channel(false);
+        let paths = &self.shared.config.paths;
+        let opts = VolunteerOptions {
+            ticket,
+            key: self.shared.key.clone(),
+            bind: self.shared.config.bind,
+            traffic: self.shared.traffic.clone(),
+            device,
+            max_rounds: self.shared.config.max_rounds,
+            usage_file: Some(paths.usage.clone()),
+            port_file: Some(paths.port.clone()),
+            monthly_cap: self.shared.monthly_cap.clone(),
+            memory_budget,
         };
-        self.emit(event);
+        let task = tokio::spawn(run_volunteer(opts, self.shared.out.clone(), stop_rx));
+        inner.running = Some(Running { stop, task });
+        self.set_activity(Activity::Running);
+        inner.epoch += 1;
+        self.watch_exit(inner.epoch);
         Ok(())
     }
 
-    /// Whether this month's data use has reached the cap.
-    fn over_cap(&mut self) -> bool {
-        match (&mut self.usage, self.monthly_cap.get()) {
-            (Some((_, usage)), Some(cap)) => {
-                usage.roll(unix_ms() / 1000);
-                usage.month_bytes() >= cap
+    /// Report an engine that ends on its own (an error, or the run ended).
+    fn watch_exit(&self, epoch: u64) {
+        let this = self.clone();
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(Duration::from_millis(250)).await;
+                let mut inner = this.inner.lock().await;
+                if inner.epoch != epoch {
+                    return;
+                }
+                let finished = inner.running.as_ref().is_none_or(|r| r.task.is_finished());
+                if !finished {
+                    continue;
+                }
+                let Some(r) = inner.running.take() else {
+                    return;
+                };
+                let activity = match r.task.await {
+                    Ok(Ok(())) => Activity::Finished,
+                    Ok(Err(e)) => Activity::Failed {
+                        error: advice(&e, &this.shared.key.public().to_string()),
+                    },
+                    Err(e) => Activity::Failed {
+                        error: ErrorInfo::new(
+                            ErrorCode::Crashed,
+                            format!("the volunteer crashed: {e}"),
+                        ),
+                    },
+                };
+                let detail = match &activity {
+                    Activity::Failed { error } => error.message.clone(),
+                    _ => "the run has ended".to_string(),
+                };
+                this.state(NodeState::Stopped, detail);
+                this.set_activity(activity);
+                return;
             }
-            _ => false,
+        });
+    }
+
+    async fn stop_running(&self, inner: &mut Inner) {
+        inner.epoch += 1;
+        if let Some(r) = inner.running.take() {
+            let _ = r.stop.send(true);
+            // It leaves between steps; a step in progress finishes first.
+            let _ = tokio::time::timeout(Duration::from_secs(120), r.task).await;
         }
     }
 
-    /// Sit out until the month changes, then catch up with the run.
-    async fn pause_for_cap(&mut self) -> Result<(), VolunteerError> {
-        let (used, month) = match &self.usage {
-            Some((_, u)) => (u.month_bytes(), u.month.clone()),
-            None => return Ok(()),
-        };
+    /// Stop taking part until [`Volunteer::resume`].
+    pub async fn pause(&self) {
+        let mut inner = self.inner.lock().await;
+        self.stop_running(&mut inner).await;
+        self.set_activity(Activity::Paused { until_ms: None });
+        self.state(NodeState::Paused, "paused by you".into());
+    }
+
+    /// Pause for `duration`, then resume by itself (unless paused or
+    /// resumed by hand meanwhile).
+    pub async fn snooze(&self, duration: Duration) {
+        let mut inner = self.inner.lock().await;
+        self.stop_running(&mut inner).await;
+        let until_ms = unix_ms().saturating_add(duration.as_millis() as u64);
+        self.set_activity(Activity::Paused {
+            until_ms: Some(until_ms),
+        });
+        let epoch = inner.epoch;
+        drop(inner);
         self.state(
             NodeState::Paused,
-            format!(
-                "monthly data cap reached: {used} of {} bytes in {month}; resuming next month",
-                self.monthly_cap.get().unwrap_or(0)
-            ),
+            format!("snoozed for {} minutes", duration.as_secs() / 60),
         );
-        while self.over_cap() {
-            tokio::time::sleep(Duration::from_secs(2)).await;
-            // Keep the event queue from filling while we sit out.
-            while self.rx.try_recv().is_ok() {}
-        }
-        self.opens.clear();
-        self.manifests.clear();
-        self.state(
-            NodeState::CatchingUp,
-            "a new month: catching up with the run".into(),
-        );
-        self.sync().await
+        let this = self.clone();
+        tokio::spawn(async move {
+            tokio::select! {
+                () = tokio::time::sleep(duration) => {}
+                () = this.closed() => return,
+            }
+            if this.inner.lock().await.epoch == epoch {
+                let _ = this.resume().await;
+            }
+        });
     }
 
-    /// Compare our digests with the coordinator's reports; on a mismatch,
-    /// start over from the checkpoint.
-    async fn check_divergence(&mut self) -> Result<(), VolunteerError> {
-        let diverged = self
-            .host_reports
-            .iter()
-            .find(|(r, d)| self.my_digests.get(r).is_some_and(|m| m != *d))
-            .map(|(r, _)| *r);
-        if let Some(round) = diverged {
-            self.emit(NodeEvent::Diverged {
-                node: self.name.clone(),
-                peer: self.name.clone(),
-                round,
-            });
-            self.replica = None;
-            self.next = 0;
-            self.my_digests.clear();
-            self.host_reports.clear();
-            self.manifests.clear();
-            self.sync().await?;
+    /// Rejoin the last run.
+    pub async fn resume(&self) -> Result<(), SessionError> {
+        let mut inner = self.inner.lock().await;
+        self.stop_running(&mut inner).await;
+        let ticket: Ticket = inner
+            .settings
+            .ticket
+            .as_deref()
+            .ok_or(SessionError::NoRun)?
+            .parse()
+            .map_err(SessionError::Ticket)?;
+        self.start(&mut inner, ticket).await
+    }
+
+    /// Apply the settings' rules to what the machine reports now: hold a
+    /// running volunteer back, or let a held one go again.
+    pub async fn apply_rules(&self, now: &Conditions) -> Result<(), SessionError> {
+        let mut inner = self.inner.lock().await;
+        let hold = inner.settings.hold(now);
+        inner.hold = hold.clone();
+        let activity = self.shared.activity.borrow().clone();
+        match (activity, hold) {
+            (Activity::Running, Some(hold)) => {
+                self.stop_running(&mut inner).await;
+                self.state(NodeState::Paused, hold.to_string());
+                self.set_activity(Activity::Held { hold });
+            }
+            (Activity::Held { .. }, None) => {
+                drop(inner);
+                return self.resume().await;
+            }
+            (Activity::Held { hold: old }, Some(hold)) if old != hold => {
+                self.state(NodeState::Paused, hold.to_string());
+                self.set_activity(Activity::Held { hold });
+            }
+            _ => {}
         }
         Ok(())
     }
+
+    /// Watch the machine: the rules now (so a join that follows already
+    /// knows whether a rule holds), then every second a [`Tick`] to
+    /// `on_tick` (the dashboard's charts) and every five seconds the rules
+    /// again, with the idle time `idle` reads. Ends at [`Volunteer::shutdown`].
+    pub async fn watch_machine(
+        &self,
+        idle: Arc<dyn IdleTime>,
+        on_tick: impl Fn(&Tick) + Send + 'static,
+    ) -> JoinHandle<()> {
+        let gpu = tokio::task::spawn_blocking(GpuMonitor::open).await.ok();
+        let sample = gpu.as_ref().map(GpuMonitor::sample).unwrap_or_default();
+        self.check_rules(&sample, &idle).await;
+        let this = self.clone();
+        tokio::spawn(async move {
+            let mut last_rules = tokio::time::Instant::now();
+            loop {
+                tokio::select! {
+                    () = tokio::time::sleep(Duration::from_secs(1)) => {}
+                    () = this.closed() => return,
+                }
+                let sample = gpu.as_ref().map(GpuMonitor::sample).unwrap_or_default();
+                let tick = this.tick(&sample).await;
+                on_tick(&tick);
+                if last_rules.elapsed() >= RULES_EVERY {
+                    last_rules = tokio::time::Instant::now();
+                    this.check_rules(&sample, &idle).await;
+                }
+            }
+        })
+    }
+
+    /// Apply the rules to what the machine reports now.
+    async fn check_rules(&self, sample: &GpuSample, idle: &Arc<dyn IdleTime>) {
+        let mut now = machine::conditions(sample);
+        let idle = idle.clone();
+        now.idle_secs = tokio::task::spawn_blocking(move || idle.idle_secs())
+            .await
+            .ok()
+            .flatten();
+        if let Err(e) = self.apply_rules(&now).await {
+            self.emit(NodeEvent::Warning {
+                node: self.shared.name.clone(),
+                message: format!("cannot resume after a rule's hold: {e}"),
+            });
+        }
+    }
+
+    async fn tick(&self, sample: &GpuSample) -> Tick {
+        let status = self.status().await;
+        Tick {
+            t: unix_ms() as f64 / 1000.0,
+            bytes_up: status.bytes_up,
+            bytes_down: status.bytes_down,
+            up_cap_mbit: status.settings.up_mbit,
+            down_cap_mbit: status.settings.down_mbit,
+            activity: status.activity.name().into(),
+            gpu_util: sample.util,
+            gpu_temp_c: sample.temp_c,
+            gpu_mem_used: sample.mem_used,
+            gpu_mem_total: sample.mem_total,
+        }
+    }
+
+    /// Wait until the volunteer has stopped for good: the run ended (or the
+    /// rounds asked for are done), or it failed. Pauses and holds are not
+    /// the end.
+    pub async fn finished(&self) -> Result<(), ErrorInfo> {
+        let mut rx = self.activity();
+        let end = rx
+            .wait_for(|a| matches!(a, Activity::Finished | Activity::Failed { .. }))
+            .await
+            .map(|a| a.clone());
+        match end {
+            Ok(Activity::Failed { error }) => Err(error),
+            _ => Ok(()),
+        }
+    }
+
+    /// Stop cleanly before the app or the command exits: the engine leaves
+    /// the run, the watchers end, and the event stream closes once its last
+    /// events are delivered.
+    pub async fn shutdown(&self) {
+        let mut inner = self.inner.lock().await;
+        self.stop_running(&mut inner).await;
+        self.state(NodeState::Stopped, "Starling quit".into());
+        self.shared.closing.send_replace(true);
+    }
 }
+
+/// Feed every event to the metrics, then to the face, until shutdown (then
+/// what is queued) or until the face is gone.
+async fn tap(
+    mut rx: mpsc::UnboundedReceiver<NodeEvent>,
+    metrics: Option<Arc<Metrics>>,
+    out: mpsc::UnboundedSender<NodeEvent>,
+    mut closing: watch::Receiver<bool>,
+) {
+    let pass = |event: NodeEvent| {
+        if let Some(m) = &metrics {
+            m.observe(&event);
+        }
+        out.send(event).is_ok()
+    };
+    loop {
+        let event = tokio::select! {
+            e = rx.recv() => e,
+            () = out.closed() => return,
+            _ = closing.wait_for(|c| *c) => {
+                while let Ok(event) = rx.try_recv() {
+                    if !pass(event) {
+                        return;
+                    }
+                }
+                return;
+            }
+        };
+        match event {
+            Some(event) => {
+                if !pass(event) {
+                    return;
+                }
+            }
+            None => return,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -14,7 +14,7 @@ use serde::{Deserialize, Serialize};
 use crate::message::{BlobRef, RunId};
 
 /// ALPN of the control protocol.
-pub const CONTROL_ALPN: &[u8] = b"starling/control/2";
+pub const CONTROL_ALPN: &[u8] = b"starling/control/3";
 
 /// Largest control request accepted.
 pub const MAX_REQUEST_BYTES: usize = 16 * 1024;
@@ -30,10 +30,19 @@ pub enum Request {
     Join {
         /// The run the caller means to join.
         run_id: RunId,
-        /// Where the caller can be dialled.
+        /// Where the caller can be dialled (at most
+        /// [`crate::message::MAX_MEMBER_ADDRS`]; a join listing more is refused).
         addrs: Vec<SocketAddr>,
         /// First round the caller needs a manifest for.
         since: Option<u64>,
+    },
+    /// A member's signed announce (the bytes of a `Message` whose body is
+    /// an `Announce`, signed by the caller), sent straight to the
+    /// coordinator: only the coordinator needs it, and gossip would carry
+    /// every member's announce to every member.
+    Announce {
+        /// The signed message.
+        signed: Vec<u8>,
     },
 }
 
@@ -43,6 +52,9 @@ pub enum Request {
 pub enum Response {
     /// The run as it stands.
     State(RunState),
+    /// The coordinator took the announce (whether the update is accepted
+    /// shows in the round's manifest).
+    Taken,
     /// Not admitted, and why: a code the volunteer decides on and a
     /// sentence it shows.
     Refused {

@@ -16,7 +16,8 @@ pub use bytes::Bytes;
 pub use control::{CONTROL_ALPN, Refusal, Request, Response, RunState};
 pub use iroh::{EndpointId, SecretKey};
 pub use message::{
-    Announce, BlobRef, Body, Manifest, ManifestEntry, Member, Message, MessageError, RoundOpen,
+    AcceptedList, Announce, BlobRef, Body, ListError, MAX_ACCEPTED_BYTES, MAX_MEMBER_ADDRS,
+    MAX_ROSTER_BYTES, Manifest, ManifestEntry, Member, Message, MessageError, Roster, RoundOpen,
     RunId, WeightReport, unix_ms,
 };
 pub use net::{

@@ -18,7 +18,7 @@ use serde::{Deserialize, Serialize};
 pub const MAX_MESSAGE_BYTES: usize = 4096;
 
 /// Domain-separation tag mixed into every signature.
-const DOMAIN: &[u8] = b"starling/message/v2";
+const DOMAIN: &[u8] = b"starling/message/v3";
 
 /// Identifies one training run; part of every signed message and update.
 #[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
@@ -81,20 +81,38 @@ pub fn unix_ms() -> u64 {
         .unwrap_or(0)
 }
 
+/// Most addresses a member may list (a machine has a few interfaces, each
+/// with an IPv4 and an IPv6 address); a join listing more is refused.
+pub const MAX_MEMBER_ADDRS: usize = 8;
+
+/// Most members one round can list (a roster of this many fits
+/// [`MAX_ROSTER_BYTES`] whatever their addresses).
+pub const MAX_ROSTER_MEMBERS: usize = 16_384;
+
+/// Largest roster blob accepted: [`MAX_ROSTER_MEMBERS`] members with
+/// [`MAX_MEMBER_ADDRS`] IPv6 addresses each.
+pub const MAX_ROSTER_BYTES: u64 = 8 << 20;
+
+/// Largest list of accepted updates (one entry is under 100 bytes).
+pub const MAX_ACCEPTED_BYTES: u64 = 2 << 20;
+
 /// A member of a round and the loopback/LAN addresses it can be dialled on.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Member {
     /// The member's endpoint id (its ed25519 public key).
     pub id: EndpointId,
-    /// Direct addresses it listens on.
+    /// Direct addresses it listens on (at most [`MAX_MEMBER_ADDRS`]).
     pub addrs: Vec<std::net::SocketAddr>,
 }
 
-/// The coordinator's statement that a round is open.
+/// The coordinator's statement that a round is open. Its size does not
+/// depend on the member count: the member list travels as a blob.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct RoundOpen {
-    /// Who may train and send updates this round (sorted by id).
-    pub members: Vec<Member>,
+    /// The round's [`Roster`] (who may train and send updates), as a blob.
+    pub roster: BlobRef,
+    /// How many members the roster lists.
+    pub members: u32,
     /// The round's seed, signed with the rest of the round's state (members
     /// currently draw their batches from the run seed, the round and their slot).
     pub seed: u64,
@@ -110,6 +128,77 @@ pub struct RoundOpen {
     pub eval: Option<(u64, f32)>,
 }
 
+/// Why a roster or an accepted list blob was refused.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ListError {
+    /// The bytes do not decode.
+    #[error("malformed list: {0}")]
+    Malformed(#[from] postcard::Error),
+    /// The list is not sorted by id, or names an id twice.
+    #[error("the list is not in canonical order")]
+    NotCanonical,
+    /// It holds another number of entries than the signed message says.
+    #[error("the list holds {got} entries, the signed message says {expected}")]
+    Count {
+        /// What the signed message says.
+        expected: u64,
+        /// What the blob holds.
+        got: u64,
+    },
+    /// A member lists more addresses than allowed.
+    #[error("a member lists {0} addresses, the limit is {MAX_MEMBER_ADDRS}")]
+    TooManyAddrs(usize),
+    /// More members than a round may have.
+    #[error("{0} members, the limit is {MAX_ROSTER_MEMBERS}")]
+    TooManyMembers(usize),
+}
+
+/// A round's members, sorted by id: the blob a [`RoundOpen`] names.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Roster {
+    /// The members, ascending by id, no id twice.
+    pub members: Vec<Member>,
+}
+
+impl Roster {
+    /// The blob's bytes.
+    pub fn to_bytes(&self) -> Vec<u8> {
+        // Encoding plain data into a Vec cannot fail.
+        postcard::to_stdvec(self).unwrap_or_default()
+    }
+
+    /// Decode a roster blob and check it against the open that names it.
+    pub fn from_bytes(bytes: &[u8], expected: u32) -> Result<Self, ListError> {
+        let roster: Roster = postcard::from_bytes(bytes)?;
+        if roster.members.len() > MAX_ROSTER_MEMBERS {
+            return Err(ListError::TooManyMembers(roster.members.len()));
+        }
+        if roster.members.len() != expected as usize {
+            return Err(ListError::Count {
+                expected: u64::from(expected),
+                got: roster.members.len() as u64,
+            });
+        }
+        if !roster.members.windows(2).all(|w| w[0].id < w[1].id) {
+            return Err(ListError::NotCanonical);
+        }
+        if let Some(m) = roster
+            .members
+            .iter()
+            .find(|m| m.addrs.len() > MAX_MEMBER_ADDRS)
+        {
+            return Err(ListError::TooManyAddrs(m.addrs.len()));
+        }
+        Ok(roster)
+    }
+
+    /// The slot (position) of `id` in the round, if it is a member.
+    pub fn slot(&self, id: &EndpointId) -> Option<usize> {
+        self.members.binary_search_by(|m| m.id.cmp(id)).ok()
+    }
+}
+
 /// A member's statement that its update for a round is available as a blob.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct Announce {
@@ -121,7 +210,7 @@ pub struct Announce {
     pub loss: f32,
 }
 
-/// One accepted update in a manifest.
+/// One accepted update, as the round's accepted list records it.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct ManifestEntry {
     /// Who computed it.
@@ -134,26 +223,42 @@ pub struct ManifestEntry {
     pub loss: f32,
 }
 
-/// The coordinator's list of the updates every replica applies for a round,
-/// in canonical (sender id) order.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-pub struct Manifest {
-    /// Accepted updates, sorted by sender, no sender twice.
+/// The updates a round accepted, sorted by sender: the blob a [`Manifest`]
+/// names, for whoever wants to audit a round (replicas apply the aggregate).
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct AcceptedList {
+    /// Accepted updates, ascending by sender, no sender twice.
     pub entries: Vec<ManifestEntry>,
-    /// Tokens the run has trained on up to and including this round, so a
-    /// volunteer that joined late still shows the whole run's progress.
-    pub run_tokens: u64,
 }
 
-impl Manifest {
-    /// Whether the entries are in canonical order with no duplicate sender.
-    pub fn is_canonical(&self) -> bool {
-        self.entries.windows(2).all(|w| w[0].sender < w[1].sender)
+impl AcceptedList {
+    /// The blob's bytes.
+    pub fn to_bytes(&self) -> Vec<u8> {
+        // Encoding plain data into a Vec cannot fail.
+        postcard::to_stdvec(self).unwrap_or_default()
     }
 
-    /// Tokens this round's accepted updates were trained on.
+    /// Decode an accepted list and check it against the manifest naming it.
+    pub fn from_bytes(bytes: &[u8], expected: u32) -> Result<Self, ListError> {
+        let list: AcceptedList = postcard::from_bytes(bytes)?;
+        if list.entries.len() != expected as usize {
+            return Err(ListError::Count {
+                expected: u64::from(expected),
+                got: list.entries.len() as u64,
+            });
+        }
+        if !list.entries.windows(2).all(|w| w[0].sender < w[1].sender) {
+            return Err(ListError::NotCanonical);
+        }
+        Ok(list)
+    }
+
+    /// Tokens the accepted updates were trained on (saturating: the counts
+    /// come from the senders).
     pub fn tokens(&self) -> u64 {
-        self.entries.iter().map(|e| e.tokens).sum()
+        self.entries
+            .iter()
+            .fold(0u64, |sum, e| sum.saturating_add(e.tokens))
     }
 
     /// Mean of the senders' reported training losses (`None` for an empty round).
@@ -161,6 +266,25 @@ impl Manifest {
         (!self.entries.is_empty())
             .then(|| self.entries.iter().map(|e| e.loss).sum::<f32>() / self.entries.len() as f32)
     }
+}
+
+/// What every replica applies for a round: the coordinator's aggregate of
+/// the accepted updates. Fixed-size, whatever the member count.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Manifest {
+    /// The merged update every replica applies (`None`: nothing was accepted).
+    pub aggregate: Option<BlobRef>,
+    /// The [`AcceptedList`] blob (`None` when nothing was accepted).
+    pub accepted: Option<BlobRef>,
+    /// How many updates were accepted (and merged).
+    pub updates: u32,
+    /// Tokens this round's accepted updates were trained on.
+    pub tokens: u64,
+    /// Mean of the accepted senders' reported training losses.
+    pub loss: Option<f32>,
+    /// Tokens the run has trained on up to and including this round, so a
+    /// volunteer that joined late still shows the whole run's progress.
+    pub run_tokens: u64,
 }
 
 /// A replica's hash of its weights after applying a round.
@@ -379,7 +503,7 @@ mod tests {
     }
 
     #[test]
-    fn canonical_manifest_order() {
+    fn lists_must_be_canonical_and_match_their_count() {
         let mut ids: Vec<_> = (1..4).map(|i| key(i).public()).collect();
         ids.sort();
         let entry = |sender| ManifestEntry {
@@ -388,27 +512,88 @@ mod tests {
                 hash: [0; 32],
                 size: 1,
             },
-            tokens: 1,
+            tokens: u64::MAX / 2,
             loss: 1.0,
         };
-        let good = Manifest {
+        let good = AcceptedList {
             entries: ids.iter().map(|&i| entry(i)).collect(),
-            run_tokens: 10,
         };
-        assert!(good.is_canonical());
+        let back = AcceptedList::from_bytes(&good.to_bytes(), 3).unwrap();
+        assert_eq!(back, good);
         assert_eq!(good.mean_loss(), Some(1.0));
-        assert_eq!(good.tokens(), ids.len() as u64);
-        let empty = Manifest {
-            entries: vec![],
-            run_tokens: 0,
-        };
-        assert_eq!(empty.mean_loss(), None);
-        assert_eq!(empty.tokens(), 0);
-        let dup = Manifest {
+        assert_eq!(good.tokens(), u64::MAX, "sums of sender counts saturate");
+        assert!(matches!(
+            AcceptedList::from_bytes(&good.to_bytes(), 4),
+            Err(ListError::Count { .. })
+        ));
+        assert_eq!(AcceptedList::default().mean_loss(), None);
+        let dup = AcceptedList {
             entries: vec![entry(ids[0]), entry(ids[0])],
-            run_tokens: 2,
         };
-        assert!(!dup.is_canonical());
+        assert!(matches!(
+            AcceptedList::from_bytes(&dup.to_bytes(), 2),
+            Err(ListError::NotCanonical)
+        ));
+
+        let member = |id, addrs: usize| Member {
+            id,
+            addrs: (0..addrs)
+                .map(|p| std::net::SocketAddr::from(([127, 0, 0, 1], p as u16)))
+                .collect(),
+        };
+        let roster = Roster {
+            members: ids.iter().map(|&i| member(i, 2)).collect(),
+        };
+        let back = Roster::from_bytes(&roster.to_bytes(), 3).unwrap();
+        assert_eq!(back.slot(&ids[2]), Some(2));
+        assert_eq!(back.slot(&key(9).public()), None);
+        let mut reversed = roster.clone();
+        reversed.members.reverse();
+        assert!(matches!(
+            Roster::from_bytes(&reversed.to_bytes(), 3),
+            Err(ListError::NotCanonical)
+        ));
+        let wide = Roster {
+            members: vec![member(ids[0], MAX_MEMBER_ADDRS + 1)],
+        };
+        assert!(matches!(
+            Roster::from_bytes(&wide.to_bytes(), 1),
+            Err(ListError::TooManyAddrs(_))
+        ));
+        assert!(Roster::from_bytes(b"\xff\xff\xff", 0).is_err());
+    }
+
+    #[test]
+    fn the_largest_messages_of_any_run_fit_a_gossip_message() {
+        let blob = BlobRef {
+            hash: [0xff; 32],
+            size: u64::MAX,
+        };
+        let bodies = [
+            Body::RoundOpen(RoundOpen {
+                roster: blob,
+                members: u32::MAX,
+                seed: u64::MAX,
+                deadline_ms: u64::MAX,
+                checkpoint: Some((u64::MAX, blob)),
+                max_update_bytes: u64::MAX,
+                eval: Some((u64::MAX, f32::MAX)),
+            }),
+            Body::Manifest(Manifest {
+                aggregate: Some(blob),
+                accepted: Some(blob),
+                updates: u32::MAX,
+                tokens: u64::MAX,
+                loss: Some(f32::MAX),
+                run_tokens: u64::MAX,
+            }),
+            announce(),
+            Body::WeightReport(WeightReport { digest: u64::MAX }),
+        ];
+        for body in bodies {
+            let bytes = Message::sign(&key(1), RunId([1; 16]), u64::MAX, body).unwrap();
+            assert!(bytes.len() <= 512, "{} bytes", bytes.len());
+        }
     }
 
     proptest! {

@@ -33,6 +33,7 @@ use iroh_gossip::{
     Gossip,
     api::{ApiError, GossipSender},
 };
+use rand::seq::IndexedRandom;
 use tokio::sync::mpsc;
 use tracing::debug;
 
@@ -63,6 +64,10 @@ pub use self::{
     gossip::BroadcastError,
     peers::PeerStats,
 };
+
+/// Members offered to gossip as neighbours each time the member list
+/// changes (see [`Net::set_members`]).
+const GOSSIP_JOIN_PEERS: usize = 4;
 
 /// How long dialling a peer may take.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
@@ -276,19 +281,29 @@ impl Net {
     }
 
     /// Admit `members` (plus the always-admitted `keep`), learn their
-    /// addresses and gossip with them; everyone else is refused from now on.
+    /// addresses and offer gossip a few of them as neighbours; everyone else
+    /// is refused from now on.
+    ///
+    /// Gossip is handed [`GOSSIP_JOIN_PEERS`] random members, not all of
+    /// them: asking every member to be a neighbour would dial every member
+    /// (N² connections in a run), while HyParView only keeps a handful of
+    /// active neighbours anyway and learns the rest through them.
     pub async fn set_members(&self, members: &[Member], keep: &[EndpointId]) {
         let me = self.id();
         let mut allowed: HashSet<EndpointId> = keep.iter().copied().collect();
-        let mut new = Vec::new();
+        let mut others = Vec::new();
         for m in members.iter().filter(|m| m.id != me) {
             self.lookup.set_endpoint_info(endpoint_addr(m));
             allowed.insert(m.id);
-            new.push(m.id);
+            others.push(m.id);
         }
         self.gate.set_allowed(allowed);
-        if !new.is_empty()
-            && let Err(e) = self.sender.join_peers(new).await
+        let sample: Vec<EndpointId> = others
+            .choose_multiple(&mut rand::rng(), GOSSIP_JOIN_PEERS)
+            .copied()
+            .collect();
+        if !sample.is_empty()
+            && let Err(e) = self.sender.join_peers(sample).await
         {
             debug!("gossip join_peers: {e:#}");
         }

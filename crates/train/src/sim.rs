@@ -5,7 +5,9 @@
 //! (slot = peer index), exactly as it would in a swarm. With DisTrO each peer
 //! keeps its own momentum and its update goes through the real wire format
 //! (encoded, counted, decoded with the same checks a node applies to a
-//! stranger's bytes); all peers then apply the same accepted set, so one
+//! stranger's bytes); the updates are merged into one aggregate (capped at
+//! `aggregate_topk` per chunk when asked, as a run's host does), which goes
+//! through its own wire format and is applied by all peers alike, so one
 //! weight replica stands for all of them (the distro crate's tests prove the
 //! replicas bit-identical). With AdamW-DDP the peers' full fp32 gradients are
 //! averaged, as an all-reduce would, and one AdamW step follows.
@@ -13,8 +15,11 @@
 use std::time::Instant;
 
 use serde::Serialize;
-use starling_distro::wire::{self, DecodeError, DecodeLimits, EncodeError, UpdateHeader};
-use starling_distro::{DistroConfig, IncomingUpdate, StepOptions};
+use starling_distro::wire::{
+    self, DecodeError, DecodeLimits, EncodeError, UpdateHeader,
+    aggregate::{self, AggregateHeader},
+};
+use starling_distro::{CapError, DistroConfig, IncomingUpdate, Residual, StepOptions};
 
 use crate::checkpoint::{Checkpoint, OptimizerSnapshot};
 use crate::data::sampling::{Sampler, SamplerError};
@@ -59,6 +64,10 @@ pub struct SimConfig {
     pub eval_sequences: usize,
     /// Evaluate every this many steps (and after the last).
     pub eval_every: u64,
+    /// DisTrO only: cap each step's aggregate at this many coefficients per
+    /// chunk, carrying the rest to the next step, as a run's host does with
+    /// `aggregate_topk` (`None`: the exact aggregate).
+    pub aggregate_topk: Option<usize>,
 }
 
 /// What happened in one step.
@@ -76,6 +85,9 @@ pub struct StepRecord {
     pub grad_norm: f32,
     /// Bytes each peer sent this step (mean over peers).
     pub bytes_sent_per_peer: u64,
+    /// Bytes each peer received this step: the step's aggregate, as a run's
+    /// volunteers download it (the gradient all-reduce for AdamW-DDP).
+    pub bytes_received_per_peer: u64,
     /// Bytes a fp32 all-reduce sends per peer per step (4 bytes a parameter).
     pub allreduce_bytes_per_peer: u64,
     /// Seconds since the simulation started.
@@ -130,6 +142,23 @@ pub enum SimError {
         #[source]
         source: DecodeError,
     },
+    /// The step's aggregate failed its wire format (a bug).
+    #[error("step {step}: the aggregate failed the wire format: {reason}")]
+    Aggregate {
+        /// The step.
+        step: u64,
+        /// What failed.
+        reason: String,
+    },
+    /// The aggregate could not be capped (a bug).
+    #[error("step {step}: {source}")]
+    Cap {
+        /// The step.
+        step: u64,
+        /// What failed.
+        #[source]
+        source: CapError,
+    },
     /// An update's header changed between encoding and decoding (a bug).
     #[error("step {step}: update of peer {peer} failed the wire format: header changed on the way")]
     WireHeader {
@@ -147,6 +176,8 @@ pub struct SimSummary {
     pub final_eval_loss: f32,
     /// Mean bytes a peer sent per step.
     pub bytes_per_peer_per_step: f64,
+    /// Mean bytes a peer received per step.
+    pub bytes_received_per_peer_per_step: f64,
     /// Bytes a fp32 all-reduce sends per peer per step.
     pub allreduce_bytes_per_peer: u64,
     /// Tokens trained on, all peers together.
@@ -170,6 +201,9 @@ impl SimConfig {
         if !(self.schedule.peak.is_finite() && self.schedule.peak > 0.0) {
             return bad("learning rate must be positive");
         }
+        if self.aggregate_topk == Some(0) {
+            return bad("the aggregate's top-k must be at least 1");
+        }
         Ok(())
     }
 }
@@ -187,13 +221,17 @@ impl Simulation {
     pub fn new(trainer: &Trainer, config: &SimConfig) -> Result<Self, SimError> {
         config.check(trainer)?;
         let method = match config.optimizer {
-            SimOptimizer::Distro(d) => Method::Distro(
-                (0..config.peers)
+            SimOptimizer::Distro(d) => {
+                let peers: Vec<DistroPeer> = (0..config.peers)
                     .map(|_| DistroPeer::new(trainer, d))
                     .collect::<Result<_, _>>()
-                    .map_err(|source| SimError::Optim { step: 0, source })?,
-                d.step_options(),
-            ),
+                    .map_err(|source| SimError::Optim { step: 0, source })?;
+                let cap = match (config.aggregate_topk, peers.first()) {
+                    (Some(k), Some(p)) => Some((Residual::zeros(p.layout()), k)),
+                    _ => None,
+                };
+                Method::Distro(peers, d.step_options(), cap)
+            }
             SimOptimizer::AdamWDdp(a) => Method::AdamW(AdamW::new(trainer, a)),
         };
         Ok(Self {
@@ -223,7 +261,7 @@ impl Simulation {
             source,
         };
         match (&mut sim.method, &checkpoint.optimizer) {
-            (Method::Distro(peers, _), OptimizerSnapshot::Distro(momenta)) => {
+            (Method::Distro(peers, _, _), OptimizerSnapshot::Distro(momenta)) => {
                 if peers.len() != momenta.len() {
                     return mismatch("it holds another number of peers");
                 }
@@ -253,7 +291,7 @@ impl Simulation {
     pub fn checkpoint(&self, trainer: &Trainer, seed: u64) -> Result<Checkpoint, SimError> {
         let step = self.next_step;
         let optimizer = match &self.method {
-            Method::Distro(peers, _) => OptimizerSnapshot::Distro(
+            Method::Distro(peers, _, _) => OptimizerSnapshot::Distro(
                 peers
                     .iter()
                     .map(DistroPeer::momentum)
@@ -306,6 +344,7 @@ impl Simulation {
         let until = until.min(config.steps);
         let first = self.next_step;
         let mut sent_total = 0u64;
+        let mut received_total = 0u64;
         let mut eval_loss = None;
         for step in first..until {
             let lr = config.schedule.lr(step);
@@ -318,9 +357,10 @@ impl Simulation {
                 peer_gradients(trainer, store, &sampler, config, step, clip).map_err(train)?;
             let loss = grads.iter().map(|g| g.loss).sum::<f32>() / config.peers as f32;
             let grad_norm = grads.iter().map(|g| g.norm).sum::<f32>() / config.peers as f32;
-            let sent = self.method.step(trainer, grads, lr, step, config.clip)?;
+            let (sent, received) = self.method.step(trainer, grads, lr, step, config.clip)?;
             self.next_step = step + 1;
             sent_total += sent;
+            received_total += received;
             let evaluate = step + 1 == config.steps
                 || (config.eval_every > 0 && (step + 1) % config.eval_every == 0);
             let this_eval = if evaluate {
@@ -340,6 +380,7 @@ impl Simulation {
                 eval_loss: this_eval,
                 grad_norm,
                 bytes_sent_per_peer: sent,
+                bytes_received_per_peer: received,
                 allreduce_bytes_per_peer: allreduce,
                 wall_s: start.elapsed().as_secs_f64(),
             });
@@ -357,6 +398,7 @@ impl Simulation {
         Ok(SimSummary {
             final_eval_loss,
             bytes_per_peer_per_step: sent_total as f64 / steps.max(1) as f64,
+            bytes_received_per_peer_per_step: received_total as f64 / steps.max(1) as f64,
             allreduce_bytes_per_peer: allreduce,
             tokens: steps * (config.peers * config.batch * config.seq_len) as u64,
             wall_s: start.elapsed().as_secs_f64(),
@@ -396,8 +438,9 @@ fn peer_gradients(
 }
 
 enum Method {
-    /// The peers and the options of each of their steps (the run's top-k).
-    Distro(Vec<DistroPeer>, StepOptions),
+    /// The peers, the options of each of their steps (the run's top-k), and
+    /// the aggregate's cap with its residual, when capped.
+    Distro(Vec<DistroPeer>, StepOptions, Option<(Residual, usize)>),
     AdamW(AdamW),
 }
 
@@ -411,7 +454,7 @@ fn peer_id(slot: usize) -> [u8; 32] {
 }
 
 impl Method {
-    /// Applies one step; returns the mean bytes a peer sent.
+    /// Applies one step; returns the mean bytes a peer sent and received.
     fn step(
         &mut self,
         trainer: &mut Trainer,
@@ -419,10 +462,10 @@ impl Method {
         lr: f32,
         step: u64,
         clip: f32,
-    ) -> Result<u64, SimError> {
+    ) -> Result<(u64, u64), SimError> {
         let optim = |source| SimError::Optim { step, source };
         match self {
-            Method::Distro(peers, options) => {
+            Method::Distro(peers, options, cap) => {
                 let mut incoming: Vec<IncomingUpdate> = Vec::with_capacity(peers.len());
                 let mut bytes = 0u64;
                 for (slot, (peer, g)) in peers.iter_mut().zip(&grads).enumerate() {
@@ -455,8 +498,33 @@ impl Method {
                 let first = peers
                     .first()
                     .ok_or_else(|| SimError::Config("no peers".into()))?;
-                first.apply(trainer, &incoming, lr).map_err(optim)?;
-                Ok(bytes / peers.len() as u64)
+                // As in a run: one aggregate of the accepted updates (capped
+                // when asked), through its wire format, applied as one update.
+                let mut merged = first
+                    .layout()
+                    .merge(&incoming, lr)
+                    .map_err(|e| optim(e.into()))?;
+                if let Some((residual, k)) = cap {
+                    merged = residual
+                        .cap(step, &merged, *k)
+                        .map_err(|source| SimError::Cap { step, source })?;
+                }
+                let header = AggregateHeader {
+                    run_id: SIM_RUN,
+                    round: step,
+                    updates: incoming.len() as u32,
+                };
+                let failed = |reason: String| SimError::Aggregate { step, reason };
+                let encoded =
+                    aggregate::encode(&header, &merged).map_err(|e| failed(e.to_string()))?;
+                let decoded = aggregate::decode(&encoded, &DecodeLimits::default())
+                    .map_err(|e| failed(e.to_string()))?;
+                let one = IncomingUpdate {
+                    sender: [0; 32],
+                    tensors: decoded.tensors,
+                };
+                first.apply(trainer, &[one], lr).map_err(optim)?;
+                Ok((bytes / peers.len() as u64, encoded.len() as u64))
             }
             Method::AdamW(adamw) => {
                 let n = grads.len() as f32;
@@ -475,7 +543,8 @@ impl Method {
                 let (mean, _) = clip_global_norm(mean, clip)
                     .map_err(|source| SimError::Train { step, source })?;
                 adamw.step(trainer, &mean, lr).map_err(optim)?;
-                Ok(4 * trainer.config().param_count() as u64)
+                let all_reduce = 4 * trainer.config().param_count() as u64;
+                Ok((all_reduce, all_reduce))
             }
         }
     }
@@ -511,6 +580,7 @@ mod tests {
             seed: 5,
             eval_fraction: 0.1,
             eval_sequences: 4,
+            aggregate_topk: None,
             eval_every: 4,
         }
     }

@@ -1,5 +1,5 @@
 //! The round's collection phase: from the open until the deadline, take the
-//! members' announces, fetch each announced update from its sender and check
+//! members' announces (sent over the control protocol, or gossiped), fetch each announced update from its sender and check
 //! it against the reference replica, all while the round stays open.
 //!
 //! Fetching and checking run as tasks beside the loop, not in it: a slow or
@@ -14,7 +14,7 @@ use std::{
     time::Duration,
 };
 
-use starling_swarm::{Announce, Bytes, EndpointId, FetchError, Member, Net};
+use starling_swarm::{Announce, EndpointId, FetchError, Member, Net};
 use tokio::{task::JoinSet, time::Instant};
 
 use super::{Host, update_tag};
@@ -35,11 +35,10 @@ pub(super) struct Collected {
     pub(super) accepted: Vec<Accepted>,
 }
 
-/// An update accepted into the round, with its bytes for the update file.
+/// An update accepted into the round.
 pub(super) struct Accepted {
     pub(super) sender: EndpointId,
     pub(super) announce: Announce,
-    pub(super) bytes: Bytes,
     pub(super) update: CheckedUpdate,
 }
 
@@ -74,7 +73,7 @@ impl Refusal {
 struct Fetched {
     sender: EndpointId,
     announce: Announce,
-    result: Result<(Bytes, CheckedUpdate), Refusal>,
+    result: Result<CheckedUpdate, Refusal>,
 }
 
 /// The collection's working state.
@@ -122,6 +121,11 @@ impl Host {
                 ev = self.events_rx.recv() => {
                     let Some(ev) = ev else { break };
                     if let Some((sender, ann)) = self.on_event(ev, round) {
+                        self.take_announce(round, sender, ann, window, &mut c);
+                    }
+                }
+                Some((sender, r, ann)) = self.announce_rx.recv() => {
+                    if r == round {
                         self.take_announce(round, sender, ann, window, &mut c);
                     }
                 }
@@ -198,11 +202,10 @@ impl Host {
             Ok(Fetched {
                 sender,
                 announce,
-                result: Ok((bytes, update)),
+                result: Ok(update),
             }) => accepted.push(Accepted {
                 sender,
                 announce,
-                bytes,
                 update,
             }),
             Ok(Fetched {
@@ -253,13 +256,12 @@ async fn fetch_and_check(
         }
         Err(e) => return refused(announce, Refusal::Fetch(e)),
     };
-    let checked = bytes.clone();
     let result = match replica::blocking(&replica, move |r| {
-        Ok(r.check(&checked, round, *sender.as_bytes()))
+        Ok(r.check(&bytes, round, *sender.as_bytes()))
     })
     .await
     {
-        Ok(Ok(update)) => Ok((bytes, update)),
+        Ok(Ok(update)) => Ok(update),
         Ok(Err(invalid)) => Err(Refusal::Invalid(invalid)),
         Err(worker) => Err(Refusal::Worker(worker)),
     };

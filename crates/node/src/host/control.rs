@@ -12,7 +12,11 @@ use std::{
     sync::Mutex,
 };
 
-use starling_swarm::{EndpointId, Member, Refusal, Request, Response, RunId, RunState};
+use starling_swarm::{
+    Announce, Body, EndpointId, MAX_MEMBER_ADDRS, Member, Message, Refusal, Request, Response,
+    RunId, RunState,
+};
+use tokio::sync::mpsc;
 
 /// What the control handler shares with the round loop.
 pub(super) struct Shared {
@@ -24,6 +28,9 @@ pub(super) struct Shared {
     pub(super) joined: BTreeMap<EndpointId, Member>,
     pub(super) allow: HashSet<EndpointId>,
     pub(super) dropped: HashSet<EndpointId>,
+    /// Verified announces sent over the control protocol, for the round
+    /// loop (bounded: when it is full, announces are refused as busy).
+    pub(super) announces: mpsc::Sender<(EndpointId, u64, Announce)>,
 }
 
 /// Answer one control request from `from`: admit it and send the run's state
@@ -59,6 +66,15 @@ pub(super) fn answer(
                     reason: "not on this run's member list".into(),
                 };
             }
+            if addrs.len() > MAX_MEMBER_ADDRS {
+                return Response::Refused {
+                    why: Refusal::BadRequest,
+                    reason: format!(
+                        "a join may list at most {MAX_MEMBER_ADDRS} addresses; this one lists {}",
+                        addrs.len()
+                    ),
+                };
+            }
             s.joined.insert(from, Member { id: from, addrs });
             let since = since.unwrap_or(0);
             Response::State(RunState {
@@ -74,9 +90,36 @@ pub(super) fn answer(
                 next_round: s.next_round,
             })
         }
+        Request::Announce { signed } => take_announce(&s, run_id, from, &signed),
         _ => Response::Refused {
             why: Refusal::BadRequest,
             reason: "unsupported request".into(),
+        },
+    }
+}
+
+/// Verify an announce sent over the control protocol (signed by the caller,
+/// for this run) and queue it for the round loop.
+fn take_announce(s: &Shared, run_id: RunId, from: EndpointId, signed: &[u8]) -> Response {
+    let refused = |reason: String| Response::Refused {
+        why: Refusal::BadRequest,
+        reason,
+    };
+    let message = match Message::verify(signed, run_id) {
+        Ok(m) => m,
+        Err(e) => return refused(format!("announce: {e}")),
+    };
+    if message.author != from {
+        return refused("announce: signed by another node than the caller".into());
+    }
+    let Body::Announce(announce) = message.body else {
+        return refused("announce: the message is not an announce".into());
+    };
+    match s.announces.try_send((from, message.round, announce)) {
+        Ok(()) => Response::Taken,
+        Err(_) => Response::Refused {
+            why: Refusal::Other,
+            reason: "busy: announce again shortly".into(),
         },
     }
 }

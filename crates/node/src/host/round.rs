@@ -1,9 +1,10 @@
 //! One round of the run, as the sequence of its phases.
 //!
 //! The order of the phases is what makes a round safe to interrupt: nothing
-//! is announced before it is on disk (update files, then the state file that
-//! names the manifest, then the gossip), and the reference replica applies a
-//! manifest only after it was announced, exactly as every member does. Each
+//! is announced before it is on disk (the aggregate and accepted-list files,
+//! then the state file that names the manifest, then the gossip), and the
+//! reference replica applies the aggregate only after it was announced, and
+//! checked exactly as every member checks it. Each
 //! phase is its own method so that order reads at a glance in
 //! [`Host::round`], and a change to one phase cannot silently reorder the
 //! effects of another. Collecting the updates, the one phase that runs
@@ -12,19 +13,19 @@
 use std::{collections::HashMap, time::Duration};
 
 use starling_swarm::{
-    Announce, Body, EndpointId, Manifest, ManifestEntry, Member, Message, RoundOpen, WeightReport,
-    unix_ms,
+    AcceptedList, Announce, BlobRef, Body, Bytes, EndpointId, Manifest, ManifestEntry, Member,
+    Message, Roster, RoundOpen, WeightReport, unix_ms,
 };
 use starling_train::atomic::write_atomic;
 
 use super::{
-    Host, HostError,
+    Host, HostError, aggregate_tag,
     collect::{Accepted, Collected},
-    io_err,
+    io_err, round_prefix,
 };
 use crate::{
     events::NodeEvent,
-    replica::{self, lock},
+    replica::{self, ReplicaError, lock},
     short,
 };
 
@@ -35,7 +36,7 @@ const SEED_MIX: u64 = 0x9E37_79B9_7F4A_7C15;
 /// How often the host looks for enough members while waiting to open.
 const MEMBER_POLL: Duration = Duration::from_millis(100);
 
-/// Totals the manifest commits to, for the round's report.
+/// What the manifest commits to, for the round's report and apply.
 struct Committed {
     /// The signed manifest, as gossiped.
     signed: Vec<u8>,
@@ -43,6 +44,8 @@ struct Committed {
     loss: Option<f32>,
     /// Tokens its updates were trained on.
     tokens: u64,
+    /// The aggregate's bytes and the number of updates it merges.
+    aggregate: Option<(Bytes, u32)>,
 }
 
 /// What applying the round on the reference replica gave.
@@ -60,16 +63,24 @@ impl Host {
     /// checkpointed) manifest.
     pub(super) async fn round(&mut self, round: u64) -> Result<(), HostError> {
         let members = self.await_members(round).await;
-        let signed_open = self.open(round, &members).await?;
+        let Some(signed_open) = self.open(round, &members).await? else {
+            // Logged; the round opens again after a pause.
+            tokio::time::sleep(MEMBER_POLL * 10).await;
+            return Ok(());
+        };
         let traffic = self.net.traffic();
         let (up0, down0) = (traffic.total.up(), traffic.total.down());
         let Collected { seen, accepted } = self.collect(round, &members, &signed_open).await;
         let accepted = self.robust_filter(round, accepted);
-        let committed = self.commit(round, &accepted)?;
+        let Some(committed) = self.commit(round, accepted).await? else {
+            // Logged; nothing was saved or announced, so the round is
+            // played again under the same number.
+            return Ok(());
+        };
         self.record(round, &committed.signed, members, &seen)?;
         self.announce(round, committed.signed).await;
-        let applied = self.apply(round, accepted).await?;
-        self.report_weights(round, applied.digest).await?;
+        let applied = self.apply(round, committed.aggregate).await?;
+        self.report_weights(round, applied.digest).await;
         let allreduce = lock(&self.replica).allreduce_bytes();
         self.emit(NodeEvent::RoundApplied {
             node: self.name.clone(),
@@ -104,31 +115,44 @@ impl Host {
         }
     }
 
-    /// Sign the round's open, make it what joiners receive, admit its
-    /// members and gossip it; returns the signed open (rebroadcast while the
-    /// round collects).
-    async fn open(&self, round: u64, members: &[Member]) -> Result<Vec<u8>, HostError> {
+    /// Publish the round's roster, sign the round's open, make it what
+    /// joiners receive, admit its members and gossip it; returns the signed
+    /// open (rebroadcast while the round collects), or `None` when it could
+    /// not be signed (logged: a message that cannot be built never ends
+    /// the run).
+    async fn open(&self, round: u64, members: &[Member]) -> Result<Option<Vec<u8>>, HostError> {
         let rounds = &self.state.spec.rounds;
         let window = Duration::from_secs_f64(rounds.window_secs);
-        let open = RoundOpen {
+        let roster = Roster {
             members: members.to_vec(),
+        };
+        let tag = format!("{}roster", round_prefix(round));
+        let roster_blob = self
+            .net
+            .publish(&tag, roster.to_bytes())
+            .await
+            .map_err(|source| HostError::Publish { tag, source })?;
+        let open = RoundOpen {
+            roster: roster_blob,
+            members: members.len() as u32,
             seed: self.state.spec.run.seed ^ round.wrapping_mul(SEED_MIX),
             deadline_ms: unix_ms() + window.as_millis() as u64,
             checkpoint: self.state.checkpoint,
             max_update_bytes: rounds.max_update_bytes,
             eval: self.state.last_eval,
         };
-        let signed_open = Message::sign(
+        let signed_open = match Message::sign(
             self.net.secret_key(),
             self.state.run_id,
             round,
             Body::RoundOpen(open),
-        )
-        .map_err(|source| HostError::Sign {
-            round,
-            what: "round open",
-            source,
-        })?;
+        ) {
+            Ok(signed) => signed,
+            Err(e) => {
+                self.warn(format!("round {round}: cannot sign the round's open: {e}"));
+                return Ok(None);
+            }
+        };
         {
             let mut shared = self.shared();
             shared.round_open = Some(signed_open.clone());
@@ -144,7 +168,7 @@ impl Host {
             round,
             members: members.len(),
         });
-        Ok(signed_open)
+        Ok(Some(signed_open))
     }
 
     /// Robust aggregation: drop (as faults) updates far above the round's
@@ -172,43 +196,103 @@ impl Host {
         accepted
     }
 
-    /// Write the accepted updates' files, then sign the manifest naming
-    /// them (counting their tokens into the run's).
-    fn commit(&mut self, round: u64, accepted: &[Accepted]) -> Result<Committed, HostError> {
-        let mut entries = Vec::new();
-        for a in accepted {
-            let path = self.update_path(&a.announce.update);
-            write_atomic(&path, &a.bytes).map_err(io_err(&path))?;
-            entries.push(ManifestEntry {
-                sender: a.sender,
-                update: a.announce.update,
-                tokens: a.announce.tokens,
-                loss: a.announce.loss,
-            });
-        }
-        let tokens: u64 = entries.iter().map(|e| e.tokens).sum();
-        self.state.run_tokens += tokens;
-        let manifest = Manifest {
-            entries,
-            run_tokens: self.state.run_tokens,
+    /// Merge the accepted updates into the round's aggregate, write and
+    /// publish it and the accepted list, then sign the manifest naming them
+    /// (counting their tokens into the run's). `None` when the manifest
+    /// could not be signed (logged; nothing is counted).
+    async fn commit(
+        &mut self,
+        round: u64,
+        accepted: Vec<Accepted>,
+    ) -> Result<Option<Committed>, HostError> {
+        let list = AcceptedList {
+            entries: accepted
+                .iter()
+                .map(|a| ManifestEntry {
+                    sender: a.sender,
+                    update: a.announce.update,
+                    tokens: a.announce.tokens,
+                    loss: a.announce.loss,
+                })
+                .collect(),
         };
-        let loss = manifest.mean_loss();
-        let signed = Message::sign(
+        let tokens = list.tokens();
+        let loss = list.mean_loss();
+        let count = accepted.len() as u32;
+        let (aggregate, aggregate_ref, accepted_ref) = if accepted.is_empty() {
+            (None, None, None)
+        } else {
+            let updates: Vec<_> = accepted.into_iter().map(|a| a.update.update).collect();
+            let cap = self.state.spec.rounds.aggregate_topk;
+            let mut residual = self.residual.take();
+            let result = replica::blocking(&self.replica, move |r| {
+                let bytes = r.aggregate(round, &updates, residual.as_mut().zip(cap))?;
+                Ok((bytes, residual))
+            })
+            .await;
+            let (bytes, residual) = result.map_err(|source| HostError::Replica {
+                round,
+                source: Box::new(source),
+            })?;
+            self.residual = residual;
+            let bytes = Bytes::from(bytes);
+            let aggregate_ref = self.keep(&aggregate_tag(round), &bytes).await?;
+            self.save_residual()?;
+            let accepted_ref = self
+                .keep(
+                    &format!("{}accepted", round_prefix(round)),
+                    &list.to_bytes(),
+                )
+                .await?;
+            (
+                Some((bytes, count)),
+                Some(aggregate_ref),
+                Some(accepted_ref),
+            )
+        };
+        let run_tokens = self.state.run_tokens.saturating_add(tokens);
+        let manifest = Manifest {
+            aggregate: aggregate_ref,
+            accepted: accepted_ref,
+            updates: count,
+            tokens,
+            loss,
+            run_tokens,
+        };
+        let signed = match Message::sign(
             self.net.secret_key(),
             self.state.run_id,
             round,
             Body::Manifest(manifest),
-        )
-        .map_err(|source| HostError::Sign {
-            round,
-            what: "manifest",
-            source,
-        })?;
-        Ok(Committed {
+        ) {
+            Ok(signed) => signed,
+            Err(e) => {
+                self.warn(format!("round {round}: cannot sign the manifest: {e}"));
+                return Ok(None);
+            }
+        };
+        self.state.run_tokens = run_tokens;
+        Ok(Some(Committed {
             signed,
             loss,
             tokens,
-        })
+            aggregate,
+        }))
+    }
+
+    /// Write `bytes` to the state directory (for a restart) and serve them
+    /// under `tag`.
+    async fn keep(&self, tag: &str, bytes: &[u8]) -> Result<BlobRef, HostError> {
+        let blob = BlobRef::of(bytes);
+        let path = self.blob_path(&blob);
+        write_atomic(&path, bytes).map_err(io_err(&path))?;
+        self.net
+            .publish(tag, bytes.to_vec())
+            .await
+            .map_err(|source| HostError::Publish {
+                tag: tag.to_owned(),
+                source,
+            })
     }
 
     /// Save the state that names the manifest and the next round, with the
@@ -257,15 +341,24 @@ impl Host {
         let _ = self.net.broadcast(signed).await;
     }
 
-    /// Apply the manifest's updates on the reference replica (and evaluate,
-    /// when due); remember the digest to check members' reports against.
-    async fn apply(&mut self, round: u64, accepted: Vec<Accepted>) -> Result<Applied, HostError> {
-        let updates: Vec<_> = accepted.into_iter().map(|a| a.update.update).collect();
-        let n = updates.len();
+    /// Apply the round's aggregate on the reference replica, checked as
+    /// every member checks it (and evaluate, when due); remember the digest
+    /// to check members' reports against.
+    async fn apply(
+        &mut self,
+        round: u64,
+        aggregate: Option<(Bytes, u32)>,
+    ) -> Result<Applied, HostError> {
+        let updates = aggregate.as_ref().map_or(0, |(_, n)| *n as usize);
         let eval = round.is_multiple_of(self.state.spec.rounds.eval_every)
             || self.state.spec.run.total_rounds == round + 1;
         let (digest, eval_loss) = replica::blocking(&self.replica, move |r| {
-            r.apply(round, &updates)?;
+            if let Some((bytes, n)) = aggregate {
+                let update = r
+                    .check_aggregate(&bytes, round, n)
+                    .map_err(|e| ReplicaError::OwnAggregate(Box::new(e)))?;
+                r.apply(round, &[update])?;
+            }
             let eval_loss = if eval { Some(r.eval_loss()?) } else { None };
             Ok((r.digest()?, eval_loss))
         })
@@ -282,29 +375,28 @@ impl Host {
             self.digests.pop_first();
         }
         Ok(Applied {
-            updates: n,
+            updates,
             digest,
             eval_loss,
         })
     }
 
     /// Gossip the host's weight digest, on the rounds members report theirs.
-    async fn report_weights(&self, round: u64, digest: u64) -> Result<(), HostError> {
-        if round.is_multiple_of(self.state.spec.rounds.report_every) {
-            let report = Message::sign(
-                self.net.secret_key(),
-                self.state.run_id,
-                round,
-                Body::WeightReport(WeightReport { digest }),
-            )
-            .map_err(|source| HostError::Sign {
-                round,
-                what: "weight report",
-                source,
-            })?;
-            let _ = self.net.broadcast(report).await;
+    async fn report_weights(&self, round: u64, digest: u64) {
+        if !round.is_multiple_of(self.state.spec.rounds.report_every) {
+            return;
         }
-        Ok(())
+        match Message::sign(
+            self.net.secret_key(),
+            self.state.run_id,
+            round,
+            Body::WeightReport(WeightReport { digest }),
+        ) {
+            Ok(report) => {
+                let _ = self.net.broadcast(report).await;
+            }
+            Err(e) => self.warn(format!("round {round}: cannot sign the weight report: {e}")),
+        }
     }
 }
 

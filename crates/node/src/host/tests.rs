@@ -105,7 +105,18 @@ async fn attacker(net: Net, host: Member, replica: Replica, mut rx: mpsc::Receiv
             }
             let _ = net.broadcast(forged).await;
         }
-        let Some(slot) = open.members.iter().position(|x| x.id == me) else {
+        let roster = net
+            .fetch(
+                &open.roster,
+                &[host.id],
+                starling_swarm::MAX_ROSTER_BYTES,
+                "roster",
+                Duration::from_secs(5),
+            )
+            .await
+            .ok()
+            .and_then(|b| starling_swarm::Roster::from_bytes(&b, open.members).ok());
+        let Some(slot) = roster.and_then(|r| r.slot(&me)) else {
             // Ask to be in the next round.
             let _ = net
                 .request(
@@ -331,8 +342,11 @@ async fn a_device_too_small_for_the_model_is_refused_before_any_download() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
-fn shared_for(allow: &[EndpointId], dropped: &[EndpointId]) -> std::sync::Mutex<Shared> {
-    std::sync::Mutex::new(Shared {
+type Queued = mpsc::Receiver<(EndpointId, u64, Announce)>;
+
+fn shared_for(allow: &[EndpointId], dropped: &[EndpointId]) -> (std::sync::Mutex<Shared>, Queued) {
+    let (announces, queued) = mpsc::channel(4);
+    let shared = std::sync::Mutex::new(Shared {
         spec_bytes: b"spec".to_vec(),
         checkpoint: None,
         manifests: vec![(3, b"m3".to_vec()), (4, b"m4".to_vec())],
@@ -341,7 +355,9 @@ fn shared_for(allow: &[EndpointId], dropped: &[EndpointId]) -> std::sync::Mutex<
         joined: Default::default(),
         allow: allow.iter().copied().collect(),
         dropped: dropped.iter().copied().collect(),
-    })
+        announces,
+    });
+    (shared, queued)
 }
 
 fn join(run_id: RunId, since: Option<u64>) -> Request {
@@ -360,7 +376,7 @@ fn join_requests_are_answered_from_the_shared_state() {
         SecretKey::generate().public(),
         SecretKey::generate().public(),
     );
-    let shared = shared_for(&[listed, dropped], &[dropped]);
+    let (shared, _queued) = shared_for(&[listed, dropped], &[dropped]);
     let refused = |r: Response| match r {
         Response::Refused { reason, .. } => reason,
         other => panic!("expected a refusal, got {other:?}"),
@@ -381,6 +397,18 @@ fn join_requests_are_answered_from_the_shared_state() {
         ),
         "{unlisted_answer:?}"
     );
+    // A join carrying more addresses than a member may list is refused
+    // with its reason, and admits nobody.
+    let crowded = Request::Join {
+        run_id: run,
+        addrs: (0..1000u16)
+            .map(|p| std::net::SocketAddr::from(([10, 0, (p >> 8) as u8, p as u8], p)))
+            .collect(),
+        since: None,
+    };
+    let too_many = refused(answer(&shared, run, listed, crowded));
+    assert!(too_many.contains("at most 8 addresses"), "{too_many}");
+    assert!(too_many.contains("1000"), "{too_many}");
     assert!(shared.lock().unwrap().joined.is_empty());
 
     let Response::State(state) = answer(&shared, run, listed, join(run, Some(4))) else {
@@ -395,6 +423,55 @@ fn join_requests_are_answered_from_the_shared_state() {
     assert_eq!(state.round_open.as_deref(), Some(&b"open"[..]));
     assert_eq!(state.next_round, 5);
     assert!(shared.lock().unwrap().joined.contains_key(&listed));
+}
+
+#[test]
+fn announces_over_control_are_verified_then_queued_for_the_round() {
+    let run = RunId::random();
+    let (shared, mut queued) = shared_for(&[], &[]);
+    let member = SecretKey::generate();
+    let announce = Announce {
+        update: starling_swarm::BlobRef {
+            hash: [3; 32],
+            size: 1000,
+        },
+        tokens: 64,
+        loss: 2.5,
+    };
+    let signed = |key: &SecretKey, run, body| Message::sign(key, run, 7, body).unwrap();
+    let send = |from, signed| answer(&shared, run, from, Request::Announce { signed });
+    // Signed by the caller, for this run: queued with its round.
+    let good = signed(&member, run, Body::Announce(announce.clone()));
+    assert!(matches!(
+        send(member.public(), good.clone()),
+        Response::Taken
+    ));
+    assert_eq!(
+        queued.try_recv().unwrap(),
+        (member.public(), 7, announce.clone())
+    );
+    // Relayed by someone else, for another run, or not an announce: refused.
+    let other = SecretKey::generate().public();
+    assert!(matches!(send(other, good), Response::Refused { .. }));
+    let foreign = signed(&member, RunId::random(), Body::Announce(announce.clone()));
+    assert!(matches!(
+        send(member.public(), foreign),
+        Response::Refused { .. }
+    ));
+    let report = signed(
+        &member,
+        run,
+        Body::WeightReport(starling_swarm::WeightReport { digest: 1 }),
+    );
+    assert!(matches!(
+        send(member.public(), report),
+        Response::Refused { .. }
+    ));
+    assert!(matches!(
+        send(member.public(), b"junk".to_vec()),
+        Response::Refused { .. }
+    ));
+    assert!(queued.try_recv().is_err(), "nothing else was queued");
 }
 
 #[test]

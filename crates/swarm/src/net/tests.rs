@@ -403,3 +403,85 @@ async fn a_wildcard_bind_advertises_dialable_addresses() {
     n.shutdown().await;
     m.shutdown().await;
 }
+
+/// A provider that answers every blob request with the right size and
+/// garbage in place of the content.
+#[derive(Debug, Clone)]
+struct Liar {
+    size: u64,
+}
+
+impl iroh::protocol::ProtocolHandler for Liar {
+    async fn accept(
+        &self,
+        connection: iroh::endpoint::Connection,
+    ) -> Result<(), iroh::protocol::AcceptError> {
+        let (mut send, mut recv) = connection.accept_bi().await?;
+        let mut request = [0u8; 512];
+        let _ = recv.read(&mut request).await;
+        let mut out = self.size.to_le_bytes().to_vec();
+        out.extend(std::iter::repeat_n(0xab, 4096));
+        let _ = send.write_all(&out).await;
+        let _ = send.finish();
+        let _ = timeout(Duration::from_secs(5), connection.closed()).await;
+        Ok(())
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_provider_serving_corrupted_bytes_is_bypassed() {
+    let run = RunId([8; 16]);
+    let (good, _good_rx) = Net::spawn(config(31, run, true, vec![])).await.unwrap();
+    let data: Vec<u8> = (0..200_000u32).map(|i| (i % 253) as u8).collect();
+    let blob = good.publish("aggregate", data.clone()).await.unwrap();
+
+    let liar_key = SecretKey::from_bytes(&[32; 32]);
+    let endpoint = Endpoint::builder(presets::Minimal)
+        .secret_key(liar_key.clone())
+        .clear_ip_transports()
+        .bind_addr("127.0.0.1:0".parse::<SocketAddr>().unwrap())
+        .unwrap()
+        .bind()
+        .await
+        .unwrap();
+    let liar_addrs = endpoint.bound_sockets();
+    let liar = Router::builder(endpoint)
+        .accept(iroh_blobs::ALPN, Liar { size: blob.size })
+        .spawn();
+    let liar_member = Member {
+        id: liar_key.public(),
+        addrs: liar_addrs,
+    };
+
+    let (client, _rx) = Net::spawn(config(33, run, true, vec![])).await.unwrap();
+    client
+        .set_members(&[liar_member.clone(), good.member()], &[])
+        .await;
+    // The liar alone: its bytes fail verification, nothing is accepted.
+    let alone = client
+        .fetch(
+            &blob,
+            &[liar_member.id],
+            1 << 20,
+            "alone",
+            Duration::from_secs(10),
+        )
+        .await;
+    assert!(
+        matches!(alone, Err(FetchError::Unavailable { last: Some(_), .. })),
+        "{alone:?}"
+    );
+    // The liar first, then an honest provider: the honest bytes arrive.
+    let got = client
+        .fetch(
+            &blob,
+            &[liar_member.id, good.id()],
+            1 << 20,
+            "aggregate",
+            Duration::from_secs(10),
+        )
+        .await
+        .unwrap();
+    assert_eq!(&got[..], &data[..]);
+    let _ = liar.shutdown().await;
+}

@@ -1,0 +1,177 @@
+//! Where a volunteer fetches a round's shared blobs (the roster, the
+//! aggregate) from, so that the coordinator's upload does not grow with the
+//! member count.
+//!
+//! Every member of a round knows the same roster, so every member can compute
+//! the same tree without talking: order the members by BLAKE3(blob, id) (a
+//! fresh order per blob, so being an inner node, which costs upload, rotates
+//! between members), give the coordinator the first [`FANOUT`] as children
+//! and every member the next [`FANOUT`] after its children's turn, as in a
+//! binary heap. A member asks its parent; a parent that does not hold the
+//! blob yet answers at once, so the member asks again (with a growing pause)
+//! until its patience, which grows with its depth, runs out, and only then
+//! asks the coordinator. A parent that cannot be reached, or does not admit
+//! us, is replaced by its own parent for the rest of the fetch; one that
+//! serves slowly or wrongly (the bytes fail BLAKE3) costs one attempt's time
+//! limit.
+//!
+//! So the coordinator uploads a blob about [`FANOUT`] times plus the fetches
+//! of members whose ancestors failed them, and a member uploads it at most
+//! [`FANOUT`] times plus what the same fallbacks ask of it.
+
+use std::time::Duration;
+
+use starling_swarm::{BlobRef, Bytes, EndpointId, FetchError, Net, ProviderFailure};
+use tokio::time::Instant;
+
+/// Children per node of the tree (the coordinator's included).
+pub(crate) const FANOUT: usize = 4;
+/// How soon a member asks its ancestors again while they lack the blob; the
+/// pause grows by half each time, up to [`POLL_MAX`], so a deep tree does
+/// not flood its inner nodes with requests.
+const POLL: Duration = Duration::from_millis(200);
+/// The longest pause between two asks.
+const POLL_MAX: Duration = Duration::from_secs(2);
+/// Patience before asking the coordinator, at depth one.
+const BASE_PATIENCE: Duration = Duration::from_secs(3);
+/// How many attempt limits the coordinator, the last resort, is given.
+const LAST_RESORT_PATIENCE: u32 = 4;
+/// The slowest transfer rate a provider may have before we try the next
+/// (bytes per second): 1 Mbit/s.
+const SLOWEST_RATE: u64 = 125_000;
+
+/// The chain of ancestors of `me` in the tree of `blob` over `members`
+/// (nearest first, the coordinator not included), or `None` when `me` is
+/// not among `members` (then it asks the coordinator).
+pub(crate) fn ancestors(
+    blob: &BlobRef,
+    members: &[EndpointId],
+    me: &EndpointId,
+) -> Option<Vec<EndpointId>> {
+    let mut order: Vec<(blake3::Hash, EndpointId)> = members
+        .iter()
+        .map(|id| {
+            let mut h = blake3::Hasher::new();
+            h.update(&blob.hash);
+            h.update(id.as_bytes());
+            (h.finalize(), *id)
+        })
+        .collect();
+    order.sort_by(|a, b| a.0.as_bytes().cmp(b.0.as_bytes()));
+    let mut position = order.iter().position(|(_, id)| id == me)?;
+    let mut chain = Vec::new();
+    // Positions 0..FANOUT are the coordinator's children; the children of
+    // position p are FANOUT*(p+1) .. FANOUT*(p+2).
+    while position >= FANOUT {
+        position = position / FANOUT - 1;
+        chain.push(order[position].1);
+    }
+    Some(chain)
+}
+
+/// How long one provider may take to deliver `size` bytes before the next
+/// is asked.
+fn attempt_limit(size: u64) -> Duration {
+    Duration::from_secs(5) + Duration::from_secs(size / SLOWEST_RATE)
+}
+
+/// Fetch `blob` from `chain` (polling while its members lack the blob), then
+/// from `host` once patience runs out; at most `max` bytes, kept under `tag`.
+pub(crate) async fn fetch(
+    net: &Net,
+    blob: &BlobRef,
+    mut chain: Vec<EndpointId>,
+    host: EndpointId,
+    max: u64,
+    tag: &str,
+) -> Result<Bytes, FetchError> {
+    let limit = attempt_limit(blob.size);
+    let patience = BASE_PATIENCE + limit.min(Duration::from_secs(30)) * chain.len() as u32;
+    let started = Instant::now();
+    let mut pause = POLL;
+    // Only the nearest reachable ancestor is asked: asking the next one up
+    // while the parent merely lacks the blob would have every grandparent
+    // serve its grandchildren too, and the fan-out bound would be gone.
+    while let Some(&nearest) = chain.first() {
+        if started.elapsed() >= patience {
+            break;
+        }
+        match net.fetch(blob, &[nearest], max, tag, limit).await {
+            Ok(bytes) => return Ok(bytes),
+            Err(FetchError::Unavailable { last: Some(e), .. }) if unreachable(&e.failure) => {
+                chain.remove(0);
+                continue;
+            }
+            Err(FetchError::Unavailable { .. }) => {}
+            // Over the limit or not the declared size: nobody can fix that.
+            Err(e) => return Err(e),
+        }
+        tokio::time::sleep(pause).await;
+        pause = (pause * 3 / 2).min(POLL_MAX);
+    }
+    // The coordinator is the last resort: give it longer than an ancestor.
+    let mut providers = vec![host];
+    providers.extend(chain);
+    net.fetch(blob, &providers, max, tag, limit * LAST_RESORT_PATIENCE)
+        .await
+}
+
+/// Whether a provider's failure means asking it again is pointless.
+fn unreachable(failure: &ProviderFailure) -> bool {
+    matches!(
+        failure,
+        ProviderFailure::ConnectTimeout { .. }
+            | ProviderFailure::Connect { .. }
+            | ProviderFailure::NotAdmitted
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::HashMap;
+
+    use starling_swarm::SecretKey;
+
+    use super::*;
+
+    #[test]
+    fn every_member_has_one_parent_and_no_node_more_than_fanout_children() {
+        let members: Vec<EndpointId> = (0..300u16)
+            .map(|i| {
+                let mut seed = [0u8; 32];
+                seed[..2].copy_from_slice(&i.to_le_bytes());
+                SecretKey::from_bytes(&seed).public()
+            })
+            .collect();
+        for blob in [BlobRef::of(b"one"), BlobRef::of(b"two")] {
+            let mut children: HashMap<Option<EndpointId>, usize> = HashMap::new();
+            let mut deepest = 0;
+            for me in &members {
+                let chain = ancestors(&blob, &members, me).expect("a member");
+                assert!(!chain.contains(me));
+                deepest = deepest.max(chain.len());
+                *children.entry(chain.first().copied()).or_default() += 1;
+            }
+            assert!(children.values().all(|&n| n <= FANOUT), "{children:?}");
+            assert_eq!(children[&None], FANOUT, "the coordinator's children");
+            // 300 members in a 4-ary tree under the coordinator: depth 4.
+            assert_eq!(deepest, 3);
+        }
+        let stranger = SecretKey::from_bytes(&[0xee; 32]).public();
+        assert!(ancestors(&BlobRef::of(b"one"), &members, &stranger).is_none());
+    }
+
+    #[test]
+    fn trees_differ_per_blob_so_inner_nodes_rotate() {
+        let members: Vec<EndpointId> = (1..=40u8)
+            .map(|i| SecretKey::from_bytes(&[i; 32]).public())
+            .collect();
+        let parents = |blob: &BlobRef| -> Vec<Option<EndpointId>> {
+            members
+                .iter()
+                .map(|m| ancestors(blob, &members, m).and_then(|c| c.first().copied()))
+                .collect()
+        };
+        assert_ne!(parents(&BlobRef::of(b"a")), parents(&BlobRef::of(b"b")));
+    }
+}
