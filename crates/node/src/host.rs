@@ -635,6 +635,7 @@ impl Host {
                 source,
             })?;
         let old: Vec<(u64, Vec<u8>)> = std::mem::take(&mut self.state.manifests);
+        let previous = self.state.checkpoint.map(|(r, _)| r);
         self.state.checkpoint = Some((round, blob));
         self.save()?;
         {
@@ -642,7 +643,10 @@ impl Host {
             shared.checkpoint = Some((round, blob));
             shared.manifests.clear();
         }
-        // The superseded updates: files and blobs.
+        // The superseded aggregates: files (a restart replays from the new
+        // checkpoint) and blobs, except the blobs of the round just
+        // checkpointed: members are fetching its aggregate right now. They
+        // go at the next checkpoint.
         for (r, signed) in old {
             if let Ok(Message {
                 body: Body::Manifest(m),
@@ -653,7 +657,12 @@ impl Host {
                     let _ = std::fs::remove_file(self.blob_path(&blob));
                 }
             }
-            self.net.forget(&round_prefix(r)).await;
+            if r != round {
+                self.net.forget(&round_prefix(r)).await;
+            }
+        }
+        if let Some(previous) = previous {
+            self.net.forget(&round_prefix(previous)).await;
         }
         self.emit(NodeEvent::Checkpoint {
             node: self.name.clone(),

@@ -24,6 +24,8 @@ use crate::{
     short,
 };
 
+/// Pause before asking a sender that did not deliver its update again.
+const FETCH_RETRY: Duration = Duration::from_secs(1);
 /// How long updates still downloading at the deadline may take to finish.
 const GRACE: Duration = Duration::from_secs(5);
 
@@ -246,15 +248,24 @@ async fn fetch_and_check(
         announce,
         result: Err(refusal),
     };
-    let bytes = match net
-        .fetch(&announce.update, &[sender], max, &tag, time_limit)
-        .await
-    {
-        Ok(b) => b,
-        Err(e @ FetchError::Unavailable { .. }) => {
-            return refused(announce, Refusal::Unavailable(e));
+    // A sender that did not deliver (a dial timing out on a busy machine)
+    // is asked again until the window ends: its update is worth the wait.
+    let started = Instant::now();
+    let bytes = loop {
+        let left = time_limit.saturating_sub(started.elapsed());
+        match net
+            .fetch(&announce.update, &[sender], max, &tag, left)
+            .await
+        {
+            Ok(b) => break b,
+            Err(e @ FetchError::Unavailable { .. }) => {
+                if started.elapsed() + FETCH_RETRY >= time_limit {
+                    return refused(announce, Refusal::Unavailable(e));
+                }
+                tokio::time::sleep(FETCH_RETRY).await;
+            }
+            Err(e) => return refused(announce, Refusal::Fetch(e)),
         }
-        Err(e) => return refused(announce, Refusal::Fetch(e)),
     };
     let result = match replica::blocking(&replica, move |r| {
         Ok(r.check(&bytes, round, *sender.as_bytes()))
