@@ -318,21 +318,31 @@ fn encode_body(t: &SparseTensor, values: ValueEncoding) -> Vec<u8> {
     w.finish()
 }
 
-/// Decodes and fully validates an update from untrusted bytes.
-pub fn decode(bytes: &[u8], limits: &DecodeLimits) -> Result<DecodedUpdate, DecodeError> {
+/// The framing every record shares: checks the size against the cap and
+/// the fixed header, the magic and the version, and splits off the CRC-32
+/// trailer. Returns a reader over the body (after the version) and the
+/// stored checksum, which the caller checks once it has read the fields
+/// whose errors say more than "corrupted".
+fn open_record<'a>(
+    bytes: &'a [u8],
+    limits: &DecodeLimits,
+    magic: [u8; 4],
+    version: u16,
+    header_bytes: usize,
+) -> Result<(Reader<'a>, u32), DecodeError> {
     if bytes.len() > limits.max_bytes {
         return Err(DecodeError::Oversized {
             len: bytes.len(),
             max: limits.max_bytes,
         });
     }
-    if bytes.len() < HEADER_BYTES + TRAILER_BYTES {
-        if bytes.len() >= 4 && bytes[..4] != MAGIC {
+    if bytes.len() < header_bytes + TRAILER_BYTES {
+        if bytes.len() >= 4 && bytes[..4] != magic {
             return Err(DecodeError::BadMagic);
         }
         return Err(DecodeError::Truncated {
             offset: bytes.len(),
-            needed: HEADER_BYTES + TRAILER_BYTES - bytes.len(),
+            needed: header_bytes + TRAILER_BYTES - bytes.len(),
         });
     }
     let (body, trailer) = bytes.split_at(bytes.len() - TRAILER_BYTES);
@@ -340,13 +350,29 @@ pub fn decode(bytes: &[u8], limits: &DecodeLimits) -> Result<DecodedUpdate, Deco
         bytes: body,
         pos: 0,
     };
-    if r.take(4)? != MAGIC {
+    if r.take(4)? != magic {
         return Err(DecodeError::BadMagic);
     }
-    let version = r.u16()?;
-    if version != VERSION {
-        return Err(DecodeError::UnsupportedVersion(version));
+    let found = r.u16()?;
+    if found != version {
+        return Err(DecodeError::UnsupportedVersion(found));
     }
+    let crc = u32::from_le_bytes([trailer[0], trailer[1], trailer[2], trailer[3]]);
+    Ok((r, crc))
+}
+
+/// Fails with [`DecodeError::Checksum`] unless the record's body has `crc`.
+fn check_crc(r: &Reader<'_>, crc: u32) -> Result<(), DecodeError> {
+    if crc32fast::hash(r.bytes) == crc {
+        Ok(())
+    } else {
+        Err(DecodeError::Checksum)
+    }
+}
+
+/// Decodes and fully validates an update from untrusted bytes.
+pub fn decode(bytes: &[u8], limits: &DecodeLimits) -> Result<DecodedUpdate, DecodeError> {
+    let (mut r, crc) = open_record(bytes, limits, MAGIC, VERSION, HEADER_BYTES)?;
     let (encoding, flags) = (r.u8()?, r.u8()?);
     let values = match (encoding, flags) {
         (0, 0) => ValueEncoding::Sign,
@@ -354,10 +380,7 @@ pub fn decode(bytes: &[u8], limits: &DecodeLimits) -> Result<DecodedUpdate, Deco
         (2, 0) => ValueEncoding::F32,
         _ => return Err(DecodeError::BadEncoding { encoding, flags }),
     };
-    let crc = u32::from_le_bytes([trailer[0], trailer[1], trailer[2], trailer[3]]);
-    if crc32fast::hash(body) != crc {
-        return Err(DecodeError::Checksum);
-    }
+    check_crc(&r, crc)?;
     let mut run_id = [0u8; 16];
     run_id.copy_from_slice(r.take(16)?);
     let round = r.u64()?;

@@ -39,7 +39,7 @@
 
 use super::{
     BitReader, BitWriter, DecodeError, DecodeLimits, EncodeError, Reader, TRAILER_BYTES, bits_for,
-    read_shape, write_shape,
+    check_crc, open_record, read_shape, write_shape,
 };
 use crate::chunk::ChunkGrid;
 use crate::sparse::SparseTensor;
@@ -230,33 +230,7 @@ fn encode_body(t: &SparseTensor, form: &Form) -> Vec<u8> {
 
 /// Decodes and fully validates an aggregate from untrusted bytes.
 pub fn decode(bytes: &[u8], limits: &DecodeLimits) -> Result<DecodedAggregate, DecodeError> {
-    if bytes.len() > limits.max_bytes {
-        return Err(DecodeError::Oversized {
-            len: bytes.len(),
-            max: limits.max_bytes,
-        });
-    }
-    if bytes.len() < HEADER_BYTES + TRAILER_BYTES {
-        if bytes.len() >= 4 && bytes[..4] != MAGIC {
-            return Err(DecodeError::BadMagic);
-        }
-        return Err(DecodeError::Truncated {
-            offset: bytes.len(),
-            needed: HEADER_BYTES + TRAILER_BYTES - bytes.len(),
-        });
-    }
-    let (body, trailer) = bytes.split_at(bytes.len() - TRAILER_BYTES);
-    let mut r = Reader {
-        bytes: body,
-        pos: 0,
-    };
-    if r.take(4)? != MAGIC {
-        return Err(DecodeError::BadMagic);
-    }
-    let version = r.u16()?;
-    if version != VERSION {
-        return Err(DecodeError::UnsupportedVersion(version));
-    }
+    let (mut r, crc) = open_record(bytes, limits, MAGIC, VERSION, HEADER_BYTES)?;
     let flags = r.u16()?;
     if flags != 0 {
         return Err(DecodeError::BadEncoding {
@@ -264,10 +238,7 @@ pub fn decode(bytes: &[u8], limits: &DecodeLimits) -> Result<DecodedAggregate, D
             flags: flags.min(255) as u8,
         });
     }
-    let crc = u32::from_le_bytes([trailer[0], trailer[1], trailer[2], trailer[3]]);
-    if crc32fast::hash(body) != crc {
-        return Err(DecodeError::Checksum);
-    }
+    check_crc(&r, crc)?;
     let run_id: [u8; 16] = r.array()?;
     let round = r.u64()?;
     let updates = r.u32()?;
