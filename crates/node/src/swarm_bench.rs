@@ -296,24 +296,8 @@ async fn run_joined(
     let s = shared.lock().unwrap_or_else(|e| e.into_inner());
     let mut reports = Vec::new();
     for (&round, traffic) in &s.traffic {
-        let mut down: Vec<u64> = traffic.iter().map(|t| t.0).collect();
-        down.sort_unstable();
-        let (aggregate_bytes, roster_bytes, accepted) =
-            s.sizes.get(&round).copied().unwrap_or_default();
-        let report = RoundReport {
-            round,
-            members: traffic.len(),
-            accepted,
-            aggregate_bytes,
-            roster_bytes,
-            download_median_bytes: down.get(down.len() / 2).copied().unwrap_or(0),
-            download_max_bytes: down.last().copied().unwrap_or(0),
-            upload_max_bytes: traffic.iter().map(|t| t.1).max().unwrap_or(0),
-            host_upload_bytes: 0,
-            round_secs: f64::NAN,
-            process_rss_bytes: process_rss(),
-            downloads: down,
-        };
+        let sizes = s.sizes.get(&round).copied().unwrap_or_default();
+        let report = RoundReport::of(round, traffic, sizes);
         on_round(&report);
         reports.push(report);
     }
@@ -345,23 +329,36 @@ fn ready_report(
         None if finished => host_up_now,
         None => return None,
     };
-    let mut down: Vec<u64> = traffic.iter().map(|t| t.0).collect();
-    down.sort_unstable();
-    let &(aggregate_bytes, roster_bytes, accepted) = s.sizes.get(&round)?;
-    Some(RoundReport {
-        round,
-        members,
-        accepted,
-        aggregate_bytes,
-        roster_bytes,
-        download_median_bytes: down.get(down.len() / 2).copied().unwrap_or(0),
-        download_max_bytes: down.last().copied().unwrap_or(0),
-        upload_max_bytes: traffic.iter().map(|t| t.1).max().unwrap_or(0),
-        host_upload_bytes: up_at_next.saturating_sub(up_at_open),
-        round_secs: applied.get(&round).copied().unwrap_or(f64::NAN),
-        process_rss_bytes: process_rss(),
-        downloads: down,
-    })
+    let sizes = s.sizes.get(&round).copied()?;
+    let mut report = RoundReport::of(round, traffic, sizes);
+    report.members = members;
+    report.host_upload_bytes = up_at_next.saturating_sub(up_at_open);
+    report.round_secs = applied.get(&round).copied().unwrap_or(f64::NAN);
+    Some(report)
+}
+
+impl RoundReport {
+    /// The volunteers' side of `round`: each one's (down, up) bytes and the
+    /// round's (aggregate, roster, accepted); no coordinator figures yet.
+    fn of(round: u64, traffic: &[(u64, u64)], sizes: (u64, u64, usize)) -> Self {
+        let (aggregate_bytes, roster_bytes, accepted) = sizes;
+        let mut down: Vec<u64> = traffic.iter().map(|t| t.0).collect();
+        down.sort_unstable();
+        Self {
+            round,
+            members: traffic.len(),
+            accepted,
+            aggregate_bytes,
+            roster_bytes,
+            download_median_bytes: down.get(down.len() / 2).copied().unwrap_or(0),
+            download_max_bytes: down.last().copied().unwrap_or(0),
+            upload_max_bytes: traffic.iter().map(|t| t.1).max().unwrap_or(0),
+            host_upload_bytes: 0,
+            round_secs: f64::NAN,
+            process_rss_bytes: process_rss(),
+            downloads: down,
+        }
+    }
 }
 
 /// Resident memory of this process (Linux), in bytes.
