@@ -702,6 +702,7 @@ fn a_round_of_three_hundred_members_and_a_crowded_join() {
             open: false,
             control: None,
             bootstrap: vec![host.clone()],
+            serving: starling_swarm::Serving::Honest,
         })
         .await
         .unwrap();
@@ -771,4 +772,74 @@ fn a_round_of_three_hundred_members_and_a_crowded_join() {
         "the crowd failed: {}",
         std::fs::read_to_string(&crowd_log).unwrap_or_default()
     );
+}
+
+/// Twenty members that relay every blob corrupted (their own updates are
+/// honest, so they stay in the run) sit in the aggregate's tree with two
+/// real volunteers: wherever a real volunteer's parent is one of them, it
+/// names the liar and fetches the aggregate elsewhere, and every replica
+/// ends on the host's weights.
+#[test]
+fn a_member_relaying_corrupted_blobs_is_bypassed() {
+    let dir = scratch("liars");
+    let run = format!(
+        "{}min_members = 22\n",
+        RUN.replace("window_secs = 8.0", "window_secs = 120.0")
+    );
+    let (host, ticket) = start_host(&dir, &run, &["--rounds", "3"]);
+    let real: Vec<Node> = (0..2)
+        .map(|i| join(&dir, &ticket, &format!("v{i}"), &["--rounds", "3"]))
+        .collect();
+    let liars_log = dir.join("liars.log");
+    let mut liars = Command::new(BIN)
+        .args(["bench", "swarm", "--join", ticket.trim()])
+        .args(["--volunteers", "20", "--corrupt-relays", "20"])
+        .args(["--rounds", "3", "--json", "--dir"])
+        .arg(dir.join("bench"))
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(&liars_log).expect("log file"))
+        .spawn()
+        .expect("start the liars");
+
+    let limit = Duration::from_secs(600);
+    let mut host_events = Vec::new();
+    assert!(
+        host.until(limit, &mut host_events, |e| applied(e, 2).is_some()),
+        "host did not finish 3 rounds: {}\nliars: {}",
+        host.stderr(),
+        std::fs::read_to_string(&liars_log).unwrap_or_default()
+    );
+    for r in 0..3 {
+        assert_eq!(
+            applied(&host_events, r).unwrap()["updates"],
+            22,
+            "round {r}: every member's update, the liars' included"
+        );
+    }
+    let digest = applied(&host_events, 2).unwrap()["digest"].clone();
+    let mut named = Vec::new();
+    for v in &real {
+        let mut events = Vec::new();
+        assert!(
+            v.until(limit, &mut events, |e| applied(e, 2).is_some()),
+            "volunteer did not apply round 2: {}",
+            v.stderr()
+        );
+        assert_eq!(applied(&events, 2).unwrap()["digest"], digest);
+        named.extend(
+            events
+                .iter()
+                .filter(|e| e["event"] == "warning")
+                .filter_map(|e| e["message"].as_str().map(str::to_owned))
+                .filter(|m| m.contains("fail BLAKE3 verification")),
+        );
+    }
+    // A real volunteer's parent is a liar unless it is one of the host's
+    // two children or the other's child: over 2 volunteers x 3 rounds the
+    // chance that none ever met one is below 1e-5.
+    assert!(
+        !named.is_empty(),
+        "no volunteer met a corrupting parent in 3 rounds"
+    );
+    let _ = liars.wait();
 }

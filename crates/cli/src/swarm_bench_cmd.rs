@@ -9,11 +9,15 @@ use anyhow::{Context, Result, bail};
 use clap::Args;
 use serde_json::json;
 use starling_distro::{TensorBudget, ValueEncoding, update_wire_bytes, wire::bits_for};
-use starling_node::{SwarmBenchOptions, SwarmRoundReport, Ticket, bench_swarm};
+use starling_node::{
+    SwarmBenchOptions, SwarmRoundReport, TREE_FANOUT, TREE_HOST_FANOUT, Ticket, bench_swarm,
+};
 use starling_train::ModelConfig;
 
-/// Children per node of the aggregate's tree (as the volunteers use it).
-const FANOUT: f64 = 4.0;
+/// Children per member of the aggregate's tree (as the volunteers use it).
+const FANOUT: f64 = TREE_FANOUT as f64;
+/// The coordinator's children in that tree.
+const HOST_FANOUT: f64 = TREE_HOST_FANOUT as f64;
 
 #[derive(Args, Debug)]
 pub struct SwarmBenchArgs {
@@ -45,6 +49,11 @@ pub struct SwarmBenchArgs {
     /// model and settings apply, and only the volunteers' side is measured.
     #[arg(long, value_name = "TICKET")]
     pub join: Option<String>,
+    /// Make this many of the volunteers corrupt every blob they relay to
+    /// others (their own updates stay honest): shows the tree routing
+    /// around bad providers.
+    #[arg(long, default_value_t = 0)]
+    pub corrupt_relays: usize,
 }
 
 pub fn run(args: &SwarmBenchArgs) -> Result<()> {
@@ -68,6 +77,7 @@ pub fn run(args: &SwarmBenchArgs) -> Result<()> {
         aggregate_topk: args.aggregate_topk,
         dir: args.dir.clone(),
         join,
+        corrupt_relays: args.corrupt_relays,
     };
     if !args.json {
         say!(
@@ -192,7 +202,7 @@ fn summarize(
     // Copies of the shared blobs the host served per round, beyond its tree
     // children: fallbacks, which may grow with the member count.
     let host_copies = host_up / (aggregate + roster).max(1.0);
-    let fallback_per_member = ((host_copies - FANOUT) / n).max(0.0);
+    let fallback_per_member = ((host_copies - HOST_FANOUT) / n).max(0.0);
 
     let one_b = ModelConfig::preset("1b").context("the 1b preset")?;
     let one_b_budgets = budgets_of(&one_b);
@@ -205,7 +215,7 @@ fn summarize(
         for volunteers in [1_000f64, 10_000f64] {
             let agg = aggregate_model(b, args.topk, values, args.aggregate_topk, volunteers);
             let ros = roster_per_member * volunteers;
-            let copies = FANOUT + fallback_per_member * volunteers;
+            let copies = HOST_FANOUT + fallback_per_member * volunteers;
             let depth = tree_depth(volunteers);
             // 1B on 10 Mbit/s up, 50 Mbit/s down; an inner node uploads the
             // blobs to FANOUT children, hop after hop down the tree.
@@ -261,7 +271,7 @@ fn budgets_of(model: &ModelConfig) -> Vec<TensorBudget> {
 
 /// Levels of the aggregate's tree below the coordinator for `n` members.
 fn tree_depth(n: f64) -> f64 {
-    let (mut depth, mut covered, mut level) = (0.0, 0.0, 1.0);
+    let (mut depth, mut covered, mut level) = (1.0, HOST_FANOUT, HOST_FANOUT);
     while covered < n {
         level *= FANOUT;
         covered += level;

@@ -341,6 +341,7 @@ impl Host {
             open: opts.allow.is_empty(),
             control: Some(control),
             bootstrap: Vec::new(),
+            serving: starling_swarm::Serving::Honest,
         })
         .await?;
         let net = Arc::new(net);

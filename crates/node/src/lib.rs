@@ -36,6 +36,9 @@ pub use swarm_bench::{
     RoundReport as SwarmRoundReport, SwarmBenchError, SwarmBenchOptions, process_rss,
     run as bench_swarm,
 };
+/// The shape of the tree a round's shared blobs spread through: children
+/// per member, and the coordinator's children.
+pub use volunteer::spread::{FANOUT as TREE_FANOUT, HOST_FANOUT as TREE_HOST_FANOUT};
 pub use volunteer::{
     Activity, ErrorCode, ErrorInfo, IdleTime, NoIdleTime, SessionError, Status, Tick, Volunteer,
     VolunteerConfig, VolunteerError, VolunteerPaths,

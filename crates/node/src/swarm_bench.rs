@@ -27,7 +27,7 @@ use starling_distro::{
 use starling_swarm::{
     Announce, BlobRef, Body, EndpointId, MAX_MEMBER_ADDRS, MAX_ROSTER_BYTES, Manifest, Member,
     Message, Net, NetConfig, NetEvent, Request, Response, Roster, RoundOpen, RunState, SecretKey,
-    Ticket, Traffic,
+    Serving, Ticket, Traffic,
 };
 use starling_train::{DeviceChoice, select_device};
 use tokio::{
@@ -65,6 +65,10 @@ pub struct SwarmBenchOptions {
     /// Join this run instead of starting a coordinator (its rounds, model
     /// and settings apply; the coordinator's side is not measured).
     pub join: Option<Ticket>,
+    /// How many of the volunteers corrupt every blob they relay (they
+    /// serve their own updates honestly): the adversary the tree must route
+    /// around.
+    pub corrupt_relays: usize,
 }
 
 /// One round as measured.
@@ -263,8 +267,13 @@ fn spawn_volunteers(
     for index in 0..opts.volunteers {
         let (ticket, shared) = (ticket.clone(), shared.clone());
         let rounds = opts.rounds;
+        let serving = if index < opts.corrupt_relays {
+            Serving::CorruptRelays
+        } else {
+            Serving::Honest
+        };
         tasks.spawn(async move {
-            synthetic_volunteer(index, ticket, rounds, shared)
+            synthetic_volunteer(index, ticket, rounds, serving, shared)
                 .await
                 .map_err(|message| SwarmBenchError::Volunteer { index, message })
         });
@@ -417,6 +426,7 @@ async fn synthetic_volunteer(
     index: usize,
     ticket: Ticket,
     rounds: u64,
+    serving: Serving,
     shared: Arc<Mutex<Shared>>,
 ) -> Result<(), String> {
     let key = SecretKey::generate();
@@ -433,6 +443,7 @@ async fn synthetic_volunteer(
         open: false,
         control: None,
         bootstrap: vec![host.clone()],
+        serving,
     })
     .await
     .map_err(|e| e.to_string())?;
@@ -479,8 +490,8 @@ async fn synthetic_volunteer(
                     match spread::fetch(&net, &open.roster, chain, host.id, MAX_ROSTER_BYTES, &tag)
                         .await
                     {
-                        Ok(bytes) => {
-                            let roster = Roster::from_bytes(&bytes, open.members)
+                        Ok(fetched) => {
+                            let roster = Roster::from_bytes(&fetched.bytes, open.members)
                                 .map_err(|e| format!("round {round}: roster: {e}"))?;
                             net.set_members(&roster.members, &[host.id]).await;
                             rosters.insert(round, roster.clone());
@@ -689,7 +700,8 @@ async fn fetch_aggregate(
     let chain = spread::ancestors(blob, &members, &net.id()).unwrap_or_default();
     let bytes = spread::fetch(net, blob, chain, host, max, &aggregate_tag(round))
         .await
-        .map_err(|e| format!("round {round}: aggregate: {e}"))?;
+        .map_err(|e| format!("round {round}: aggregate: {e}"))?
+        .bytes;
     let limits = wire::DecodeLimits {
         max_bytes: usize::try_from(max).unwrap_or(usize::MAX),
         ..wire::DecodeLimits::default()

@@ -22,6 +22,6 @@ pub use message::{
 };
 pub use net::{
     BroadcastError, ControlError, ControlHandler, FetchError, Net, NetConfig, NetEvent, PeerStats,
-    ProviderError, ProviderFailure, PublishError, SpawnError,
+    ProviderError, ProviderFailure, PublishError, Serving, SpawnError,
 };
 pub use ticket::{Ticket, TicketError};

@@ -45,6 +45,7 @@ use crate::{
 
 mod blobs;
 mod control_rpc;
+mod corrupt;
 mod gate;
 mod gc;
 mod gossip;
@@ -96,6 +97,21 @@ pub struct NetConfig {
     pub control: Option<ControlHandler>,
     /// Peers to start gossip from (the coordinator, for a volunteer).
     pub bootstrap: Vec<Member>,
+    /// How this node serves blobs to others.
+    pub serving: Serving,
+}
+
+/// How a node serves blobs.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Serving {
+    /// As stored: what every real node does.
+    #[default]
+    Honest,
+    /// Its own blobs as stored, every blob it relays as garbage of the
+    /// right size: the adversary for tests and benchmarks that check the
+    /// swarm routes around bad providers.
+    CorruptRelays,
 }
 
 /// Something the network layer saw that the node should know about.
@@ -196,9 +212,12 @@ impl Net {
         let gossip = Gossip::builder()
             .max_message_size(gossip::GOSSIP_MAX_MESSAGE)
             .spawn(endpoint.clone());
-        let mut router = Router::builder(endpoint)
-            .accept(iroh_blobs::ALPN, blobs.protocol())
-            .accept(iroh_gossip::ALPN, gossip.clone());
+        let router = Router::builder(endpoint);
+        let mut router = match config.serving {
+            Serving::Honest => router.accept(iroh_blobs::ALPN, blobs.protocol()),
+            Serving::CorruptRelays => router.accept(iroh_blobs::ALPN, blobs.corrupt_relay()),
+        }
+        .accept(iroh_gossip::ALPN, gossip.clone());
         if let Some(handler) = config.control.clone() {
             router = router.accept(CONTROL_ALPN, ControlProtocol(handler));
         }

@@ -222,6 +222,7 @@ async fn hostile_member_is_rejected_logged_and_dropped_while_the_run_goes_on() {
         open: false,
         control: None,
         bootstrap: vec![host_member.clone()],
+        serving: starling_swarm::Serving::Honest,
     })
     .await
     .unwrap();

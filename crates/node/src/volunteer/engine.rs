@@ -220,6 +220,7 @@ pub async fn run_volunteer(
         open: false,
         control: None,
         bootstrap: vec![host.clone()],
+        serving: starling_swarm::Serving::Honest,
     };
     let saved_port = opts
         .port_file
@@ -696,15 +697,10 @@ impl Volunteer {
             .unwrap_or_default();
         let chain = spread::ancestors(&blob, &previous, &me).unwrap_or_default();
         let tag = format!("{}roster", round_prefix(round));
-        let bytes = match spread::fetch(
-            &self.net,
-            &blob,
-            chain,
-            self.host.id,
-            MAX_ROSTER_BYTES,
-            &tag,
-        )
-        .await
+        let what = format!("round {round}: the member list");
+        let bytes = match self
+            .fetch_spread(&what, &blob, chain, MAX_ROSTER_BYTES, &tag)
+            .await
         {
             Ok(bytes) => bytes,
             Err(e) => {
@@ -839,19 +835,34 @@ impl Volunteer {
             .map(|r| r.members.iter().map(|m| m.id).collect())
             .unwrap_or_default();
         let chain = spread::ancestors(blob, &members, &self.net.id()).unwrap_or_default();
-        spread::fetch(
-            &self.net,
-            blob,
-            chain,
-            self.host.id,
-            max,
-            &aggregate_tag(round),
-        )
-        .await
-        .map_err(|source| VolunteerError::Fetch {
-            what: format!("round {round}: the aggregate"),
-            source: Box::new(source),
-        })
+        let what = format!("round {round}: the aggregate");
+        self.fetch_spread(&what, blob, chain, max, &aggregate_tag(round))
+            .await
+            .map_err(|source| VolunteerError::Fetch {
+                what,
+                source: Box::new(source),
+            })
+    }
+
+    /// Fetch `what` through the tree (see [`spread::fetch`]), naming every
+    /// member that served it with bytes that fail verification.
+    async fn fetch_spread(
+        &self,
+        what: &str,
+        blob: &BlobRef,
+        chain: Vec<EndpointId>,
+        max: u64,
+        tag: &str,
+    ) -> Result<Bytes, starling_swarm::FetchError> {
+        let fetched = spread::fetch(&self.net, blob, chain, self.host.id, max, tag).await?;
+        for liar in &fetched.corrupt {
+            self.warn(format!(
+                "{what}: member {} served bytes that fail BLAKE3 verification; \
+                 fetched it from another provider",
+                short(liar)
+            ));
+        }
+        Ok(fetched.bytes)
     }
 
     /// Tell the faces about an applied round (loss, traffic, peers) and

@@ -5,27 +5,33 @@
 //! Every member of a round knows the same roster, so every member can compute
 //! the same tree without talking: order the members by BLAKE3(blob, id) (a
 //! fresh order per blob, so being an inner node, which costs upload, rotates
-//! between members), give the coordinator the first [`FANOUT`] as children
-//! and every member the next [`FANOUT`] after its children's turn, as in a
-//! binary heap. A member asks its parent; a parent that does not hold the
-//! blob yet answers at once, so the member asks again (with a growing pause)
-//! until its patience, which grows with its depth, runs out, and only then
-//! asks the coordinator. A parent that cannot be reached, or does not admit
-//! us, is replaced by its own parent for the rest of the fetch; one that
-//! serves slowly or wrongly (the bytes fail BLAKE3) costs one attempt's time
+//! between members), give the coordinator the first [`HOST_FANOUT`] as
+//! children and every member the next [`FANOUT`] after its children's turn,
+//! as in a binary heap. A member asks its parent; a parent that does not
+//! hold the blob yet answers at once, so the member asks again (with a
+//! growing pause) until its patience, which grows with its depth, runs out,
+//! and only then asks the coordinator. A parent that cannot be reached, does
+//! not admit us, or serves bytes that fail BLAKE3 is replaced by its own
+//! parent for the rest of the fetch (and reported, so the volunteer can say
+//! who served it wrongly); one that serves slowly costs one attempt's time
 //! limit.
 //!
-//! So the coordinator uploads a blob about [`FANOUT`] times plus the fetches
-//! of members whose ancestors failed them, and a member uploads it at most
-//! [`FANOUT`] times plus what the same fallbacks ask of it.
+//! So the coordinator uploads a blob about [`HOST_FANOUT`] times plus the
+//! fetches of members whose ancestors failed them, and a member uploads it
+//! at most [`FANOUT`] times plus what the same fallbacks ask of it. The
+//! coordinator has fewer children than a member because its upload is the
+//! one that every round shares, and fallbacks land on it too: two children
+//! leave room for a couple of fallbacks within four copies of a blob.
 
 use std::time::Duration;
 
 use starling_swarm::{BlobRef, Bytes, EndpointId, FetchError, Net, ProviderFailure};
 use tokio::time::Instant;
 
-/// Children per node of the tree (the coordinator's included).
-pub(crate) const FANOUT: usize = 4;
+/// Children per member in the tree.
+pub const FANOUT: usize = 4;
+/// The coordinator's children in the tree.
+pub const HOST_FANOUT: usize = 2;
 /// How soon a member asks its ancestors again while they lack the blob; the
 /// pause grows by half each time, up to [`POLL_MAX`], so a deep tree does
 /// not flood its inner nodes with requests.
@@ -60,10 +66,10 @@ pub(crate) fn ancestors(
     order.sort_by(|a, b| a.0.as_bytes().cmp(b.0.as_bytes()));
     let mut position = order.iter().position(|(_, id)| id == me)?;
     let mut chain = Vec::new();
-    // Positions 0..FANOUT are the coordinator's children; the children of
-    // position p are FANOUT*(p+1) .. FANOUT*(p+2).
-    while position >= FANOUT {
-        position = position / FANOUT - 1;
+    // Positions 0..HOST_FANOUT are the coordinator's children; the
+    // children of position p are HOST_FANOUT + FANOUT*p ..+ FANOUT.
+    while position >= HOST_FANOUT {
+        position = (position - HOST_FANOUT) / FANOUT;
         chain.push(order[position].1);
     }
     Some(chain)
@@ -75,6 +81,15 @@ fn attempt_limit(size: u64) -> Duration {
     Duration::from_secs(5) + Duration::from_secs(size / SLOWEST_RATE)
 }
 
+/// A blob fetched through the tree, and the providers on the way whose
+/// bytes failed verification (for the caller to report).
+pub(crate) struct Fetched {
+    /// The blob's bytes.
+    pub(crate) bytes: Bytes,
+    /// Ancestors that served bytes which are not the blob.
+    pub(crate) corrupt: Vec<EndpointId>,
+}
+
 /// Fetch `blob` from `chain` (polling while its members lack the blob), then
 /// from `host` once patience runs out; at most `max` bytes, kept under `tag`.
 pub(crate) async fn fetch(
@@ -84,11 +99,12 @@ pub(crate) async fn fetch(
     host: EndpointId,
     max: u64,
     tag: &str,
-) -> Result<Bytes, FetchError> {
+) -> Result<Fetched, FetchError> {
     let limit = attempt_limit(blob.size);
     let patience = BASE_PATIENCE + limit.min(Duration::from_secs(30)) * chain.len() as u32;
     let started = Instant::now();
     let mut pause = POLL;
+    let mut corrupt = Vec::new();
     // Only the nearest reachable ancestor is asked: asking the next one up
     // while the parent merely lacks the blob would have every grandparent
     // serve its grandchildren too, and the fan-out bound would be gone.
@@ -97,7 +113,12 @@ pub(crate) async fn fetch(
             break;
         }
         match net.fetch(blob, &[nearest], max, tag, limit).await {
-            Ok(bytes) => return Ok(bytes),
+            Ok(bytes) => return Ok(Fetched { bytes, corrupt }),
+            Err(FetchError::Unavailable { last: Some(e), .. }) if e.failure.is_corrupt() => {
+                corrupt.push(nearest);
+                chain.remove(0);
+                continue;
+            }
             Err(FetchError::Unavailable { last: Some(e), .. }) if unreachable(&e.failure) => {
                 chain.remove(0);
                 continue;
@@ -112,8 +133,10 @@ pub(crate) async fn fetch(
     // The coordinator is the last resort: give it longer than an ancestor.
     let mut providers = vec![host];
     providers.extend(chain);
-    net.fetch(blob, &providers, max, tag, limit * LAST_RESORT_PATIENCE)
-        .await
+    let bytes = net
+        .fetch(blob, &providers, max, tag, limit * LAST_RESORT_PATIENCE)
+        .await?;
+    Ok(Fetched { bytes, corrupt })
 }
 
 /// Whether a provider's failure means asking it again is pointless.
@@ -153,9 +176,10 @@ mod tests {
                 *children.entry(chain.first().copied()).or_default() += 1;
             }
             assert!(children.values().all(|&n| n <= FANOUT), "{children:?}");
-            assert_eq!(children[&None], FANOUT, "the coordinator's children");
-            // 300 members in a 4-ary tree under the coordinator: depth 4.
-            assert_eq!(deepest, 3);
+            assert_eq!(children[&None], HOST_FANOUT, "the coordinator's children");
+            // 300 members, 4 children each under the coordinator's 2:
+            // 2 + 8 + 32 + 128 fill depths 1 to 4, the last 130 are at 5.
+            assert_eq!(deepest, 4);
         }
         let stranger = SecretKey::from_bytes(&[0xee; 32]).public();
         assert!(ancestors(&BlobRef::of(b"one"), &members, &stranger).is_none());

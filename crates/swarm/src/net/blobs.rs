@@ -28,6 +28,7 @@ use tracing::{debug, warn};
 
 use super::{
     CONNECT_TIMEOUT,
+    corrupt::{CorruptRelay, Own},
     gate::refused_by_gate,
     gc::{GcGate, gated_store},
     peers::{PeerBook, PeerStats},
@@ -226,6 +227,30 @@ pub enum ProviderFailure {
     },
 }
 
+impl ProviderFailure {
+    /// Whether the provider sent bytes that are not the blob (they fail
+    /// BLAKE3 verification): a provider that lies, not one that merely
+    /// lacks the blob or went away.
+    pub fn is_corrupt(&self) -> bool {
+        match self {
+            Self::Size { source } | Self::Transfer { source } => hash_mismatch(source),
+            _ => false,
+        }
+    }
+}
+
+/// Whether a transfer failed because a chunk did not verify.
+fn hash_mismatch(e: &GetError) -> bool {
+    use iroh_blobs::get::fsm::DecodeError;
+    matches!(
+        e,
+        GetError::Decode {
+            source: DecodeError::ParentHashMismatch { .. } | DecodeError::LeafHashMismatch { .. },
+            ..
+        }
+    )
+}
+
 /// The short form of a blob hash (as iroh shows endpoint ids).
 fn short(hash: &BlobHash) -> impl fmt::Display + use<> {
     Hash::from_bytes(*hash).fmt_short()
@@ -278,6 +303,7 @@ pub(super) struct Blobs {
     endpoint: Endpoint,
     traffic: Traffic,
     peers: PeerBook,
+    own: Own,
 }
 
 impl Blobs {
@@ -290,12 +316,23 @@ impl Blobs {
             endpoint,
             traffic,
             peers: PeerBook::default(),
+            own: Own::default(),
         }
     }
 
     /// The protocol that serves this store to peers, under the upload cap.
     pub(super) fn protocol(&self) -> BlobsProtocol {
         BlobsProtocol::new(&self.store, Some(upload_throttle(self.traffic.clone())))
+    }
+
+    /// A protocol that serves this node's own blobs and corrupts every
+    /// other (see [`CorruptRelay`]).
+    pub(super) fn corrupt_relay(&self) -> CorruptRelay {
+        CorruptRelay {
+            store: (*self.store).clone(),
+            events: upload_throttle(self.traffic.clone()),
+            own: self.own.clone(),
+        }
     }
 
     /// Peers fetched from, most recent first.
@@ -317,6 +354,7 @@ impl Blobs {
                 size,
                 source,
             })?;
+        self.own.add(hf.hash);
         Ok(BlobRef {
             hash: *hf.hash.as_bytes(),
             size,

@@ -14,6 +14,7 @@ fn config(seed: u8, run_id: RunId, open: bool, bootstrap: Vec<Member>) -> NetCon
         open,
         control: None,
         bootstrap,
+        serving: Serving::Honest,
     }
 }
 
@@ -468,7 +469,7 @@ async fn a_provider_serving_corrupted_bytes_is_bypassed() {
         )
         .await;
     assert!(
-        matches!(alone, Err(FetchError::Unavailable { last: Some(_), .. })),
+        matches!(&alone, Err(FetchError::Unavailable { last: Some(e), .. }) if e.failure.is_corrupt()),
         "{alone:?}"
     );
     // The liar first, then an honest provider: the honest bytes arrive.
