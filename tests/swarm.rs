@@ -319,19 +319,34 @@ fn a_late_joiner_catches_up_from_the_checkpoint_to_identical_weights() {
             .iter()
             .any(|e| e["event"] == "state" && e["state"] == "warming_up")
     );
-    // The peer list: the host (it served the checkpoint) with a latency.
+    // The checkpoint came from the early volunteer, which kept the one it
+    // computed itself (the same bytes as the host's), not from the host.
+    let loaded = late_events
+        .iter()
+        .find(|e| e["event"] == "checkpoint")
+        .expect("the checkpoint's source reported");
+    assert_ne!(loaded["from"], "host", "{loaded}");
+    assert_eq!(loaded["bytes"], last["total"]);
+    // The peer list: the host (it served the member list) with a latency,
+    // and the member that served the checkpoint.
     let peers = late_events
         .iter()
         .rfind(|e| e["event"] == "peers")
         .expect("peer lists reported");
-    let host_view = peers["peers"]
-        .as_array()
-        .unwrap()
+    let peers = peers["peers"].as_array().unwrap();
+    let host_view = peers
         .iter()
         .find(|p| p["host"] == true)
         .expect("the host is among the peers");
     assert!(host_view["rtt_ms"].as_f64().is_some(), "{host_view}");
-    assert!(host_view["bytes_down"].as_u64().unwrap() > 1_000_000);
+    let server = peers
+        .iter()
+        .find(|p| p["peer"] == loaded["from"])
+        .expect("the checkpoint's server is among the peers");
+    assert!(
+        server["bytes_down"].as_u64().unwrap() > 1_000_000,
+        "{server}"
+    );
     drop(early);
 }
 

@@ -197,7 +197,7 @@ peer: string,
  */
 round: number, } | { "event": "checkpoint",
 /**
- * The host.
+ * The host that wrote it, or the volunteer that loaded it.
  */
 node: string,
 /**
@@ -207,7 +207,12 @@ round: number,
 /**
  * Its size.
  */
-bytes: number, } | { "event": "usage",
+bytes: number,
+/**
+ * Who served it to a volunteer: a member's short id, or `host`
+ * (`None` on the host, which wrote it).
+ */
+from: string | null, } | { "event": "usage",
 /**
  * Which node.
  */

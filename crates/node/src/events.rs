@@ -183,12 +183,15 @@ pub enum NodeEvent {
     },
     /// A checkpoint was written and published.
     Checkpoint {
-        /// The host.
+        /// The host that wrote it, or the volunteer that loaded it.
         node: String,
         /// Last round it includes.
         round: u64,
         /// Its size.
         bytes: u64,
+        /// Who served it to a volunteer: a member's short id, or `host`
+        /// (`None` on the host, which wrote it).
+        from: Option<String>,
     },
     /// This month's data use (after each round).
     Usage {
@@ -313,9 +316,20 @@ impl NodeEvent {
             NodeEvent::Diverged { node, peer, round } => {
                 format!("[{node}] {peer}'s weights differ from the coordinator's at round {round}")
             }
-            NodeEvent::Checkpoint { node, round, bytes } => {
-                format!("[{node}] checkpoint after round {round} ({bytes} bytes)")
-            }
+            NodeEvent::Checkpoint {
+                node,
+                round,
+                bytes,
+                from: None,
+            } => format!("[{node}] checkpoint after round {round} ({bytes} bytes)"),
+            NodeEvent::Checkpoint {
+                node,
+                round,
+                bytes,
+                from: Some(from),
+            } => format!(
+                "[{node}] loaded the checkpoint after round {round} ({bytes} bytes, from {from})"
+            ),
             NodeEvent::Usage {
                 node,
                 month,

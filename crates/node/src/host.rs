@@ -436,18 +436,27 @@ impl Host {
 
     /// Rebuild the reference replica from the checkpoint and the manifests since.
     async fn restore(&mut self) -> Result<(), HostError> {
-        if let Some((_, blob)) = self.state.checkpoint {
+        if let Some((round, blob)) = self.state.checkpoint {
             let path = self.dir.join(CHECKPOINT_FILE);
             let bytes = std::fs::read(&path).map_err(io_err(&path))?;
-            if let Err(source) = lock(&self.replica).load_checkpoint(&bytes, true) {
-                return Err(HostError::Checkpoint {
-                    path,
-                    source: Box::new(source),
-                });
-            }
+            let loaded = {
+                let mut replica = lock(&self.replica);
+                replica
+                    .load_checkpoint(&bytes, true)
+                    .and_then(|_| replica.shared_checkpoint_bytes(round))
+            };
+            let shared = match loaded {
+                Ok(shared) => shared,
+                Err(source) => {
+                    return Err(HostError::Checkpoint {
+                        path,
+                        source: Box::new(source),
+                    });
+                }
+            };
             let published = self
                 .net
-                .publish(CHECKPOINT_TAG, bytes)
+                .publish(CHECKPOINT_TAG, shared)
                 .await
                 .map_err(|source| HostError::Publish {
                     tag: CHECKPOINT_TAG.into(),
@@ -617,19 +626,27 @@ impl Host {
     }
 
     /// Write and publish a checkpoint after `round`; drop what it supersedes.
+    ///
+    /// The file keeps this replica's momentum too (a restart resumes it);
+    /// the blob members fetch is the weights alone, which every member that
+    /// applied `round` can also produce and serve.
     async fn checkpoint(&mut self, round: u64) -> Result<(), HostError> {
-        let bytes = lock(&self.replica)
-            .checkpoint_bytes(round)
-            .map_err(|source| HostError::Replica {
-                round,
-                source: Box::new(source),
-            })?;
+        let (bytes, shared) = {
+            let replica = lock(&self.replica);
+            replica
+                .checkpoint_bytes(round)
+                .and_then(|b| Ok((b, replica.shared_checkpoint_bytes(round)?)))
+                .map_err(|source| HostError::Replica {
+                    round,
+                    source: Box::new(source),
+                })?
+        };
         let path = self.dir.join(CHECKPOINT_FILE);
         write_atomic(&path, &bytes).map_err(io_err(&path))?;
-        let size = bytes.len() as u64;
+        let size = shared.len() as u64;
         let blob = self
             .net
-            .publish(CHECKPOINT_TAG, bytes)
+            .publish(CHECKPOINT_TAG, shared)
             .await
             .map_err(|source| HostError::Publish {
                 tag: CHECKPOINT_TAG.into(),
@@ -669,6 +686,7 @@ impl Host {
             node: self.name.clone(),
             round,
             bytes: size,
+            from: None,
         });
         Ok(())
     }

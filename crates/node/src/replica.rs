@@ -468,8 +468,30 @@ impl Replica {
             .map_err(ReplicaError::Train)
     }
 
-    /// The weights (and this replica's momentum) after `round`, as checkpoint bytes.
+    /// The weights and this replica's momentum after `round`, as checkpoint
+    /// bytes: what a coordinator keeps to resume its own replica.
     pub fn checkpoint_bytes(&self, round: u64) -> Result<Vec<u8>, ReplicaError> {
+        let momentum = self
+            .peer
+            .momentum()
+            .map_err(ReplicaError::CheckpointMomentum)?;
+        self.checkpoint_with(round, vec![momentum])
+    }
+
+    /// The weights after `round` alone, as checkpoint bytes: what a joiner
+    /// needs (it starts its momentum from zero). Replicas hold bit-identical
+    /// weights and the encoding is deterministic, so every replica that has
+    /// applied `round` produces the same bytes, hence the same blob, and
+    /// can serve it.
+    pub fn shared_checkpoint_bytes(&self, round: u64) -> Result<Vec<u8>, ReplicaError> {
+        self.checkpoint_with(round, Vec::new())
+    }
+
+    fn checkpoint_with(
+        &self,
+        round: u64,
+        momentum: Vec<Vec<Vec<f32>>>,
+    ) -> Result<Vec<u8>, ReplicaError> {
         let checkpoint = Checkpoint {
             model: self.spec.model.clone(),
             step: round + 1,
@@ -478,11 +500,7 @@ impl Replica {
                 .trainer
                 .params_host()
                 .map_err(ReplicaError::CheckpointWeights)?,
-            optimizer: OptimizerSnapshot::Distro(vec![
-                self.peer
-                    .momentum()
-                    .map_err(ReplicaError::CheckpointMomentum)?,
-            ]),
+            optimizer: OptimizerSnapshot::Distro(momentum),
         };
         checkpoint.to_bytes().map_err(ReplicaError::Checkpoint)
     }

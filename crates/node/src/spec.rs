@@ -158,6 +158,14 @@ pub struct RoundsSection {
     pub aggregate_topk: Option<usize>,
 }
 
+impl RoundsSection {
+    /// Whether the coordinator checkpoints after applying `round` (every
+    /// member holding that round's weights can then serve the checkpoint).
+    pub fn checkpoints_after(&self, round: u64) -> bool {
+        (round + 1).is_multiple_of(self.checkpoint_every)
+    }
+}
+
 impl Default for RoundsSection {
     fn default() -> Self {
         Self {

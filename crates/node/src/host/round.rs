@@ -95,7 +95,7 @@ impl Host {
             tokens: committed.tokens,
             run_tokens: self.state.run_tokens,
         });
-        if (round + 1).is_multiple_of(self.state.spec.rounds.checkpoint_every) {
+        if self.state.spec.rounds.checkpoints_after(round) {
             self.checkpoint(round).await?;
         }
         Ok(())

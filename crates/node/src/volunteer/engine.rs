@@ -40,6 +40,14 @@ use crate::{
 
 /// Largest checkpoint a volunteer downloads.
 const MAX_CHECKPOINT_BYTES: u64 = 16 << 30;
+/// Largest checkpoint a volunteer keeps to serve joiners: the blob store
+/// holds it in memory (the weights of models up to ~500 M parameters).
+const MAX_SERVED_CHECKPOINT_BYTES: u64 = 2 << 30;
+/// Blob tag the checkpoint a volunteer serves is kept under.
+const CHECKPOINT_TAG: &str = "checkpoint";
+/// How long a joiner waits to be listed in a round (members admit it only
+/// then) before it fetches the checkpoint from the coordinator instead.
+const LISTED_WAIT: Duration = Duration::from_secs(60);
 /// Ask the coordinator directly after this long without news.
 const POLL_AFTER: Duration = Duration::from_secs(3);
 
@@ -194,6 +202,9 @@ struct Volunteer {
     trained: BTreeSet<u64>,
     /// This round's signed announce, and whether the host took it.
     announce: Option<(u64, Vec<u8>, bool)>,
+    /// The checkpoint to catch up from (its round and blob), and since when
+    /// it is wanted.
+    pending_checkpoint: Option<(u64, BlobRef, Instant)>,
     applied: u64,
     counters: (u64, u64),
     /// This month's data use and where it is kept.
@@ -264,6 +275,7 @@ pub async fn run_volunteer(
         my_digests: BTreeMap::new(),
         trained: BTreeSet::new(),
         announce: None,
+        pending_checkpoint: None,
         applied: 0,
         counters: (0, 0),
         usage: None,
@@ -351,6 +363,15 @@ impl Volunteer {
                 last_news = Instant::now();
                 continue;
             }
+            match self.catch_up().await {
+                Ok(true) => {
+                    last_news = Instant::now();
+                    continue;
+                }
+                Ok(false) => {}
+                Err(e) if e.is_transient() => self.warn(e.to_string()),
+                Err(e) => return Err(e),
+            }
             match self.apply_ready().await {
                 Ok(true) => {
                     last_news = Instant::now();
@@ -399,8 +420,9 @@ impl Volunteer {
         }
         if let Some((round, blob)) = state.checkpoint
             && round >= self.next
+            && self.pending_checkpoint.is_none_or(|(r, ..)| r < round)
         {
-            self.load_checkpoint(round, blob).await?;
+            self.pending_checkpoint = Some((round, blob, Instant::now()));
         }
         for signed in state.manifests.iter().chain(state.round_open.iter()) {
             if let Ok(m) = Message::verify(signed, self.net.run_id()) {
@@ -494,8 +516,66 @@ impl Volunteer {
         Ok(())
     }
 
-    /// Download the checkpoint after `round` from the coordinator and load it.
-    async fn load_checkpoint(&mut self, round: u64, blob: BlobRef) -> Result<(), VolunteerError> {
+    /// Load the checkpoint we are behind, once members can serve it: they
+    /// admit this node when they hold a roster that lists it, so it waits to
+    /// be listed in an open round (the coordinator lists whoever joined
+    /// since the last round opened), up to [`LISTED_WAIT`], then fetches it
+    /// from a few of that round's members, the coordinator being the last
+    /// resort. Returns whether it loaded one.
+    async fn catch_up(&mut self) -> Result<bool, VolunteerError> {
+        let Some((round, blob, since)) = self.pending_checkpoint else {
+            return Ok(false);
+        };
+        if round < self.next {
+            // The rounds up to it arrived another way.
+            self.pending_checkpoint = None;
+            return Ok(false);
+        }
+        let me = self.net.id();
+        let newest = self
+            .opens
+            .iter()
+            .next_back()
+            .filter(|(r, _)| **r > round)
+            .map(|(r, open)| (*r, open.roster, open.members));
+        let mut members = None;
+        if let Some((open_round, roster, count)) = newest
+            && let Some(roster) = self.roster(open_round, roster, count).await?
+            && roster.slot(&me).is_some()
+        {
+            members = Some(
+                roster
+                    .members
+                    .iter()
+                    .map(|m| m.id)
+                    .filter(|id| *id != me && *id != self.host.id)
+                    .collect::<Vec<_>>(),
+            );
+        }
+        if members.is_none() && since.elapsed() < LISTED_WAIT {
+            self.state(
+                NodeState::CatchingUp,
+                format!(
+                    "waiting to be listed in a round, to fetch the checkpoint after round \
+                     {round} from its members"
+                ),
+            );
+            return Ok(false);
+        }
+        self.load_checkpoint(round, blob, &members.unwrap_or_default())
+            .await?;
+        self.pending_checkpoint = None;
+        Ok(true)
+    }
+
+    /// Download the checkpoint after `round` from `members` (the
+    /// coordinator last) and load it; keep it to serve other joiners.
+    async fn load_checkpoint(
+        &mut self,
+        round: u64,
+        blob: BlobRef,
+        members: &[EndpointId],
+    ) -> Result<(), VolunteerError> {
         self.state(
             NodeState::CatchingUp,
             format!(
@@ -504,25 +584,65 @@ impl Volunteer {
             ),
         );
         let progress = self.progress("checkpoint", blob.size);
-        let bytes = self
-            .net
-            .fetch_observed(
-                &blob,
-                &[self.host.id],
-                MAX_CHECKPOINT_BYTES,
-                "checkpoint",
-                Duration::from_secs(3600),
-                &progress,
-            )
-            .await
-            .map_err(|source| VolunteerError::Fetch {
-                what: "checkpoint".into(),
-                source: Box::new(source),
-            })?;
+        let (fetched, from) = spread::fetch_from_members(
+            &self.net,
+            &blob,
+            members,
+            self.host.id,
+            MAX_CHECKPOINT_BYTES,
+            CHECKPOINT_TAG,
+            &progress,
+        )
+        .await
+        .map_err(|source| VolunteerError::Fetch {
+            what: "checkpoint".into(),
+            source: Box::new(source),
+        })?;
+        self.name_liars("the checkpoint", &fetched.corrupt);
+        let bytes = fetched.bytes;
         replica::blocking(&self.replica()?, move |r| r.load_checkpoint(&bytes, false)).await?;
+        if blob.size > MAX_SERVED_CHECKPOINT_BYTES {
+            self.net.forget(CHECKPOINT_TAG).await;
+        }
         self.next = round + 1;
         self.manifests.retain(|r, _| *r > round);
+        self.emit(NodeEvent::Checkpoint {
+            node: self.name.clone(),
+            round,
+            bytes: blob.size,
+            from: Some(if from == self.host.id {
+                "host".into()
+            } else {
+                short(&from)
+            }),
+        });
         Ok(())
+    }
+
+    /// After applying a round the coordinator checkpoints, keep the
+    /// checkpoint's blob (the same bytes as the coordinator's: see
+    /// [`Replica::shared_checkpoint_bytes`]) to serve joiners, in place of
+    /// the one before. A checkpoint too large to hold in memory is not kept.
+    async fn keep_checkpoint(&self, round: u64, replica: &SharedReplica) {
+        let params = lock(replica).spec().model.param_count() as u64;
+        if params.saturating_mul(4) > MAX_SERVED_CHECKPOINT_BYTES {
+            return;
+        }
+        let kept = match replica::blocking(replica, move |r| r.shared_checkpoint_bytes(round)).await
+        {
+            Ok(bytes) => self
+                .net
+                .publish(CHECKPOINT_TAG, bytes)
+                .await
+                .map(|_| ())
+                .map_err(|e| e.to_string()),
+            Err(e) => Err(e.to_string()),
+        };
+        if let Err(e) = kept {
+            self.warn(format!(
+                "round {round}: the checkpoint is not kept for joiners: {e}"
+            ));
+        }
     }
 
     /// Record a message; returns whether it was news from the coordinator.
@@ -805,6 +925,9 @@ impl Volunteer {
             None => replica::blocking(&replica, |r| r.digest()).await?,
         };
         self.report_applied(round, &manifest, digest, &replica)?;
+        if lock(&replica).spec().rounds.checkpoints_after(round) {
+            self.keep_checkpoint(round, &replica).await;
+        }
         let report_every = lock(&replica).spec().rounds.report_every;
         if round.is_multiple_of(report_every)
             && let Ok(signed) = Message::sign(
@@ -855,14 +978,19 @@ impl Volunteer {
         tag: &str,
     ) -> Result<Bytes, starling_swarm::FetchError> {
         let fetched = spread::fetch(&self.net, blob, chain, self.host.id, max, tag).await?;
-        for liar in &fetched.corrupt {
+        self.name_liars(what, &fetched.corrupt);
+        Ok(fetched.bytes)
+    }
+
+    /// Warn about each member that served `what` with bytes that are not it.
+    fn name_liars(&self, what: &str, liars: &[EndpointId]) {
+        for liar in liars {
             self.warn(format!(
                 "{what}: member {} served bytes that fail BLAKE3 verification; \
                  fetched it from another provider",
                 short(liar)
             ));
         }
-        Ok(fetched.bytes)
     }
 
     /// Tell the faces about an applied round (loss, traffic, peers) and

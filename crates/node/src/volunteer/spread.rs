@@ -25,6 +25,7 @@
 
 use std::time::Duration;
 
+use rand::seq::IndexedRandom;
 use starling_swarm::{BlobRef, Bytes, EndpointId, FetchError, Net, ProviderFailure};
 use tokio::time::Instant;
 
@@ -137,6 +138,65 @@ pub(crate) async fn fetch(
         .fetch(blob, &providers, max, tag, limit * LAST_RESORT_PATIENCE)
         .await?;
     Ok(Fetched { bytes, corrupt })
+}
+
+/// How long a joiner keeps asking members for a blob they should hold (the
+/// checkpoint) before it asks the coordinator: members admit a joiner once
+/// they hold the roster that lists it, a second or two after the round opens.
+const MEMBERS_PATIENCE: Duration = Duration::from_secs(10);
+/// Members asked, at most.
+const MEMBERS_ASKED: usize = 8;
+
+/// Fetch `blob`, which most of `members` hold, from a few of them picked at
+/// random (so joiners spread over the run), then from `host`; returns the
+/// bytes and who served them. `progress` sees the bytes as they arrive.
+pub(crate) async fn fetch_from_members(
+    net: &Net,
+    blob: &BlobRef,
+    members: &[EndpointId],
+    host: EndpointId,
+    max: u64,
+    tag: &str,
+    progress: &(dyn Fn(u64) + Send + Sync),
+) -> Result<(Fetched, EndpointId), FetchError> {
+    let limit = attempt_limit(blob.size);
+    let mut asked: Vec<EndpointId> = members
+        .choose_multiple(&mut rand::rng(), MEMBERS_ASKED)
+        .copied()
+        .collect();
+    let started = Instant::now();
+    let mut corrupt = Vec::new();
+    while !asked.is_empty() && started.elapsed() < MEMBERS_PATIENCE {
+        let mut i = 0;
+        while i < asked.len() {
+            let member = asked[i];
+            match net
+                .fetch_observed(blob, &[member], max, tag, limit, progress)
+                .await
+            {
+                Ok(bytes) => return Ok((Fetched { bytes, corrupt }, member)),
+                Err(FetchError::Unavailable { last: Some(e), .. }) if e.failure.is_corrupt() => {
+                    corrupt.push(member);
+                    asked.remove(i);
+                }
+                // Lacks it, or does not admit us yet: ask the next.
+                Err(FetchError::Unavailable { .. }) => i += 1,
+                Err(e) => return Err(e),
+            }
+        }
+        tokio::time::sleep(POLL_MAX).await;
+    }
+    let bytes = net
+        .fetch_observed(
+            blob,
+            &[host],
+            max,
+            tag,
+            limit * LAST_RESORT_PATIENCE,
+            progress,
+        )
+        .await?;
+    Ok((Fetched { bytes, corrupt }, host))
 }
 
 /// Whether a provider's failure means asking it again is pointless.
