@@ -93,7 +93,7 @@ pub fn run(args: &SwarmBenchArgs) -> Result<()> {
                 .unwrap_or_default()
         );
         say!(
-            "{:>5} {:>7} {:>8} {:>11} {:>9} {:>12} {:>12} {:>12} {:>12} {:>8} {:>9}",
+            "{:>5} {:>7} {:>8} {:>11} {:>9} {:>12} {:>12} {:>12} {:>12} {:>9} {:>8} {:>9}",
             "round",
             "members",
             "accepted",
@@ -103,6 +103,7 @@ pub fn run(args: &SwarmBenchArgs) -> Result<()> {
             "down max",
             "up max",
             "host up",
+            "from host",
             "secs",
             "rss MB"
         );
@@ -118,7 +119,7 @@ pub fn run(args: &SwarmBenchArgs) -> Result<()> {
             json!({ "type": "round", "round": r }).to_string()
         } else {
             format!(
-                "{:>5} {:>7} {:>8} {:>11} {:>9} {:>12} {:>12} {:>12} {:>12} {:>8.1} {:>9}",
+                "{:>5} {:>7} {:>8} {:>11} {:>9} {:>12} {:>12} {:>12} {:>12} {:>9} {:>8.1} {:>9}",
                 r.round,
                 r.members,
                 r.accepted,
@@ -128,6 +129,7 @@ pub fn run(args: &SwarmBenchArgs) -> Result<()> {
                 r.download_max_bytes,
                 r.upload_max_bytes,
                 r.host_upload_bytes,
+                r.aggregates_from_host,
                 r.round_secs,
                 r.process_rss_bytes
                     .map(|b| (b >> 20).to_string())

@@ -93,6 +93,9 @@ pub struct RoundReport {
     pub upload_max_bytes: u64,
     /// Bytes the coordinator uploaded from this round's opening to the next's.
     pub host_upload_bytes: u64,
+    /// Volunteers that got the aggregate from the coordinator: its direct
+    /// children in the tree plus the fallbacks.
+    pub aggregates_from_host: usize,
     /// Seconds from the round's opening to the coordinator's apply.
     pub round_secs: f64,
     /// Resident memory of the whole process (coordinator and volunteers).
@@ -135,6 +138,8 @@ struct Shared {
     traffic: BTreeMap<u64, Vec<(u64, u64)>>,
     /// Per round: (aggregate bytes, roster bytes, accepted updates).
     sizes: BTreeMap<u64, (u64, u64, usize)>,
+    /// Per round: volunteers the coordinator itself served the aggregate.
+    from_host: BTreeMap<u64, usize>,
 }
 
 /// Run the benchmark, calling `on_round` as each round's figures are in.
@@ -306,7 +311,8 @@ async fn run_joined(
     let mut reports = Vec::new();
     for (&round, traffic) in &s.traffic {
         let sizes = s.sizes.get(&round).copied().unwrap_or_default();
-        let report = RoundReport::of(round, traffic, sizes);
+        let mut report = RoundReport::of(round, traffic, sizes);
+        report.aggregates_from_host = s.from_host.get(&round).copied().unwrap_or(0);
         on_round(&report);
         reports.push(report);
     }
@@ -340,6 +346,7 @@ fn ready_report(
     };
     let sizes = s.sizes.get(&round).copied()?;
     let mut report = RoundReport::of(round, traffic, sizes);
+    report.aggregates_from_host = s.from_host.get(&round).copied().unwrap_or(0);
     report.members = members;
     report.host_upload_bytes = up_at_next.saturating_sub(up_at_open);
     report.round_secs = applied.get(&round).copied().unwrap_or(f64::NAN);
@@ -363,6 +370,7 @@ impl RoundReport {
             download_max_bytes: down.last().copied().unwrap_or(0),
             upload_max_bytes: traffic.iter().map(|t| t.1).max().unwrap_or(0),
             host_upload_bytes: 0,
+            aggregates_from_host: 0,
             round_secs: f64::NAN,
             process_rss_bytes: process_rss(),
             downloads: down,
@@ -519,14 +527,20 @@ async fn synthetic_volunteer(
         }
         // Apply (fetch and check) the round's aggregate once its manifest is in.
         if let Some(manifest) = manifests.get(&round).cloned() {
-            if let Some(blob) = manifest.aggregate
-                && let Err(e) =
-                    fetch_aggregate(&net, &layout, &rosters, round, &blob, host.id).await
-            {
-                // As a volunteer does: a provider failed, ask again shortly.
-                eprintln!("volunteer {index}: {e}; asking again");
-                tokio::time::sleep(Duration::from_secs(1)).await;
-                continue;
+            if let Some(blob) = manifest.aggregate {
+                match fetch_aggregate(&net, &layout, &rosters, round, &blob, host.id).await {
+                    Ok(from) if from == host.id => {
+                        let mut s = shared.lock().unwrap_or_else(|e| e.into_inner());
+                        *s.from_host.entry(round).or_default() += 1;
+                    }
+                    Ok(_) => {}
+                    Err(e) => {
+                        // As a volunteer does: a provider failed, ask again shortly.
+                        eprintln!("volunteer {index}: {e}; asking again");
+                        tokio::time::sleep(Duration::from_secs(1)).await;
+                        continue;
+                    }
+                }
             }
             let (down, up) = (traffic.total.down(), traffic.total.up());
             let roster_bytes = opens.get(&round).map_or(0, |o| o.roster.size);
@@ -678,7 +692,8 @@ async fn announce(net: &Net, template: &OutgoingUpdate, round: u64) -> Result<Ve
 }
 
 /// Fetch a round's aggregate through its tree and check that it decodes
-/// and fits the model (the replicas' check, without the apply).
+/// and fits the model (the replicas' check, without the apply); returns who
+/// served it.
 async fn fetch_aggregate(
     net: &Net,
     layout: &ModelLayout,
@@ -686,7 +701,7 @@ async fn fetch_aggregate(
     round: u64,
     blob: &BlobRef,
     host: EndpointId,
-) -> Result<(), String> {
+) -> Result<EndpointId, String> {
     let max = wire::aggregate::max_len(
         layout
             .tensors()
@@ -698,10 +713,10 @@ async fn fetch_aggregate(
         .map(|r| r.members.iter().map(|m| m.id).collect())
         .unwrap_or_default();
     let chain = spread::ancestors(blob, &members, &net.id()).unwrap_or_default();
-    let bytes = spread::fetch(net, blob, chain, host, max, &aggregate_tag(round))
+    let fetched = spread::fetch(net, blob, chain, host, max, &aggregate_tag(round))
         .await
-        .map_err(|e| format!("round {round}: aggregate: {e}"))?
-        .bytes;
+        .map_err(|e| format!("round {round}: aggregate: {e}"))?;
+    let bytes = fetched.bytes;
     let limits = wire::DecodeLimits {
         max_bytes: usize::try_from(max).unwrap_or(usize::MAX),
         ..wire::DecodeLimits::default()
@@ -715,5 +730,5 @@ async fn fetch_aggregate(
     layout
         .merge(std::slice::from_ref(&update), 0.0)
         .map_err(|e| format!("round {round}: aggregate does not fit the model: {e}"))?;
-    Ok(())
+    Ok(fetched.from)
 }

@@ -584,7 +584,7 @@ impl Volunteer {
             ),
         );
         let progress = self.progress("checkpoint", blob.size);
-        let (fetched, from) = spread::fetch_from_members(
+        let fetched = spread::fetch_from_members(
             &self.net,
             &blob,
             members,
@@ -599,7 +599,7 @@ impl Volunteer {
             source: Box::new(source),
         })?;
         self.name_liars("the checkpoint", &fetched.corrupt);
-        let bytes = fetched.bytes;
+        let (bytes, from) = (fetched.bytes, fetched.from);
         replica::blocking(&self.replica()?, move |r| r.load_checkpoint(&bytes, false)).await?;
         if blob.size > MAX_SERVED_CHECKPOINT_BYTES {
             self.net.forget(CHECKPOINT_TAG).await;

@@ -82,12 +82,15 @@ fn attempt_limit(size: u64) -> Duration {
     Duration::from_secs(5) + Duration::from_secs(size / SLOWEST_RATE)
 }
 
-/// A blob fetched through the tree, and the providers on the way whose
-/// bytes failed verification (for the caller to report).
+/// A blob fetched through the tree, who served it, and the providers on
+/// the way whose bytes failed verification (for the caller to report).
 pub(crate) struct Fetched {
     /// The blob's bytes.
     pub(crate) bytes: Bytes,
-    /// Ancestors that served bytes which are not the blob.
+    /// The provider whose fetch returned them (a blob already held here
+    /// returns at once, from the first provider asked).
+    pub(crate) from: EndpointId,
+    /// Providers that served bytes which are not the blob.
     pub(crate) corrupt: Vec<EndpointId>,
 }
 
@@ -114,7 +117,13 @@ pub(crate) async fn fetch(
             break;
         }
         match net.fetch(blob, &[nearest], max, tag, limit).await {
-            Ok(bytes) => return Ok(Fetched { bytes, corrupt }),
+            Ok(bytes) => {
+                return Ok(Fetched {
+                    bytes,
+                    from: nearest,
+                    corrupt,
+                });
+            }
             Err(FetchError::Unavailable { last: Some(e), .. }) if e.failure.is_corrupt() => {
                 corrupt.push(nearest);
                 chain.remove(0);
@@ -131,13 +140,39 @@ pub(crate) async fn fetch(
         tokio::time::sleep(pause).await;
         pause = (pause * 3 / 2).min(POLL_MAX);
     }
-    // The coordinator is the last resort: give it longer than an ancestor.
-    let mut providers = vec![host];
-    providers.extend(chain);
-    let bytes = net
-        .fetch(blob, &providers, max, tag, limit * LAST_RESORT_PATIENCE)
-        .await?;
-    Ok(Fetched { bytes, corrupt })
+    // Patience ran out: the parent may be stuck, its ancestors most likely
+    // hold the blob by now. Each is asked once, nearest first, then the
+    // coordinator, the last resort, given longer than an ancestor.
+    let tries = chain
+        .iter()
+        .skip(1)
+        .map(|&a| (a, limit))
+        .chain([(host, limit * LAST_RESORT_PATIENCE)]);
+    let mut last = None;
+    for (provider, limit) in tries {
+        match net.fetch(blob, &[provider], max, tag, limit).await {
+            Ok(bytes) => {
+                return Ok(Fetched {
+                    bytes,
+                    from: provider,
+                    corrupt,
+                });
+            }
+            Err(e @ FetchError::Unavailable { .. }) => {
+                if let FetchError::Unavailable { last: Some(p), .. } = &e
+                    && p.failure.is_corrupt()
+                {
+                    corrupt.push(provider);
+                }
+                last = Some(e);
+            }
+            Err(e) => return Err(e),
+        }
+    }
+    Err(last.unwrap_or(FetchError::Unavailable {
+        blob: *blob,
+        last: None,
+    }))
 }
 
 /// How long a joiner keeps asking members for a blob they should hold (the
@@ -148,8 +183,8 @@ const MEMBERS_PATIENCE: Duration = Duration::from_secs(10);
 const MEMBERS_ASKED: usize = 8;
 
 /// Fetch `blob`, which most of `members` hold, from a few of them picked at
-/// random (so joiners spread over the run), then from `host`; returns the
-/// bytes and who served them. `progress` sees the bytes as they arrive.
+/// random (so joiners spread over the run), then from `host`. `progress`
+/// sees the bytes as they arrive.
 pub(crate) async fn fetch_from_members(
     net: &Net,
     blob: &BlobRef,
@@ -158,7 +193,7 @@ pub(crate) async fn fetch_from_members(
     max: u64,
     tag: &str,
     progress: &(dyn Fn(u64) + Send + Sync),
-) -> Result<(Fetched, EndpointId), FetchError> {
+) -> Result<Fetched, FetchError> {
     let limit = attempt_limit(blob.size);
     let mut asked: Vec<EndpointId> = members
         .choose_multiple(&mut rand::rng(), MEMBERS_ASKED)
@@ -174,7 +209,13 @@ pub(crate) async fn fetch_from_members(
                 .fetch_observed(blob, &[member], max, tag, limit, progress)
                 .await
             {
-                Ok(bytes) => return Ok((Fetched { bytes, corrupt }, member)),
+                Ok(bytes) => {
+                    return Ok(Fetched {
+                        bytes,
+                        from: member,
+                        corrupt,
+                    });
+                }
                 Err(FetchError::Unavailable { last: Some(e), .. }) if e.failure.is_corrupt() => {
                     corrupt.push(member);
                     asked.remove(i);
@@ -196,7 +237,11 @@ pub(crate) async fn fetch_from_members(
             progress,
         )
         .await?;
-    Ok((Fetched { bytes, corrupt }, host))
+    Ok(Fetched {
+        bytes,
+        from: host,
+        corrupt,
+    })
 }
 
 /// Whether a provider's failure means asking it again is pointless.
