@@ -363,32 +363,20 @@ impl Volunteer {
                 last_news = Instant::now();
                 continue;
             }
-            match self.catch_up().await {
-                Ok(true) => {
-                    last_news = Instant::now();
-                    continue;
-                }
-                Ok(false) => {}
-                Err(e) if e.is_transient() => self.warn(e.to_string()),
-                Err(e) => return Err(e),
+            // A peer or the host that went away mid-transfer is a warning:
+            // the next tick tries again instead of leaving the run.
+            let caught_up = self.catch_up().await;
+            if self.retry_later(caught_up)? {
+                last_news = Instant::now();
+                continue;
             }
-            match self.apply_ready().await {
-                Ok(true) => {
-                    last_news = Instant::now();
-                    continue;
-                }
-                Ok(false) => {}
-                // A peer or the host went away mid-transfer: retry on the
-                // next tick instead of leaving the run.
-                Err(e) if e.is_transient() => self.warn(e.to_string()),
-                Err(e) => return Err(e),
+            let applied = self.apply_ready().await;
+            if self.retry_later(applied)? {
+                last_news = Instant::now();
+                continue;
             }
-            match self.maybe_train().await {
-                Ok(()) => {}
-                // The host went away while we fetched our data: retry.
-                Err(e) if e.is_transient() => self.warn(e.to_string()),
-                Err(e) => return Err(e),
-            }
+            let trained = self.maybe_train().await.map(|()| false);
+            self.retry_later(trained)?;
             tokio::select! {
                 ev = self.rx.recv() => {
                     let Some(ev) = ev else { return Err(VolunteerError::NetworkStopped) };
@@ -408,6 +396,18 @@ impl Volunteer {
                     }
                 }
             }
+        }
+    }
+
+    /// Whether a step made progress; a transient failure is a warning and
+    /// no progress (the next tick tries again), any other ends the run.
+    fn retry_later(&self, step: Result<bool, VolunteerError>) -> Result<bool, VolunteerError> {
+        match step {
+            Err(e) if e.is_transient() => {
+                self.warn(e.to_string());
+                Ok(false)
+            }
+            other => other,
         }
     }
 
