@@ -205,6 +205,10 @@ mod tests {
             let child = Command::new("Xvfb")
                 .args([
                     display.as_str(),
+                    // Without it the server resets when its last client
+                    // leaves, and a connection made during the reset reads
+                    // EOF (seen in CI: "failed to read whole buffer").
+                    "-noreset",
                     "-nolisten",
                     "tcp",
                     "-screen",
