@@ -156,6 +156,19 @@ fn applied(events: &[Value], round: u64) -> Option<&Value> {
         .find(|e| e["event"] == "round_applied" && e["round"] == round)
 }
 
+/// A node's events without the frequent ones, for a failure message.
+fn story(events: &[Value]) -> String {
+    events
+        .iter()
+        .filter(|e| {
+            !["trained", "progress", "peers", "usage", "fetching"]
+                .iter()
+                .any(|noise| e["event"] == *noise)
+        })
+        .map(|e| format!("{e}\n"))
+        .collect()
+}
+
 #[test]
 fn host_and_three_volunteers_train_twenty_rounds_to_identical_weights() {
     let dir = scratch("twenty");
@@ -286,8 +299,9 @@ fn a_late_joiner_catches_up_from_the_checkpoint_to_identical_weights() {
     let mut late_events = Vec::new();
     assert!(
         late.until(limit, &mut late_events, |e| applied(e, 13).is_some()),
-        "late joiner did not reach round 13: {}",
-        late.stderr()
+        "late joiner did not reach round 13: {}\n{}",
+        late.stderr(),
+        story(&late_events)
     );
     assert_eq!(
         applied(&late_events, 13).unwrap()["digest"],
@@ -459,7 +473,12 @@ fn a_host_killed_mid_run_resumes_without_losing_a_round() {
             v.stderr()
         );
         // Every round applied exactly once, none skipped.
-        assert_eq!(applied_rounds(&events), (0..12).collect::<Vec<_>>());
+        assert_eq!(
+            applied_rounds(&events),
+            (0..12).collect::<Vec<_>>(),
+            "{}",
+            story(&events)
+        );
         // The run's token count survived the restart.
         let total: u64 = (0..12)
             .map(|r| applied(&events, r).unwrap()["tokens"].as_u64().unwrap())

@@ -10,7 +10,8 @@ use clap::Args;
 use serde_json::json;
 use starling_distro::{TensorBudget, ValueEncoding, update_wire_bytes, wire::bits_for};
 use starling_node::{
-    SwarmBenchOptions, SwarmRoundReport, TREE_FANOUT, TREE_HOST_FANOUT, Ticket, bench_swarm,
+    HostBookkeeping, SwarmBenchOptions, SwarmRoundReport, TREE_FANOUT, TREE_HOST_FANOUT, Ticket,
+    bench_host_bookkeeping, bench_swarm,
 };
 use starling_train::ModelConfig;
 
@@ -18,6 +19,9 @@ use starling_train::ModelConfig;
 const FANOUT: f64 = TREE_FANOUT as f64;
 /// The coordinator's children in that tree.
 const HOST_FANOUT: f64 = TREE_HOST_FANOUT as f64;
+/// Member counts the coordinator's bookkeeping is also timed at, beyond
+/// the benchmark's own (past what one machine's endpoints can hold).
+const BOOKKEEPING_AT: [usize; 2] = [1_000, 10_000];
 
 #[derive(Args, Debug)]
 pub struct SwarmBenchArgs {
@@ -93,7 +97,7 @@ pub fn run(args: &SwarmBenchArgs) -> Result<()> {
                 .unwrap_or_default()
         );
         say!(
-            "{:>5} {:>7} {:>8} {:>11} {:>9} {:>12} {:>12} {:>12} {:>12} {:>9} {:>8} {:>9}",
+            "{:>5} {:>7} {:>8} {:>11} {:>9} {:>12} {:>12} {:>12} {:>12} {:>9} {:>9} {:>8} {:>9}",
             "round",
             "members",
             "accepted",
@@ -103,6 +107,7 @@ pub fn run(args: &SwarmBenchArgs) -> Result<()> {
             "down max",
             "up max",
             "host up",
+            "of agg",
             "from host",
             "secs",
             "rss MB"
@@ -119,7 +124,7 @@ pub fn run(args: &SwarmBenchArgs) -> Result<()> {
             json!({ "type": "round", "round": r }).to_string()
         } else {
             format!(
-                "{:>5} {:>7} {:>8} {:>11} {:>9} {:>12} {:>12} {:>12} {:>12} {:>9} {:>8.1} {:>9}",
+                "{:>5} {:>7} {:>8} {:>11} {:>9} {:>12} {:>12} {:>12} {:>12} {:>9} {:>9} {:>8.1} {:>9}",
                 r.round,
                 r.members,
                 r.accepted,
@@ -129,6 +134,7 @@ pub fn run(args: &SwarmBenchArgs) -> Result<()> {
                 r.download_max_bytes,
                 r.upload_max_bytes,
                 r.host_upload_bytes,
+                r.host_aggregate_upload_bytes,
                 r.aggregates_from_host,
                 r.round_secs,
                 r.process_rss_bytes
@@ -140,7 +146,18 @@ pub fn run(args: &SwarmBenchArgs) -> Result<()> {
     for line in &lines {
         say!("{line}");
     }
-    let summary = summarize(args, values, &reports)?;
+    // The coordinator's own work per round, timed at this run's size and
+    // beyond it (not when joined to another's run: no coordinator here).
+    let mut bookkeeping = Vec::new();
+    if opts.join.is_none() {
+        let mut sizes = vec![args.volunteers];
+        sizes.extend(BOOKKEEPING_AT.iter().filter(|&&n| n > args.volunteers));
+        for members in sizes {
+            bookkeeping.push(bench_host_bookkeeping(&opts, members)?);
+        }
+    }
+    let mut summary = summarize(args, values, &reports)?;
+    summary["host_bookkeeping"] = json!(bookkeeping);
     if json {
         say!("{}", summary);
     } else {
@@ -150,11 +167,34 @@ pub fn run(args: &SwarmBenchArgs) -> Result<()> {
             "per_volunteer_download_median_bytes",
             "per_volunteer_download_max_bytes",
             "host_upload_bytes_per_round",
+            "host_upload_aggregates_per_round",
+            "host_upload_bytes_joining",
+            "host_aggregate_copies_median",
             "aggregate_bytes",
             "update_bytes",
             "round_secs_median",
         ] {
             say!("  {key}: {}", summary[key]);
+        }
+        if !bookkeeping.is_empty() {
+            say!(
+                "the coordinator's bookkeeping per round (measured: its functions on synthetic updates, one thread):"
+            );
+            say!(
+                "  {:>7} {:>9} {:>9} {:>9} {:>9} {:>9} {:>9} {:>10} {:>11}",
+                "members",
+                "verify s",
+                "check s",
+                "filter s",
+                "merge s",
+                "lists s",
+                "total s",
+                "held MB",
+                "aggregate"
+            );
+            for b in &bookkeeping {
+                say!("  {}", bookkeeping_row(b));
+            }
         }
         say!("modelled from the measured per-member costs (not measured):");
         if let Some(model) = summary["model"].as_array() {
@@ -164,6 +204,22 @@ pub fn run(args: &SwarmBenchArgs) -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// One row of the bookkeeping table.
+fn bookkeeping_row(b: &HostBookkeeping) -> String {
+    format!(
+        "{:>7} {:>9.3} {:>9.3} {:>9.4} {:>9.3} {:>9.4} {:>9.3} {:>10.1} {:>11}",
+        b.members,
+        b.verify_secs,
+        b.check_secs,
+        b.filter_secs,
+        b.merge_secs,
+        b.lists_secs,
+        b.total_secs,
+        b.held_update_bytes as f64 / 1e6,
+        b.aggregate_bytes
+    )
 }
 
 fn median(mut v: Vec<f64>) -> f64 {
@@ -187,11 +243,20 @@ fn summarize(
         .collect();
     let down_median = median(downloads.clone());
     let down_max = downloads.iter().copied().fold(0.0, f64::max);
-    let host_up = reports
-        .iter()
-        .map(|r| r.host_upload_bytes as f64)
-        .sum::<f64>()
-        / reports.len().max(1) as f64;
+    // The join: every volunteer is new and gets its first member list
+    // from the host (no member admits it yet). What the host uploaded
+    // beyond that, spread over the rounds, is what a round costs it.
+    let host_up_join = reports
+        .first()
+        .map_or(0.0, |r| r.host_roster_upload_bytes as f64);
+    let host_up_total: f64 = reports.iter().map(|r| r.host_upload_bytes as f64).sum();
+    let host_up = (host_up_total - host_up_join).max(0.0) / reports.len().max(1) as f64;
+    let host_aggregate_copies = median(
+        reports
+            .iter()
+            .map(|r| r.host_aggregate_upload_bytes as f64 / r.aggregate_bytes.max(1) as f64)
+            .collect(),
+    );
     let aggregate = median(reports.iter().map(|r| r.aggregate_bytes as f64).collect());
     let roster = median(reports.iter().map(|r| r.roster_bytes as f64).collect());
     let secs = median(reports.iter().map(|r| r.round_secs).collect());
@@ -255,6 +320,9 @@ fn summarize(
         "per_volunteer_download_median_bytes": down_median,
         "per_volunteer_download_max_bytes": down_max,
         "host_upload_bytes_per_round": host_up.round(),
+        "host_upload_aggregates_per_round": (host_up / aggregate.max(1.0) * 100.0).round() / 100.0,
+        "host_aggregate_copies_median": (host_aggregate_copies * 100.0).round() / 100.0,
+        "host_upload_bytes_joining": host_up_join.round(),
         "aggregate_bytes": aggregate,
         "roster_bytes": roster,
         "update_bytes": update,

@@ -45,6 +45,9 @@ mod collect;
 mod control;
 mod round;
 
+pub(crate) use collect::Accepted;
+pub(crate) use round::{accepted_list, split_outliers};
+
 use control::{Shared, answer};
 
 /// Why the host stopped.
@@ -400,6 +403,12 @@ impl Host {
         Ok(host)
     }
 
+    /// The coordinator's network side, for measurements (what it served of
+    /// each blob, its traffic) taken while it runs.
+    pub fn net(&self) -> Arc<Net> {
+        self.net.clone()
+    }
+
     /// The ticket volunteers join with.
     pub fn ticket(&self) -> Ticket {
         Ticket {
@@ -659,7 +668,10 @@ impl Host {
         {
             let mut shared = self.shared();
             shared.checkpoint = Some((round, blob));
-            shared.manifests.clear();
+            // The checkpointed round's manifest stays: a volunteer that
+            // missed its gossip applies that round from the aggregate
+            // (still served, below) instead of downloading the weights.
+            shared.manifests.retain(|(r, _)| *r == round);
         }
         // The superseded aggregates: files (a restart replays from the new
         // checkpoint) and blobs, except the blobs of the round just

@@ -33,7 +33,8 @@ pub use settings::{Preset, Settings, SettingsError, Window};
 pub use spec::{RunFile, RunSpec, SpecError};
 pub use starling_swarm::{EndpointId, SecretKey, Ticket, Traffic, unix_ms};
 pub use swarm_bench::{
-    RoundReport as SwarmRoundReport, SwarmBenchError, SwarmBenchOptions, process_rss,
+    Bookkeeping as HostBookkeeping, RoundReport as SwarmRoundReport, SwarmBenchError,
+    SwarmBenchOptions, measure_bookkeeping as bench_host_bookkeeping, process_rss,
     run as bench_swarm,
 };
 /// The shape of the tree a round's shared blobs spread through: children

@@ -12,6 +12,10 @@
 //! transfers moved (the counters the caps act on); gossip and control frames
 //! are not in it.
 
+mod bookkeeping;
+
+pub use bookkeeping::{Bookkeeping, measure as measure_bookkeeping};
+
 use std::{
     collections::BTreeMap,
     path::PathBuf,
@@ -31,7 +35,7 @@ use starling_swarm::{
 };
 use starling_train::{DeviceChoice, select_device};
 use tokio::{
-    sync::{mpsc, watch},
+    sync::{Barrier, mpsc, watch},
     time::Instant,
 };
 
@@ -91,8 +95,16 @@ pub struct RoundReport {
     /// Most any volunteer uploaded for the round (its update, and what it
     /// served to the volunteers below it in the tree).
     pub upload_max_bytes: u64,
-    /// Bytes the coordinator uploaded from this round's opening to the next's.
+    /// Bytes the coordinator uploaded from this round's opening to the
+    /// next's (copies of a round's aggregate may still go out after the
+    /// next round opens: the per-blob counts below are exact).
     pub host_upload_bytes: u64,
+    /// Bytes of this round's aggregate the coordinator uploaded.
+    pub host_aggregate_upload_bytes: u64,
+    /// Bytes of this round's member list the coordinator uploaded (in the
+    /// first round, to every newcomer: no member admits it yet; later, the
+    /// list is the same blob as before while the members stay).
+    pub host_roster_upload_bytes: u64,
     /// Volunteers that got the aggregate from the coordinator: its direct
     /// children in the tree plus the fallbacks.
     pub aggregates_from_host: usize,
@@ -138,6 +150,8 @@ struct Shared {
     traffic: BTreeMap<u64, Vec<(u64, u64)>>,
     /// Per round: (aggregate bytes, roster bytes, accepted updates).
     sizes: BTreeMap<u64, (u64, u64, usize)>,
+    /// Per round: (aggregate, roster) blobs.
+    blobs: BTreeMap<u64, (Option<BlobRef>, BlobRef)>,
     /// Per round: volunteers the coordinator itself served the aggregate.
     from_host: BTreeMap<u64, usize>,
 }
@@ -150,22 +164,7 @@ pub async fn run(
     if let Some(ticket) = &opts.join {
         return run_joined(opts, ticket.clone(), on_round).await;
     }
-    let mut file = RunFile::default();
-    file.run.name = format!("swarm bench, {} volunteers", opts.volunteers);
-    file.run.model = opts.model.clone();
-    file.run.topk = opts.topk;
-    file.run.values = opts.values.clone();
-    file.run.corpus_bytes = 64 * 1024;
-    file.run.total_rounds = opts.rounds;
-    file.rounds.min_members = opts.volunteers;
-    file.rounds.close_when_complete = true;
-    // Long enough for every synthetic update to arrive on two cores.
-    file.rounds.window_secs = 60.0 + opts.volunteers as f64 * 0.5;
-    file.rounds.checkpoint_every = opts.rounds + 1;
-    file.rounds.eval_every = opts.rounds + 1;
-    file.rounds.report_every = opts.rounds + 1;
-    file.rounds.aggregate_topk = opts.aggregate_topk;
-    let (spec, tokens) = file.resolve(std::path::Path::new("."))?;
+    let (spec, tokens) = run_file(opts).resolve(std::path::Path::new("."))?;
     let device =
         select_device(DeviceChoice::Cpu).map_err(|e| SwarmBenchError::Device(e.to_string()))?;
     let _ = std::fs::remove_dir_all(&opts.dir);
@@ -187,19 +186,25 @@ pub async fn run(
     .await?;
     let host_node = crate::short(&host.ticket().host);
     let ticket = host.ticket();
+    let mut seen = HostSeen {
+        net: host.net(),
+        opened: BTreeMap::new(),
+        applied: BTreeMap::new(),
+    };
     let (stop_tx, stop_rx) = watch::channel(false);
     let host_task = tokio::spawn(host.run(stop_rx));
     let shared = Arc::new(Mutex::new(Shared::default()));
     let mut tasks = spawn_volunteers(opts, &ticket, &shared);
 
     // The coordinator's side of each round, from its events.
-    let mut opened: BTreeMap<u64, (Instant, u64, usize)> = BTreeMap::new();
-    let mut applied: BTreeMap<u64, f64> = BTreeMap::new();
     let mut reports = Vec::new();
     let limit = Duration::from_secs(600 + opts.rounds * opts.volunteers as u64);
     let deadline = Instant::now() + limit;
     let mut volunteers_done = 0;
-    while volunteers_done < opts.volunteers {
+    // Until every volunteer is done and the coordinator applied the last
+    // round (its apply may come after the last volunteer's).
+    let last = opts.rounds.saturating_sub(1);
+    while volunteers_done < opts.volunteers || !seen.applied.contains_key(&last) {
         tokio::select! {
             _ = tokio::time::sleep_until(deadline) => return Err(SwarmBenchError::Timeout(limit)),
             Some(done) = tasks.join_next() => {
@@ -211,11 +216,11 @@ pub async fn run(
             }
             Some(ev) = events.recv() => match ev {
                 NodeEvent::RoundOpened { node, round, members } if node == host_node => {
-                    opened.insert(round, (Instant::now(), host_traffic.total.up(), members));
+                    seen.opened.insert(round, (Instant::now(), host_traffic.total.up(), members));
                 }
                 NodeEvent::RoundApplied { node, round, .. } if node == host_node => {
-                    if let Some((t, _, _)) = opened.get(&round) {
-                        applied.insert(round, t.elapsed().as_secs_f64());
+                    if let Some((t, _, _)) = seen.opened.get(&round) {
+                        seen.applied.insert(round, t.elapsed().as_secs_f64());
                     }
                 }
                 _ => {}
@@ -227,10 +232,8 @@ pub async fn run(
             reports.len() as u64,
             opts,
             &shared,
-            &opened,
-            &applied,
+            &seen,
             volunteers_done == opts.volunteers,
-            host_traffic.total.up(),
         ) {
             on_round(&report);
             reports.push(report);
@@ -246,21 +249,37 @@ pub async fn run(
             });
         }
     }
-    while let Some(report) = ready_report(
-        reports.len() as u64,
-        opts,
-        &shared,
-        &opened,
-        &applied,
-        true,
-        host_traffic.total.up(),
-    ) {
+    while let Some(report) = ready_report(reports.len() as u64, opts, &shared, &seen, true) {
         on_round(&report);
         reports.push(report);
     }
     let _ = std::fs::remove_dir_all(&opts.dir);
     Ok(reports)
 }
+
+/// The benchmark's run: the model, top-k, values and cap asked for, every
+/// volunteer a member of every round, no checkpoints or evals on the way.
+fn run_file(opts: &SwarmBenchOptions) -> RunFile {
+    let mut file = RunFile::default();
+    file.run.name = format!("swarm bench, {} volunteers", opts.volunteers);
+    file.run.model = opts.model.clone();
+    file.run.topk = opts.topk;
+    file.run.values = opts.values.clone();
+    file.run.corpus_bytes = 64 * 1024;
+    file.run.total_rounds = opts.rounds;
+    file.rounds.min_members = opts.volunteers;
+    file.rounds.close_when_complete = true;
+    // Long enough for every synthetic update to arrive on two cores.
+    file.rounds.window_secs = 60.0 + opts.volunteers as f64 * 0.5;
+    file.rounds.checkpoint_every = opts.rounds + 1;
+    file.rounds.eval_every = opts.rounds + 1;
+    file.rounds.report_every = opts.rounds + 1;
+    file.rounds.aggregate_topk = opts.aggregate_topk;
+    file
+}
+
+/// How long a volunteer that has the last round waits for the others.
+const LAST_ROUND_WAIT: Duration = Duration::from_secs(300);
 
 /// Start `opts.volunteers` synthetic volunteers on `ticket`'s run.
 fn spawn_volunteers(
@@ -269,8 +288,9 @@ fn spawn_volunteers(
     shared: &Arc<Mutex<Shared>>,
 ) -> tokio::task::JoinSet<Result<(), SwarmBenchError>> {
     let mut tasks = tokio::task::JoinSet::new();
+    let all_done = Arc::new(Barrier::new(opts.volunteers));
     for index in 0..opts.volunteers {
-        let (ticket, shared) = (ticket.clone(), shared.clone());
+        let (ticket, shared, all_done) = (ticket.clone(), shared.clone(), all_done.clone());
         let rounds = opts.rounds;
         let serving = if index < opts.corrupt_relays {
             Serving::CorruptRelays
@@ -278,7 +298,7 @@ fn spawn_volunteers(
             Serving::Honest
         };
         tasks.spawn(async move {
-            synthetic_volunteer(index, ticket, rounds, serving, shared)
+            synthetic_volunteer(index, ticket, rounds, serving, shared, all_done)
                 .await
                 .map_err(|message| SwarmBenchError::Volunteer { index, message })
         });
@@ -319,16 +339,24 @@ async fn run_joined(
     Ok(reports)
 }
 
-/// Round `round`'s report, once every volunteer applied it and the
-/// coordinator's upload for it is known.
+/// What the benchmark saw of the coordinator.
+struct HostSeen {
+    /// Its network side (what it served of each blob).
+    net: Arc<Net>,
+    /// Per round: when it opened, the coordinator's upload then, members.
+    opened: BTreeMap<u64, (Instant, u64, usize)>,
+    /// Per round: seconds from its opening to the coordinator's apply.
+    applied: BTreeMap<u64, f64>,
+}
+
+/// Round `round`'s report, once every volunteer and the coordinator
+/// applied it and the coordinator's upload for it is known.
 fn ready_report(
     round: u64,
     opts: &SwarmBenchOptions,
     shared: &Mutex<Shared>,
-    opened: &BTreeMap<u64, (Instant, u64, usize)>,
-    applied: &BTreeMap<u64, f64>,
+    host: &HostSeen,
     finished: bool,
-    host_up_now: u64,
 ) -> Option<RoundReport> {
     if round >= opts.rounds {
         return None;
@@ -338,10 +366,11 @@ fn ready_report(
     if traffic.len() < opts.volunteers {
         return None;
     }
-    let &(_, up_at_open, members) = opened.get(&round)?;
-    let up_at_next = match opened.get(&(round + 1)) {
+    let &(_, up_at_open, members) = host.opened.get(&round)?;
+    let &secs = host.applied.get(&round)?;
+    let up_at_next = match host.opened.get(&(round + 1)) {
         Some(&(_, up, _)) => up,
-        None if finished => host_up_now,
+        None if finished => host.net.traffic().total.up(),
         None => return None,
     };
     let sizes = s.sizes.get(&round).copied()?;
@@ -349,7 +378,11 @@ fn ready_report(
     report.aggregates_from_host = s.from_host.get(&round).copied().unwrap_or(0);
     report.members = members;
     report.host_upload_bytes = up_at_next.saturating_sub(up_at_open);
-    report.round_secs = applied.get(&round).copied().unwrap_or(f64::NAN);
+    if let Some(&(aggregate, roster)) = s.blobs.get(&round) {
+        report.host_aggregate_upload_bytes = aggregate.map_or(0, |b| host.net.served_bytes(&b));
+        report.host_roster_upload_bytes = host.net.served_bytes(&roster);
+    }
+    report.round_secs = secs;
     Some(report)
 }
 
@@ -370,6 +403,8 @@ impl RoundReport {
             download_max_bytes: down.last().copied().unwrap_or(0),
             upload_max_bytes: traffic.iter().map(|t| t.1).max().unwrap_or(0),
             host_upload_bytes: 0,
+            host_aggregate_upload_bytes: 0,
+            host_roster_upload_bytes: 0,
             aggregates_from_host: 0,
             round_secs: f64::NAN,
             process_rss_bytes: process_rss(),
@@ -436,6 +471,7 @@ async fn synthetic_volunteer(
     rounds: u64,
     serving: Serving,
     shared: Arc<Mutex<Shared>>,
+    all_done: Arc<Barrier>,
 ) -> Result<(), String> {
     let key = SecretKey::generate();
     let host = Member {
@@ -493,10 +529,16 @@ async fn synthetic_volunteer(
                         .next_back()
                         .map(|r| r.members.iter().map(|m| m.id).collect())
                         .unwrap_or_default();
-                    let chain = spread::ancestors(&open.roster, &previous, &me).unwrap_or_default();
                     let tag = format!("{}roster", round_prefix(round));
-                    match spread::fetch(&net, &open.roster, chain, host.id, MAX_ROSTER_BYTES, &tag)
-                        .await
+                    match spread::fetch(
+                        &net,
+                        &open.roster,
+                        &previous,
+                        host.id,
+                        MAX_ROSTER_BYTES,
+                        &tag,
+                    )
+                    .await
                     {
                         Ok(fetched) => {
                             let roster = Roster::from_bytes(&fetched.bytes, open.members)
@@ -543,9 +585,13 @@ async fn synthetic_volunteer(
                 }
             }
             let (down, up) = (traffic.total.down(), traffic.total.up());
-            let roster_bytes = opens.get(&round).map_or(0, |o| o.roster.size);
+            let roster = opens.get(&round).map(|o| o.roster);
+            let roster_bytes = roster.map_or(0, |r| r.size);
             {
                 let mut s = shared.lock().unwrap_or_else(|e| e.into_inner());
+                if let Some(roster) = roster {
+                    s.blobs.entry(round).or_insert((manifest.aggregate, roster));
+                }
                 s.traffic
                     .entry(round)
                     .or_default()
@@ -596,8 +642,10 @@ async fn synthetic_volunteer(
             }
         }
     }
-    // Stay up a little so volunteers below us in the last tree can fetch.
-    tokio::time::sleep(Duration::from_secs(3)).await;
+    // Stay up until every volunteer has the last round: those below us in
+    // its tree fetch from us, and one that finds us gone asks the
+    // coordinator instead (a live run's members stay for the next round).
+    let _ = tokio::time::timeout(LAST_ROUND_WAIT, all_done.wait()).await;
     net.shutdown().await;
     Ok(())
 }
@@ -712,8 +760,7 @@ async fn fetch_aggregate(
         .get(&round)
         .map(|r| r.members.iter().map(|m| m.id).collect())
         .unwrap_or_default();
-    let chain = spread::ancestors(blob, &members, &net.id()).unwrap_or_default();
-    let fetched = spread::fetch(net, blob, chain, host, max, &aggregate_tag(round))
+    let fetched = spread::fetch(net, blob, &members, host, max, &aggregate_tag(round))
         .await
         .map_err(|e| format!("round {round}: aggregate: {e}"))?;
     let bytes = fetched.bytes;

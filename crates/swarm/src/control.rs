@@ -89,7 +89,9 @@ pub struct RunState {
     pub spec: Vec<u8>,
     /// The latest checkpoint: the last round it includes, and the blob.
     pub checkpoint: Option<(u64, BlobRef)>,
-    /// Signed manifests (`Message` bytes) after the checkpoint, in round order.
+    /// Signed manifests (`Message` bytes) after the checkpoint, in round
+    /// order; the checkpointed round's own may come first (a member one
+    /// round behind applies it instead of loading the checkpoint).
     pub manifests: Vec<Vec<u8>>,
     /// The signed `RoundOpen` of the round in progress, if any.
     pub round_open: Option<Vec<u8>>,

@@ -46,10 +46,12 @@ use crate::{
 mod blobs;
 mod control_rpc;
 mod corrupt;
+mod dialer;
 mod gate;
 mod gc;
 mod gossip;
 mod peers;
+mod served;
 #[cfg(test)]
 mod tests;
 mod throttle;
@@ -297,6 +299,12 @@ impl Net {
     /// Caps and counters.
     pub fn traffic(&self) -> &Traffic {
         &self.traffic
+    }
+
+    /// Bytes of `blob` this node has uploaded to peers (0 for a blob it
+    /// never served or served long ago: the last 1,024 blobs are kept).
+    pub fn served_bytes(&self, blob: &BlobRef) -> u64 {
+        self.blobs.served_bytes(blob)
     }
 
     /// Admit `members` (plus the always-admitted `keep`), learn their

@@ -38,10 +38,10 @@ pub(super) struct Collected {
 }
 
 /// An update accepted into the round.
-pub(super) struct Accepted {
-    pub(super) sender: EndpointId,
-    pub(super) announce: Announce,
-    pub(super) update: CheckedUpdate,
+pub(crate) struct Accepted {
+    pub(crate) sender: EndpointId,
+    pub(crate) announce: Announce,
+    pub(crate) update: CheckedUpdate,
 }
 
 /// Why an announced update was left out of the round.

@@ -22,6 +22,8 @@ use tokio::sync::mpsc;
 pub(super) struct Shared {
     pub(super) spec_bytes: Vec<u8>,
     pub(super) checkpoint: Option<(u64, starling_swarm::BlobRef)>,
+    /// Signed manifests after the checkpoint, and the checkpointed round's
+    /// own until the next checkpoint.
     pub(super) manifests: Vec<(u64, Vec<u8>)>,
     pub(super) round_open: Option<Vec<u8>>,
     pub(super) next_round: u64,

@@ -173,14 +173,10 @@ impl Host {
 
     /// Robust aggregation: drop (as faults) updates far above the round's
     /// median norm; returns the rest in sender order, the manifest's order.
-    fn robust_filter(&mut self, round: u64, mut accepted: Vec<Accepted>) -> Vec<Accepted> {
+    fn robust_filter(&mut self, round: u64, accepted: Vec<Accepted>) -> Vec<Accepted> {
         let factor = self.state.spec.rounds.robust_norm_factor;
-        let norms: Vec<f32> = accepted.iter().map(|a| a.update.norm).collect();
-        if let Some(median) = robust_median(&norms, factor) {
-            let (keep, outliers): (Vec<_>, Vec<_>) = accepted
-                .into_iter()
-                .partition(|a| a.update.norm <= factor * median);
-            accepted = keep;
+        let (keep, outliers) = split_outliers(accepted, factor);
+        if let Some((median, outliers)) = outliers {
             for a in outliers {
                 self.fault(
                     round,
@@ -192,8 +188,7 @@ impl Host {
                 );
             }
         }
-        accepted.sort_by_key(|a| a.sender);
-        accepted
+        keep
     }
 
     /// Merge the accepted updates into the round's aggregate, write and
@@ -205,17 +200,7 @@ impl Host {
         round: u64,
         accepted: Vec<Accepted>,
     ) -> Result<Option<Committed>, HostError> {
-        let list = AcceptedList {
-            entries: accepted
-                .iter()
-                .map(|a| ManifestEntry {
-                    sender: a.sender,
-                    update: a.announce.update,
-                    tokens: a.announce.tokens,
-                    loss: a.announce.loss,
-                })
-                .collect(),
-        };
+        let list = accepted_list(&accepted);
         let tokens = list.tokens();
         let loss = list.mean_loss();
         let count = accepted.len() as u32;
@@ -397,6 +382,42 @@ impl Host {
             }
             Err(e) => self.warn(format!("round {round}: cannot sign the weight report: {e}")),
         }
+    }
+}
+
+/// Split `accepted` into the updates within `factor` times the round's
+/// median norm, in sender order (the manifest's order), and, when robust
+/// filtering applies, that median and the updates over it.
+pub(crate) fn split_outliers(
+    accepted: Vec<Accepted>,
+    factor: f32,
+) -> (Vec<Accepted>, Option<(f32, Vec<Accepted>)>) {
+    let norms: Vec<f32> = accepted.iter().map(|a| a.update.norm).collect();
+    let (mut keep, outliers) = match robust_median(&norms, factor) {
+        Some(median) => {
+            let (keep, over): (Vec<_>, Vec<_>) = accepted
+                .into_iter()
+                .partition(|a| a.update.norm <= factor * median);
+            (keep, Some((median, over)))
+        }
+        None => (accepted, None),
+    };
+    keep.sort_by_key(|a| a.sender);
+    (keep, outliers)
+}
+
+/// The list of the round's accepted updates the manifest names.
+pub(crate) fn accepted_list(accepted: &[Accepted]) -> AcceptedList {
+    AcceptedList {
+        entries: accepted
+            .iter()
+            .map(|a| ManifestEntry {
+                sender: a.sender,
+                update: a.announce.update,
+                tokens: a.announce.tokens,
+                loss: a.announce.loss,
+            })
+            .collect(),
     }
 }
 

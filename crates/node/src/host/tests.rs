@@ -15,9 +15,10 @@ use starling_train::{DeviceChoice, select_device};
 use tokio::sync::{mpsc, watch};
 
 use super::{
-    Host, HostError, HostOptions,
+    Accepted, Host, HostError, HostOptions,
     control::{Shared, answer},
     round::robust_median,
+    split_outliers,
 };
 use crate::{
     MonthlyCap, NodeEvent, RunFile, VolunteerOptions, data::Tokens, replica::Replica,
@@ -482,6 +483,51 @@ fn robust_filtering_needs_three_updates_and_a_positive_factor() {
     assert_eq!(robust_median(&[3.0, 1.0, 2.0], 5.0), Some(2.0));
     // The upper median of an even count, whatever the order.
     assert_eq!(robust_median(&[400.0, 1.0, 3.0, 2.0], 5.0), Some(3.0));
+}
+
+#[test]
+fn outliers_are_split_off_and_the_rest_kept_in_sender_order() {
+    let update = |norm: f32| {
+        let sender = SecretKey::generate().public();
+        Accepted {
+            sender,
+            announce: Announce {
+                update: starling_swarm::BlobRef::of(sender.as_bytes()),
+                tokens: 1,
+                loss: 1.0,
+            },
+            update: crate::replica::CheckedUpdate {
+                update: starling_distro::IncomingUpdate {
+                    sender: *sender.as_bytes(),
+                    tensors: Vec::new(),
+                },
+                norm,
+            },
+        }
+    };
+    let norms = |a: &[Accepted]| a.iter().map(|a| a.update.norm).collect::<Vec<_>>();
+    let senders = |a: &[Accepted]| a.iter().map(|a| a.sender).collect::<Vec<_>>();
+
+    let (keep, outliers) = split_outliers(
+        vec![update(1.0), update(100.0), update(2.0), update(3.0)],
+        5.0,
+    );
+    let (median, over) = outliers.expect("four updates are filtered");
+    assert_eq!(median, 3.0);
+    assert_eq!(norms(&over), [100.0]);
+    let mut sorted = senders(&keep);
+    sorted.sort();
+    assert_eq!(senders(&keep), sorted, "kept in sender order");
+    let mut kept = norms(&keep);
+    kept.sort_by(f32::total_cmp);
+    assert_eq!(kept, [1.0, 2.0, 3.0]);
+
+    // Two updates: nothing to compare with, both kept, still in order.
+    let (keep, outliers) = split_outliers(vec![update(1.0), update(100.0)], 5.0);
+    assert!(outliers.is_none());
+    let mut sorted = senders(&keep);
+    sorted.sort();
+    assert_eq!((keep.len(), senders(&keep)), (2, sorted));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -48,6 +48,14 @@ const CHECKPOINT_TAG: &str = "checkpoint";
 /// How long a joiner waits to be listed in a round (members admit it only
 /// then) before it fetches the checkpoint from the coordinator instead.
 const LISTED_WAIT: Duration = Duration::from_secs(60);
+/// How long a volunteer that holds the manifest of its next round keeps
+/// applying rounds before it takes the checkpoint instead: a round's
+/// aggregate is a small fraction of the weights, and a volunteer one round
+/// behind the coordinator's checkpoint is the usual case, not a straggler.
+const ROUNDS_FIRST: Duration = Duration::from_secs(60);
+/// How long a volunteer past its last round stays once nobody fetches
+/// from it (see `Volunteer::linger`).
+const LINGER_QUIET: Duration = Duration::from_secs(3);
 /// Ask the coordinator directly after this long without news.
 const POLL_AFTER: Duration = Duration::from_secs(3);
 
@@ -356,6 +364,7 @@ impl Volunteer {
         let mut tick = tokio::time::interval(Duration::from_secs(1));
         loop {
             if max_rounds.is_some_and(|m| self.applied >= m) {
+                self.linger().await;
                 return Ok(());
             }
             if self.over_cap() {
@@ -395,6 +404,28 @@ impl Volunteer {
                         last_news = Instant::now();
                     }
                 }
+            }
+        }
+    }
+
+    /// After its last round, keep serving until nobody fetched anything
+    /// from this node for [`LINGER_QUIET`], at most one round window: its
+    /// children in the last round's tree fetch that round's aggregate from
+    /// it, and a parent that left at once would send them all to the
+    /// coordinator (as the coordinator itself stays one window).
+    async fn linger(&self) {
+        let window = self
+            .replica
+            .as_ref()
+            .map(|r| lock(r).spec().rounds.window_secs)
+            .unwrap_or(0.0);
+        let until = Instant::now() + Duration::from_secs_f64(window);
+        let served = || self.net.traffic().total.up();
+        let (mut last, mut quiet_since) = (served(), Instant::now());
+        while Instant::now() < until && quiet_since.elapsed() < LINGER_QUIET {
+            tokio::time::sleep(Duration::from_millis(250)).await;
+            if served() != last {
+                (last, quiet_since) = (served(), Instant::now());
             }
         }
     }
@@ -521,7 +552,9 @@ impl Volunteer {
     /// be listed in an open round (the coordinator lists whoever joined
     /// since the last round opened), up to [`LISTED_WAIT`], then fetches it
     /// from a few of that round's members, the coordinator being the last
-    /// resort. Returns whether it loaded one.
+    /// resort. A volunteer that holds the manifest of its next round applies
+    /// rounds instead, for up to [`ROUNDS_FIRST`]. Returns whether it loaded
+    /// one.
     async fn catch_up(&mut self) -> Result<bool, VolunteerError> {
         let Some((round, blob, since)) = self.pending_checkpoint else {
             return Ok(false);
@@ -529,6 +562,9 @@ impl Volunteer {
         if round < self.next {
             // The rounds up to it arrived another way.
             self.pending_checkpoint = None;
+            return Ok(false);
+        }
+        if self.manifests.contains_key(&self.next) && since.elapsed() < ROUNDS_FIRST {
             return Ok(false);
         }
         let me = self.net.id();
@@ -808,18 +844,16 @@ impl Volunteer {
         if let Some(r) = self.rosters.get(&round) {
             return Ok(Some(r.clone()));
         }
-        let me = self.net.id();
         let previous: Vec<EndpointId> = self
             .rosters
             .range(..round)
             .next_back()
             .map(|(_, r)| r.members.iter().map(|m| m.id).collect())
             .unwrap_or_default();
-        let chain = spread::ancestors(&blob, &previous, &me).unwrap_or_default();
         let tag = format!("{}roster", round_prefix(round));
         let what = format!("round {round}: the member list");
         let bytes = match self
-            .fetch_spread(&what, &blob, chain, MAX_ROSTER_BYTES, &tag)
+            .fetch_spread(&what, &blob, &previous, MAX_ROSTER_BYTES, &tag)
             .await
         {
             Ok(bytes) => bytes,
@@ -957,9 +991,8 @@ impl Volunteer {
             .get(&round)
             .map(|r| r.members.iter().map(|m| m.id).collect())
             .unwrap_or_default();
-        let chain = spread::ancestors(blob, &members, &self.net.id()).unwrap_or_default();
         let what = format!("round {round}: the aggregate");
-        self.fetch_spread(&what, blob, chain, max, &aggregate_tag(round))
+        self.fetch_spread(&what, blob, &members, max, &aggregate_tag(round))
             .await
             .map_err(|source| VolunteerError::Fetch {
                 what,
@@ -973,11 +1006,11 @@ impl Volunteer {
         &self,
         what: &str,
         blob: &BlobRef,
-        chain: Vec<EndpointId>,
+        members: &[EndpointId],
         max: u64,
         tag: &str,
     ) -> Result<Bytes, starling_swarm::FetchError> {
-        let fetched = spread::fetch(&self.net, blob, chain, self.host.id, max, tag).await?;
+        let fetched = spread::fetch(&self.net, blob, members, self.host.id, max, tag).await?;
         self.name_liars(what, &fetched.corrupt);
         Ok(fetched.bytes)
     }

@@ -16,12 +16,27 @@
 //! who served it wrongly); one that serves slowly costs one attempt's time
 //! limit.
 //!
+//! A member whose ancestors all failed it (gone, stuck, lying) asks a few
+//! other members picked at random, once each, before the coordinator (a
+//! child of the coordinator asks it at once: those members are fetching the
+//! blob at the same moment, and asking them first cost a host-restart test
+//! its rounds): by
+//! then most of the run holds the blob, and fallbacks spread at random cost
+//! each member a fraction of one copy where the coordinator would pay for
+//! all of them.
+//!
+//! A parent still fetching the blob answers with the empty entry its store
+//! keeps meanwhile, which the fetch reads as "not held yet"
+//! (`ProviderFailure::NotHeld`), so an honest parent is never taken for one
+//! that lies; asks reuse one connection per parent, so polling costs no
+//! handshakes.
+//!
 //! So the coordinator uploads a blob about [`HOST_FANOUT`] times plus the
-//! fetches of members whose ancestors failed them, and a member uploads it
-//! at most [`FANOUT`] times plus what the same fallbacks ask of it. The
-//! coordinator has fewer children than a member because its upload is the
-//! one that every round shares, and fallbacks land on it too: two children
-//! leave room for a couple of fallbacks within four copies of a blob.
+//! fetches of members that nobody else served, and a member uploads it at
+//! most [`FANOUT`] times plus its share of the fallbacks. The coordinator
+//! has fewer children than a member because its upload is the one that
+//! every round shares, and the last fallbacks land on it: two children
+//! leave room for a couple of those within four copies of a blob.
 
 use std::time::Duration;
 
@@ -94,16 +109,38 @@ pub(crate) struct Fetched {
     pub(crate) corrupt: Vec<EndpointId>,
 }
 
-/// Fetch `blob` from `chain` (polling while its members lack the blob), then
-/// from `host` once patience runs out; at most `max` bytes, kept under `tag`.
+/// Members picked at random and asked once each when every ancestor failed.
+const OTHERS_ASKED: usize = 4;
+
+/// Fetch `blob` through its tree over `members`: from this node's ancestors
+/// (polling the parent while it lacks the blob), then, once patience runs
+/// out, from a few other members, then from `host`; at most `max` bytes,
+/// kept under `tag`. A node that is not among `members` asks `host` alone.
 pub(crate) async fn fetch(
     net: &Net,
     blob: &BlobRef,
-    mut chain: Vec<EndpointId>,
+    members: &[EndpointId],
     host: EndpointId,
     max: u64,
     tag: &str,
 ) -> Result<Fetched, FetchError> {
+    let me = net.id();
+    let mut chain = ancestors(blob, members, &me).unwrap_or_default();
+    // A child of the coordinator has no ancestor to wait for: it asks the
+    // coordinator at once, as its tree place says, not members that are
+    // fetching the blob at the same moment.
+    let others: Vec<EndpointId> = if chain.is_empty() {
+        Vec::new()
+    } else {
+        let rest: Vec<EndpointId> = members
+            .iter()
+            .filter(|id| **id != me && !chain.contains(id))
+            .copied()
+            .collect();
+        rest.choose_multiple(&mut rand::rng(), OTHERS_ASKED)
+            .copied()
+            .collect()
+    };
     let limit = attempt_limit(blob.size);
     let patience = BASE_PATIENCE + limit.min(Duration::from_secs(30)) * chain.len() as u32;
     let started = Instant::now();
@@ -141,11 +178,13 @@ pub(crate) async fn fetch(
         pause = (pause * 3 / 2).min(POLL_MAX);
     }
     // Patience ran out: the parent may be stuck, its ancestors most likely
-    // hold the blob by now. Each is asked once, nearest first, then the
-    // coordinator, the last resort, given longer than an ancestor.
+    // hold the blob by now, and so do most members. Each ancestor is asked
+    // once, nearest first, then a few others, then the coordinator, the
+    // last resort, given longer than a member.
     let tries = chain
         .iter()
         .skip(1)
+        .chain(&others)
         .map(|&a| (a, limit))
         .chain([(host, limit * LAST_RESORT_PATIENCE)]);
     let mut last = None;

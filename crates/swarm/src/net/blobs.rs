@@ -29,15 +29,21 @@ use tracing::{debug, warn};
 use super::{
     CONNECT_TIMEOUT,
     corrupt::{CorruptRelay, Own},
+    dialer::Dialer,
     gate::refused_by_gate,
     gc::{GcGate, gated_store},
     peers::{PeerBook, PeerStats},
-    throttle::{throttled_pair, upload_throttle},
+    served::Served,
+    throttle::{provider_events, throttled_pair},
 };
 use crate::{
     bandwidth::Traffic,
     message::{BlobHash, BlobRef},
 };
+
+/// How soon a provider must answer on a connection kept from an earlier
+/// ask before a new connection is dialled (see [`Blobs::prove_size`]).
+const KEPT_ANSWER: Duration = Duration::from_secs(2);
 
 /// Why a blob could not be published.
 #[derive(Debug, thiserror::Error)]
@@ -208,6 +214,11 @@ pub enum ProviderFailure {
         #[source]
         source: GetError,
     },
+    /// It proved the empty blob: it does not hold this one (yet; a node
+    /// whose own fetch has begun serves the empty entry it keeps until the
+    /// first bytes arrive).
+    #[error("it does not hold the blob yet")]
+    NotHeld,
     /// The transfer failed (the provider lacks the data, sent data that does
     /// not verify, or the connection broke).
     #[error("transfer failed: {source:#}")]
@@ -228,6 +239,15 @@ pub enum ProviderFailure {
 }
 
 impl ProviderFailure {
+    /// Whether the provider answered, over a working connection, that it
+    /// does not hold the blob (yet).
+    fn lacks_blob(&self) -> bool {
+        matches!(
+            self,
+            Self::NotHeld | Self::Size { .. } | Self::Transfer { .. }
+        ) && !self.is_corrupt()
+    }
+
     /// Whether the provider sent bytes that are not the blob (they fail
     /// BLAKE3 verification): a provider that lies, not one that merely
     /// lacks the blob or went away.
@@ -240,6 +260,24 @@ impl ProviderFailure {
 }
 
 /// Whether a transfer failed because a chunk did not verify.
+/// Whether a size proof failed because the provider proved the empty blob
+/// where a larger one was asked for: what a node serves from the empty
+/// entry its own fetch of the blob leaves until the first bytes arrive (a
+/// parent in a round's tree, asked by its children meanwhile). It lacks the
+/// blob; it does not lie. A provider that lies about a larger blob fails on
+/// its last chunk, not on chunk 0.
+fn proved_empty(e: &GetError, declared: u64) -> bool {
+    use iroh_blobs::get::fsm::DecodeError;
+    declared > 1024
+        && matches!(
+            e,
+            GetError::Decode {
+                source: DecodeError::LeafHashMismatch { num, .. },
+                ..
+            } if num.0 == 0
+        )
+}
+
 fn hash_mismatch(e: &GetError) -> bool {
     use iroh_blobs::get::fsm::DecodeError;
     matches!(
@@ -298,12 +336,14 @@ impl Attempt {
 
 /// The node's blob store and the means to fill it from peers.
 pub(super) struct Blobs {
-    store: MemStore,
+    pub(super) store: MemStore,
     gc: GcGate,
     endpoint: Endpoint,
     traffic: Traffic,
     peers: PeerBook,
     own: Own,
+    pub(super) dialer: Dialer,
+    served: Served,
 }
 
 impl Blobs {
@@ -317,12 +357,18 @@ impl Blobs {
             traffic,
             peers: PeerBook::default(),
             own: Own::default(),
+            dialer: Dialer::default(),
+            served: Served::default(),
         }
     }
 
-    /// The protocol that serves this store to peers, under the upload cap.
+    /// The protocol that serves this store's complete blobs to peers, under
+    /// the upload cap.
     pub(super) fn protocol(&self) -> BlobsProtocol {
-        BlobsProtocol::new(&self.store, Some(upload_throttle(self.traffic.clone())))
+        BlobsProtocol::new(
+            &self.store,
+            Some(provider_events(self.traffic.clone(), self.served.clone())),
+        )
     }
 
     /// A protocol that serves this node's own blobs and corrupts every
@@ -330,9 +376,14 @@ impl Blobs {
     pub(super) fn corrupt_relay(&self) -> CorruptRelay {
         CorruptRelay {
             store: (*self.store).clone(),
-            events: upload_throttle(self.traffic.clone()),
+            events: provider_events(self.traffic.clone(), self.served.clone()),
             own: self.own.clone(),
         }
+    }
+
+    /// See [`super::Net::served_bytes`].
+    pub(super) fn served_bytes(&self, blob: &BlobRef) -> u64 {
+        self.served.bytes(&Hash::from_bytes(blob.hash))
     }
 
     /// Peers fetched from, most recent first.
@@ -525,6 +576,11 @@ impl Blobs {
                 Ok(Err(Attempt::Provider(failure))) => failure,
                 Err(_) => ProviderFailure::TimedOut { after: time_limit },
             };
+            // A provider that merely lacks the blob keeps its connection for
+            // the next ask; after anything else the next ask dials afresh.
+            if !failure.lacks_blob() {
+                self.dialer.forget(&provider);
+            }
             let error = ProviderError { provider, failure };
             debug!("blob {}: {error}", short(&blob.hash));
             last = Some(error);
@@ -532,9 +588,9 @@ impl Blobs {
         Err(FetchError::Unavailable { blob: *blob, last })
     }
 
-    /// A blob-protocol connection to `provider`.
-    async fn connect(&self, provider: EndpointId) -> Result<Connection, ProviderFailure> {
-        match timeout(
+    /// A new blob-protocol connection to `provider`, kept for the next ask.
+    async fn dial(&self, provider: EndpointId) -> Result<Connection, ProviderFailure> {
+        let conn = match timeout(
             CONNECT_TIMEOUT,
             self.endpoint.connect(provider, iroh_blobs::ALPN),
         )
@@ -548,6 +604,44 @@ impl Blobs {
             }
             Ok(Err(source)) => Err(ProviderFailure::Connect { source }),
             Ok(Ok(conn)) => Ok(conn),
+        }?;
+        self.dialer.keep(provider, &conn);
+        Ok(conn)
+    }
+
+    /// Have `provider` prove `hash`'s size, on the connection kept from an
+    /// earlier ask if it answers within [`KEPT_ANSWER`], else on a new one:
+    /// a peer that restarted on the same key and port leaves the kept
+    /// connection silently dead, and asking on it would cost the attempt's
+    /// whole time limit. Returns the connection that answered.
+    async fn prove_size(
+        &self,
+        provider: EndpointId,
+        blob: &BlobRef,
+    ) -> Result<(Connection, u64), Attempt> {
+        let hash = Hash::from_bytes(blob.hash);
+        let failed = |source: GetError, conn: &Connection| {
+            let failure = if proved_empty(&source, blob.size) {
+                ProviderFailure::NotHeld
+            } else {
+                ProviderFailure::Size { source }
+            };
+            Attempt::from(failure).or_refused(conn)
+        };
+        if let Some(conn) = self.dialer.get(&provider) {
+            match timeout(KEPT_ANSWER, get_verified_size(&conn, &hash)).await {
+                Ok(Ok((size, _))) => return Ok((conn, size)),
+                Ok(Err(source)) if conn.close_reason().is_none() => {
+                    return Err(failed(source, &conn));
+                }
+                // Silent, or the connection ended: ask on a new one.
+                _ => self.dialer.forget(&provider),
+            }
+        }
+        let conn = self.dial(provider).await?;
+        match get_verified_size(&conn, &hash).await {
+            Ok((size, _)) => Ok((conn, size)),
+            Err(source) => Err(failed(source, &conn)),
         }
     }
 
@@ -558,18 +652,15 @@ impl Blobs {
         blob: &BlobRef,
         progress: &(dyn Fn(u64) + Send + Sync),
     ) -> Result<(), Attempt> {
-        let conn = self.connect(provider).await?;
+        let hash = Hash::from_bytes(blob.hash);
+        let (conn, actual) = self.prove_size(provider, blob).await?;
+        if actual != blob.size {
+            return Err(Attempt::Fatal(FetchError::SizeMismatch {
+                declared: blob.size,
+                actual,
+            }));
+        }
         let result = async {
-            let hash = Hash::from_bytes(blob.hash);
-            let (actual, _) = get_verified_size(&conn, &hash)
-                .await
-                .map_err(|source| ProviderFailure::Size { source })?;
-            if actual != blob.size {
-                return Err(Attempt::Fatal(FetchError::SizeMismatch {
-                    declared: blob.size,
-                    actual,
-                }));
-            }
             let pair = throttled_pair(&conn, &self.traffic)
                 .await
                 .map_err(|source| ProviderFailure::Stream { source })?;
@@ -582,19 +673,19 @@ impl Blobs {
                         return Ok(());
                     }
                     GetProgressItem::Error(source) => {
-                        return Err(ProviderFailure::Transfer { source }.into());
+                        return Err(ProviderFailure::Transfer { source });
                     }
                 }
             }
-            Err(ProviderFailure::Ended.into())
+            Err(ProviderFailure::Ended)
         }
         .await;
-        result.map_err(|e| e.or_refused(&conn))
+        result.map_err(|e| Attempt::from(e).or_refused(&conn))
     }
 
     /// Run `request` (the chunks this node lacks) against `provider`.
     async fn get_from(&self, provider: EndpointId, request: GetRequest) -> Result<(), Attempt> {
-        let conn = self.connect(provider).await?;
+        let conn = self.dial(provider).await?;
         let result = async {
             let pair = throttled_pair(&conn, &self.traffic)
                 .await

@@ -486,3 +486,65 @@ async fn a_provider_serving_corrupted_bytes_is_bypassed() {
     assert_eq!(&got[..], &data[..]);
     let _ = liar.shutdown().await;
 }
+
+/// A node whose fetch of a blob has begun but whose first bytes have not
+/// arrived (a parent in a round's tree, asked by its children meanwhile)
+/// serves the empty entry its store keeps for the blob: a proof of the
+/// empty blob, which fails BLAKE3 (seen: "leaf hash mismatch: 0"). The
+/// asker must read that as "not held yet", not take an honest parent for a
+/// liar. Asks reuse one connection; what each node served is counted per
+/// blob.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_still_fetching_is_not_taken_for_a_liar() {
+    let run = RunId([9; 16]);
+    let (a, _) = Net::spawn(config(1, run, true, vec![])).await.unwrap();
+    let (b, _) = Net::spawn(config(2, run, true, vec![a.member()]))
+        .await
+        .unwrap();
+    let (c, _) = Net::spawn(config(3, run, true, vec![a.member(), b.member()]))
+        .await
+        .unwrap();
+    let data: Vec<u8> = (0..17_134u32).map(|i| (i * 7 % 253) as u8).collect();
+    let blob = a.publish("r1/agg", data.clone()).await.unwrap();
+    // The middle node's fetch has begun: the transfer's look at what is
+    // held locally leaves an empty entry until the first bytes arrive.
+    let hash = iroh_blobs::Hash::from_bytes(blob.hash);
+    b.blobs.store.remote().local(hash).await.unwrap();
+    let limit = Duration::from_secs(20);
+    for ask in 0..3 {
+        match c.fetch(&blob, &[b.id()], 1 << 20, "r1/agg", limit).await {
+            Err(FetchError::Unavailable { last: Some(e), .. }) => {
+                assert!(!e.failure.is_corrupt(), "ask {ask}: {e}");
+                assert!(
+                    matches!(e.failure, ProviderFailure::NotHeld),
+                    "ask {ask}: {e}"
+                );
+            }
+            other => panic!("ask {ask}: {other:?}"),
+        }
+    }
+    assert_eq!(c.blobs.dialer.len(), 1, "one connection for three asks");
+    b.fetch(&blob, &[a.id()], 1 << 20, "r1/agg", limit)
+        .await
+        .unwrap();
+    let got = c
+        .fetch(&blob, &[b.id()], 1 << 20, "r1/agg", limit)
+        .await
+        .unwrap();
+    assert_eq!(&got[..], &data[..]);
+    // Each served it once (a size proof, then the blob), counted per blob.
+    let other = a.publish("other", vec![1; 5000]).await.unwrap();
+    for n in [&a, &b] {
+        let served = n.served_bytes(&blob);
+        assert!(
+            (blob.size..blob.size + 2048).contains(&served),
+            "served {served} bytes of a {}-byte blob",
+            blob.size
+        );
+        assert_eq!(n.served_bytes(&other), 0);
+    }
+    assert_eq!(c.served_bytes(&blob), 0);
+    for n in [a, b, c] {
+        n.shutdown().await;
+    }
+}

@@ -6,15 +6,16 @@
 //! uploads answer the blob provider's throttle events (it pauses after every
 //! ~16 KiB leaf until the bucket allows more); downloads go through a
 //! wrapped receive stream, which back-pressures the sender through QUIC flow
-//! control.
+//! control. The same provider events count the bytes sent per blob.
 
 use bytes::Bytes;
 use iroh::endpoint::{Connection, ConnectionError, RecvStream, SendStream, VarInt};
 use iroh_blobs::{
     get::StreamPair,
-    provider::events::{EventMask, EventSender, ProviderMessage, ThrottleMode},
+    provider::events::{EventMask, EventSender, ProviderMessage, RequestMode, ThrottleMode},
 };
 
+use super::served::Served;
 use crate::bandwidth::Traffic;
 
 /// A receive stream that takes download tokens before handing bytes on.
@@ -69,24 +70,39 @@ pub(super) async fn throttled_pair(
     ))
 }
 
-/// Answers the blob provider's throttle requests from the upload bucket.
-pub(super) fn upload_throttle(traffic: Traffic) -> EventSender {
+/// The blob provider's event handler: answers its throttle requests from
+/// the upload bucket and counts every byte sent against its blob in
+/// `served` (the provider names the blob once per request, then counts the
+/// request's bytes).
+pub(super) fn provider_events(traffic: Traffic, served: Served) -> EventSender {
     let mask = EventMask {
+        get: RequestMode::Notify,
         throttle: ThrottleMode::Intercept,
         ..EventMask::DEFAULT
     };
     let (tx, mut rx) = EventSender::channel(256, mask);
     tokio::spawn(async move {
         while let Some(msg) = rx.recv().await {
-            if let ProviderMessage::Throttle(m) = msg {
-                traffic.total.add_up(m.size);
-                let wait = traffic.up.reserve(m.size);
-                tokio::spawn(async move {
-                    if !wait.is_zero() {
-                        tokio::time::sleep(wait).await;
-                    }
-                    m.tx.send(Ok(())).await.ok();
-                });
+            match msg {
+                ProviderMessage::Throttle(m) => {
+                    traffic.total.add_up(m.inner.size);
+                    served.sent(m.inner.connection_id, m.inner.request_id, m.inner.size);
+                    let wait = traffic.up.reserve(m.inner.size);
+                    tokio::spawn(async move {
+                        if !wait.is_zero() {
+                            tokio::time::sleep(wait).await;
+                        }
+                        m.tx.send(Ok(())).await.ok();
+                    });
+                }
+                ProviderMessage::GetRequestReceivedNotify(m) => {
+                    served.request(
+                        m.inner.connection_id,
+                        m.inner.request_id,
+                        m.inner.request.hash,
+                    );
+                }
+                _ => {}
             }
         }
     });
