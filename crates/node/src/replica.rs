@@ -354,6 +354,16 @@ impl Replica {
         })
     }
 
+    /// Most bytes the shared checkpoint (the weights alone) of this model
+    /// can take: its parameters as f32 plus the safetensors header (tensor
+    /// names, shapes, offsets and the run's metadata), allowed 1 MiB plus
+    /// 1 KiB a tensor. A coordinator declaring more is refused before
+    /// anything is downloaded.
+    pub fn max_checkpoint_bytes(&self) -> u64 {
+        let model = &self.spec.model;
+        4 * model.param_count() as u64 + (1 << 20) + 1024 * model.stored_shapes().len() as u64
+    }
+
     /// Most bytes the aggregate of any round of this model can take.
     pub fn max_aggregate_bytes(&self) -> u64 {
         aggregate::max_len(
@@ -528,5 +538,37 @@ impl Replica {
                 .map_err(ReplicaError::CheckpointMomentum)?;
         }
         Ok(c.step)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use starling_train::{DeviceChoice, select_device};
+
+    use super::*;
+    use crate::RunFile;
+
+    #[test]
+    fn the_checkpoint_bound_holds_the_real_checkpoint_and_little_more() {
+        let (spec, tokens) = RunFile::default()
+            .resolve(std::path::Path::new("."))
+            .expect("the default run");
+        let device = select_device(DeviceChoice::Cpu).expect("the CPU");
+        let replica =
+            Replica::new(&spec, &device, [1; 16], [2; 32], Tokens::All(tokens)).expect("replica");
+        // A late round: the step in the header takes its most digits.
+        let real = replica
+            .shared_checkpoint_bytes(u64::MAX - 1)
+            .expect("checkpoint")
+            .len() as u64;
+        let most = replica.max_checkpoint_bytes();
+        assert!(real <= most, "{real} > {most}");
+        // The weights themselves leave no room: a few MiB of slack at most.
+        let weights = 4 * spec.model.param_count() as u64;
+        assert!(real > weights);
+        assert!(
+            most - weights < 2 << 20,
+            "{most} allows too much over {weights}"
+        );
     }
 }

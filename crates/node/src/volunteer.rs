@@ -409,6 +409,10 @@ fn advice(e: &VolunteerError, endpoint_id: &str) -> ErrorInfo {
                  VRAM limit, or join a run with a smaller model."
             ),
         ),
+        VolunteerError::CheckpointTooLarge { .. } => ErrorInfo::new(
+            ErrorCode::Spec,
+            format!("Nothing was downloaded: {e}. Tell the run's host, or join another run."),
+        ),
         other => {
             let code = match other {
                 VolunteerError::Spec(_) => ErrorCode::Spec,

@@ -344,6 +344,78 @@ async fn a_device_too_small_for_the_model_is_refused_before_any_download() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_checkpoint_larger_than_the_model_is_refused_before_any_download() {
+    // A hostile coordinator: the real run's spec, and a 10 GiB checkpoint
+    // for nano (whose weights take 4.5 MB).
+    let (spec, _) = run_spec();
+    let run_id = RunId::random();
+    let state = starling_swarm::RunState {
+        spec: spec.to_bytes(),
+        checkpoint: Some((
+            4,
+            starling_swarm::BlobRef {
+                hash: [7; 32],
+                size: 10 << 30,
+            },
+        )),
+        manifests: Vec::new(),
+        round_open: None,
+        next_round: 5,
+    };
+    let control: starling_swarm::ControlHandler = std::sync::Arc::new(move |_, _| {
+        let state = state.clone();
+        Box::pin(async move { Response::State(state) })
+    });
+    let (host, _host_rx) = Net::spawn(NetConfig {
+        secret_key: SecretKey::generate(),
+        bind: "127.0.0.1:0".parse().unwrap(),
+        run_id,
+        traffic: Traffic::new(None, None),
+        open: true,
+        control: Some(control),
+        bootstrap: Vec::new(),
+        serving: starling_swarm::Serving::Honest,
+    })
+    .await
+    .unwrap();
+    let ticket = starling_swarm::Ticket {
+        run_id,
+        host: host.id(),
+        addrs: host.addrs(),
+    };
+    let (tx, _events) = mpsc::unbounded_channel();
+    let (_stop_tx, stop_rx) = watch::channel(false);
+    let traffic = Traffic::new(None, None);
+    let result = tokio::time::timeout(
+        Duration::from_secs(60),
+        run_volunteer(
+            VolunteerOptions {
+                ticket,
+                key: SecretKey::generate(),
+                bind: "127.0.0.1:0".parse().unwrap(),
+                traffic: traffic.clone(),
+                device: select_device(DeviceChoice::Cpu).unwrap(),
+                max_rounds: None,
+                usage_file: None,
+                port_file: None,
+                monthly_cap: MonthlyCap::default(),
+                memory_budget: None,
+            },
+            tx,
+            stop_rx,
+        ),
+    )
+    .await
+    .expect("refused at once, not after a wait");
+    let Err(e @ crate::VolunteerError::CheckpointTooLarge { .. }) = result else {
+        panic!("expected CheckpointTooLarge, got {result:?}");
+    };
+    assert!(e.to_string().contains("10.7 GB"), "{e}");
+    assert!(traffic.total.down() < 64 * 1024, "{}", traffic.total.down());
+    host.shutdown().await;
+}
+
 type Queued = mpsc::Receiver<(EndpointId, u64, Announce)>;
 
 fn shared_for(allow: &[EndpointId], dropped: &[EndpointId]) -> (std::sync::Mutex<Shared>, Queued) {

@@ -38,8 +38,6 @@ use crate::{
     usage::{MonthlyCap, Usage},
 };
 
-/// Largest checkpoint a volunteer downloads.
-const MAX_CHECKPOINT_BYTES: u64 = 16 << 30;
 /// Largest checkpoint a volunteer keeps to serve joiners: the blob store
 /// holds it in memory (the weights of models up to ~500 M parameters).
 const MAX_SERVED_CHECKPOINT_BYTES: u64 = 2 << 30;
@@ -78,6 +76,18 @@ pub enum VolunteerError {
     /// The endpoint's event stream ended.
     #[error("network: the endpoint stopped")]
     NetworkStopped,
+    /// The coordinator declared a checkpoint larger than the run's model can
+    /// take: refused before any of it was downloaded.
+    #[error(
+        "the host declares a checkpoint of {declared} for a model whose weights take at most \
+         {most}: refusing it (a broken or hostile host)"
+    )]
+    CheckpointTooLarge {
+        /// The size the coordinator declared.
+        declared: String,
+        /// The most the model's checkpoint can take.
+        most: String,
+    },
     /// A download failed.
     #[error("network: {what}: {source}")]
     Fetch {
@@ -453,6 +463,15 @@ impl Volunteer {
             && round >= self.next
             && self.pending_checkpoint.is_none_or(|(r, ..)| r < round)
         {
+            // A size the model cannot have ends this volunteer at once,
+            // before any wait or download.
+            let most = lock(&self.replica()?).max_checkpoint_bytes();
+            if blob.size > most {
+                return Err(VolunteerError::CheckpointTooLarge {
+                    declared: crate::machine::human_bytes(blob.size),
+                    most: crate::machine::human_bytes(most),
+                });
+            }
             self.pending_checkpoint = Some((round, blob, Instant::now()));
         }
         for signed in state.manifests.iter().chain(state.round_open.iter()) {
@@ -612,6 +631,7 @@ impl Volunteer {
         blob: BlobRef,
         members: &[EndpointId],
     ) -> Result<(), VolunteerError> {
+        let most = lock(&self.replica()?).max_checkpoint_bytes();
         self.state(
             NodeState::CatchingUp,
             format!(
@@ -625,7 +645,7 @@ impl Volunteer {
             &blob,
             members,
             self.host.id,
-            MAX_CHECKPOINT_BYTES,
+            most,
             CHECKPOINT_TAG,
             &progress,
         )
