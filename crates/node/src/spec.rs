@@ -183,6 +183,10 @@ impl Default for RoundsSection {
     }
 }
 
+/// Most sequences a batch (or the held-out set) may have: a spec can come
+/// from a run's host, and this bounds what it can make a volunteer sample.
+pub const MAX_BATCH: usize = 1 << 16;
+
 /// `[members]`: who may connect.
 #[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
@@ -289,9 +293,21 @@ impl RunSpec {
     /// Check every value is usable (also run on specs received from a host).
     pub fn check(&self) -> Result<(), SpecError> {
         let bad = |m: &str| Err(SpecError::Invalid(m.into()));
+        self.model.validate().map_err(|source| SpecError::Model {
+            name: self.model.name.clone(),
+            source,
+        })?;
         let r = &self.run;
         if r.batch == 0 || r.micro_batch == 0 || r.eval_sequences == 0 {
             return bad("batch, micro_batch and eval_sequences must be at least 1");
+        }
+        if [r.batch, r.micro_batch, r.eval_sequences]
+            .iter()
+            .any(|&n| n > MAX_BATCH)
+        {
+            return Err(SpecError::Invalid(format!(
+                "batch, micro_batch and eval_sequences must be at most {MAX_BATCH}"
+            )));
         }
         if r.seq_len == 0 || r.seq_len > self.model.max_seq_len {
             return bad("seq_len must be between 1 and the model's max_seq_len");
@@ -381,5 +397,31 @@ mod tests {
             .resolve(Path::new("."))
             .unwrap_err();
         assert!(missing.to_string().contains("no-such-shards"), "{missing}");
+    }
+
+    #[test]
+    fn a_hosts_spec_with_a_model_or_batch_out_of_bounds_is_refused() {
+        let (spec, _) = RunFile::parse("").unwrap().resolve(Path::new(".")).unwrap();
+        let refused = |change: &dyn Fn(&mut RunSpec), says: &str| {
+            let mut s = spec.clone();
+            change(&mut s);
+            let e = RunSpec::from_bytes(&s.to_bytes()).unwrap_err();
+            assert!(e.to_string().contains(says), "{e}");
+        };
+        // Heads that do not split the width (would fail building the model).
+        refused(&|s| s.model.dim = 130, "heads");
+        // Sizes that would allocate or overflow before any memory check.
+        refused(&|s| s.model.layers = 1 << 30, "layers");
+        refused(&|s| s.model.vocab_size = usize::MAX, "vocab_size");
+        refused(&|s| s.model.dim = 0, "positive");
+        refused(&|s| s.run.batch = 1 << 40, "batch");
+        refused(&|s| s.run.eval_sequences = MAX_BATCH + 1, "eval_sequences");
+        // The bounds leave every preset alone.
+        for name in ["nano", "small", "125m", "1b"] {
+            let mut s = spec.clone();
+            s.model = starling_train::ModelConfig::preset(name).unwrap();
+            s.run.seq_len = s.run.seq_len.min(s.model.max_seq_len);
+            s.check().unwrap_or_else(|e| panic!("{name}: {e}"));
+        }
     }
 }

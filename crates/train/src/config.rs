@@ -60,6 +60,21 @@ pub enum ConfigError {
     },
 }
 
+/// Upper bounds on a config's sizes, far above any model a volunteer can
+/// train (the largest open models use a vocabulary of ~256 k, dim 16 k,
+/// ~126 layers, ffn 53 k). A config can come from a run's host, so they
+/// bound what a stranger's numbers can make this node compute or allocate
+/// before its memory check, and keep the parameter count within 64 bits.
+pub const MAX_VOCAB: usize = 1 << 20;
+/// See [`MAX_VOCAB`].
+pub const MAX_DIM: usize = 1 << 16;
+/// See [`MAX_VOCAB`].
+pub const MAX_LAYERS: usize = 1024;
+/// See [`MAX_VOCAB`].
+pub const MAX_FFN_DIM: usize = 1 << 18;
+/// See [`MAX_VOCAB`].
+pub const MAX_SEQ_LEN: usize = 1 << 20;
+
 const PRESETS: [(&str, &str); 4] = [
     ("nano", include_str!("../../../assets/models/nano.json")),
     ("small", include_str!("../../../assets/models/small.json")),
@@ -125,6 +140,16 @@ impl ModelConfig {
         .contains(&0)
         {
             return bad("every size must be positive");
+        }
+        let limits = [
+            (self.vocab_size, MAX_VOCAB, "vocab_size"),
+            (self.dim, MAX_DIM, "dim"),
+            (self.layers, MAX_LAYERS, "layers"),
+            (self.ffn_dim, MAX_FFN_DIM, "ffn_dim"),
+            (self.max_seq_len, MAX_SEQ_LEN, "max_seq_len"),
+        ];
+        if let Some((value, most, what)) = limits.into_iter().find(|(v, most, _)| v > most) {
+            return bad(&format!("{what} is {value}; at most {most} is supported"));
         }
         if !self.dim.is_multiple_of(self.heads) || !(self.dim / self.heads).is_multiple_of(2) {
             return bad(
@@ -256,5 +281,23 @@ mod tests {
         let extra = include_str!("../../../assets/models/nano.json")
             .replace("\"dim\"", "\"typo\": 1, \"dim\"");
         assert!(ModelConfig::from_json(&extra).is_err());
+        let mut huge = ModelConfig::preset("nano").expect("nano");
+        huge.ffn_dim = MAX_FFN_DIM + 1;
+        let e = huge.validate().unwrap_err().to_string();
+        assert!(
+            e.contains("ffn_dim") && e.contains(&MAX_FFN_DIM.to_string()),
+            "{e}"
+        );
+        // At the bounds the parameter count still fits 64 bits.
+        let mut edge = ModelConfig::preset("nano").expect("nano");
+        (
+            edge.vocab_size,
+            edge.dim,
+            edge.layers,
+            edge.ffn_dim,
+            edge.heads,
+        ) = (MAX_VOCAB, MAX_DIM, MAX_LAYERS, MAX_FFN_DIM, 64);
+        edge.validate().expect("at the bounds");
+        assert!(edge.param_count() > MAX_LAYERS * 3 * MAX_DIM * MAX_FFN_DIM);
     }
 }
