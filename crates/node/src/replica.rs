@@ -504,7 +504,7 @@ impl Replica {
     ) -> Result<Vec<u8>, ReplicaError> {
         let checkpoint = Checkpoint {
             model: self.spec.model.clone(),
-            step: round + 1,
+            step: round.saturating_add(1),
             seed: self.spec.run.seed,
             params: self
                 .trainer

@@ -162,7 +162,9 @@ impl RoundsSection {
     /// Whether the coordinator checkpoints after applying `round` (every
     /// member holding that round's weights can then serve the checkpoint).
     pub fn checkpoints_after(&self, round: u64) -> bool {
-        (round + 1).is_multiple_of(self.checkpoint_every)
+        round
+            .saturating_add(1)
+            .is_multiple_of(self.checkpoint_every)
     }
 }
 
@@ -416,6 +418,9 @@ mod tests {
         refused(&|s| s.model.dim = 0, "positive");
         refused(&|s| s.run.batch = 1 << 40, "batch");
         refused(&|s| s.run.eval_sequences = MAX_BATCH + 1, "eval_sequences");
+        // Round numbers come from the host too: the last one does not
+        // overflow (a debug build would panic).
+        assert!(!spec.rounds.checkpoints_after(u64::MAX));
         // The bounds leave every preset alone.
         for name in ["nano", "small", "125m", "1b"] {
             let mut s = spec.clone();

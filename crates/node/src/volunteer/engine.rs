@@ -660,7 +660,7 @@ impl Volunteer {
         if blob.size > MAX_SERVED_CHECKPOINT_BYTES {
             self.net.forget(CHECKPOINT_TAG).await;
         }
-        self.next = round + 1;
+        self.next = round.saturating_add(1);
         self.manifests.retain(|r, _| *r > round);
         self.emit(NodeEvent::Checkpoint {
             node: self.name.clone(),
@@ -1103,7 +1103,7 @@ impl Volunteer {
     /// Move on past `round`: drop what belonged to it and free the blobs of
     /// two rounds ago.
     async fn advance(&mut self, round: u64) {
-        self.next = round + 1;
+        self.next = round.saturating_add(1);
         self.applied += 1;
         self.opens.retain(|r, _| *r >= self.next);
         // The roster of the round just applied stays: the next roster
