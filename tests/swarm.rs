@@ -691,8 +691,10 @@ fn join_applies_the_apps_memory_check_and_schedule_rule() {
 #[test]
 fn a_round_of_three_hundred_members_and_a_crowded_join() {
     let dir = scratch("crowd");
+    // Synthetic updates agree with each other, not with real training: the
+    // screen's agreement check would leave the two real members out.
     let run = format!(
-        "{}min_members = 312\n",
+        "{}min_members = 312\nrobust_min_agreement = 0.0\n",
         RUN.replace("window_secs = 8.0", "window_secs = 240.0")
             .replace(
                 "eval_sequences = 8",
@@ -816,8 +818,10 @@ fn a_round_of_three_hundred_members_and_a_crowded_join() {
 #[test]
 fn a_member_relaying_corrupted_blobs_is_bypassed() {
     let dir = scratch("liars");
+    // Synthetic updates agree with each other, not with real training: the
+    // screen's agreement check would leave the two real members out.
     let run = format!(
-        "{}min_members = 22\n",
+        "{}min_members = 22\nrobust_min_agreement = 0.0\n",
         RUN.replace("window_secs = 8.0", "window_secs = 120.0")
     );
     let (host, ticket) = start_host(&dir, &run, &["--rounds", "3"]);
@@ -876,4 +880,70 @@ fn a_member_relaying_corrupted_blobs_is_bypassed() {
         "no volunteer met a corrupting parent in 3 rounds"
     );
     let _ = liars.wait();
+}
+
+#[test]
+fn a_flood_of_empty_updates_is_left_out_and_bans_nobody() {
+    let dir = scratch("flood");
+    let run = format!(
+        "{}min_members = 22\n",
+        RUN.replace("window_secs = 8.0", "window_secs = 120.0")
+    );
+    let (host, ticket) = start_host(&dir, &run, &["--rounds", "3"]);
+    let real: Vec<Node> = (0..2)
+        .map(|i| join(&dir, &ticket, &format!("v{i}"), &["--rounds", "3"]))
+        .collect();
+    let flood_log = dir.join("flood.log");
+    let mut flood = Command::new(BIN)
+        .args(["bench", "swarm", "--join", ticket.trim()])
+        .args(["--volunteers", "20", "--empty-updates", "20"])
+        .args(["--rounds", "3", "--json", "--dir"])
+        .arg(dir.join("bench"))
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(&flood_log).expect("log file"))
+        .spawn()
+        .expect("start the flood");
+
+    let limit = Duration::from_secs(600);
+    let mut host_events = Vec::new();
+    assert!(
+        host.until(limit, &mut host_events, |e| applied(e, 2).is_some()),
+        "host did not finish 3 rounds: {}\nflood: {}",
+        host.stderr(),
+        std::fs::read_to_string(&flood_log).unwrap_or_default()
+    );
+    for r in 0..3 {
+        assert_eq!(
+            applied(&host_events, r).unwrap()["updates"],
+            2,
+            "round {r}: the two real updates and no empty one: {}",
+            story(&host_events)
+        );
+        let empties = host_events
+            .iter()
+            .filter(|e| e["event"] == "rejected" && e["round"] == r)
+            .filter(|e| {
+                e["reason"]
+                    .as_str()
+                    .is_some_and(|m| m.contains("the update is empty"))
+            })
+            .count();
+        assert_eq!(empties, 20, "round {r}: {}", story(&host_events));
+    }
+    assert!(
+        !host_events.iter().any(|e| e["event"] == "dropped"),
+        "an empty update is no fault: {}",
+        story(&host_events)
+    );
+    let digest = applied(&host_events, 2).unwrap()["digest"].clone();
+    for v in &real {
+        let mut events = Vec::new();
+        assert!(
+            v.until(limit, &mut events, |e| applied(e, 2).is_some()),
+            "volunteer did not apply round 2: {}",
+            v.stderr()
+        );
+        assert_eq!(applied(&events, 2).unwrap()["digest"], digest);
+    }
+    let _ = flood.wait();
 }

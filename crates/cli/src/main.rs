@@ -16,6 +16,7 @@ mod data_cmd;
 mod demo;
 mod distro_cmd;
 mod idle;
+mod robust_bench_cmd;
 mod sim_cmd;
 mod swarm_bench_cmd;
 mod swarm_cmd;

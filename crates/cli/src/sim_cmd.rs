@@ -8,12 +8,14 @@ use anyhow::{Context, Result, bail};
 use clap::{Args, Subcommand, ValueEnum};
 use plotters::prelude::*;
 use serde::Serialize;
+use starling_distro::RobustConfig;
 use starling_distro::{DistroConfig, ValueEncoding};
 use starling_train::atomic::write_atomic;
 use starling_train::data::shards::TokenStore;
 use starling_train::{
-    AdamWConfig, Checkpoint, DeviceChoice, ModelConfig, Schedule, SelectedDevice, SimConfig,
-    SimOptimizer, SimSummary, Simulation, StepRecord, Trainer, embedded_store, select_device,
+    AdamWConfig, Adversary, Checkpoint, DeviceChoice, ModelConfig, Schedule, SelectedDevice,
+    SimConfig, SimOptimizer, SimSummary, Simulation, StepRecord, Trainer, embedded_store,
+    select_device,
 };
 
 use crate::distro_cmd::Values;
@@ -109,7 +111,7 @@ pub struct SimArgs {
 }
 
 /// Checkpointing for one run.
-struct Saving<'a> {
+pub struct Saving<'a> {
     resume: Option<&'a Path>,
     every: u64,
 }
@@ -120,6 +122,8 @@ pub enum BenchCommand {
     Convergence(ConvergenceArgs),
     /// A coordinator and N synthetic volunteers on loopback: what a round costs as N grows.
     Swarm(crate::swarm_bench_cmd::SwarmBenchArgs),
+    /// Simulated runs with some peers attacking: what the host's screen keeps out, and the loss it costs.
+    Robust(crate::robust_bench_cmd::RobustBenchArgs),
 }
 
 #[derive(Args, Debug)]
@@ -146,12 +150,12 @@ pub struct ConvergenceArgs {
     pub out: PathBuf,
 }
 
-fn load_model(spec: &str) -> Result<ModelConfig> {
+pub fn load_model(spec: &str) -> Result<ModelConfig> {
     ModelConfig::preset_or_file(spec, Path::new("."))
         .with_context(|| format!("--model {spec}: not a preset or a usable model config file"))
 }
 
-fn load_data(run: &RunOpts, model: &ModelConfig) -> Result<TokenStore> {
+pub fn load_data(run: &RunOpts, model: &ModelConfig) -> Result<TokenStore> {
     let store = match &run.data {
         Some(dir) => TokenStore::load(dir)
             .with_context(|| format!("cannot load token shards from {}", dir.display()))?,
@@ -168,14 +172,27 @@ fn load_data(run: &RunOpts, model: &ModelConfig) -> Result<TokenStore> {
     Ok(store)
 }
 
-fn sim_config(
-    run: &RunOpts,
-    optimizer: SimOptimizer,
-    lr: f32,
-    aggregate_topk: Option<usize>,
-) -> SimConfig {
+/// What a run adds to DeMo's plain round, as a run's host would.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Extras {
+    /// Cap each aggregate at this many coefficients per chunk.
+    pub aggregate_topk: Option<usize>,
+    /// Screen the updates before the merge.
+    pub robust: Option<RobustConfig>,
+    /// Some peers attack.
+    pub adversary: Option<Adversary>,
+}
+
+fn sim_config(run: &RunOpts, optimizer: SimOptimizer, lr: f32, extras: Extras) -> SimConfig {
+    let Extras {
+        aggregate_topk,
+        robust,
+        adversary,
+    } = extras;
     SimConfig {
         aggregate_topk,
+        robust,
+        adversary,
         peers: run.peers,
         steps: run.steps,
         batch: run.batch,
@@ -199,19 +216,19 @@ fn sim_config(
 /// One simulated run: records to `out/steps.jsonl`, the summary to
 /// `out/summary.json`, the curves to `out/loss.svg`.
 /// What every run of one command shares.
-struct Setup<'a> {
-    run: &'a RunOpts,
-    model: &'a ModelConfig,
-    store: &'a TokenStore,
-    device: &'a SelectedDevice,
+pub struct Setup<'a> {
+    pub run: &'a RunOpts,
+    pub model: &'a ModelConfig,
+    pub store: &'a TokenStore,
+    pub device: &'a SelectedDevice,
 }
 
-fn run_one(
+pub fn run_one(
     label: &str,
     setup: &Setup<'_>,
     optimizer: SimOptimizer,
     lr: f32,
-    aggregate_topk: Option<usize>,
+    extras: Extras,
     out: &Path,
     saving: Option<Saving<'_>>,
 ) -> Result<(SimSummary, Vec<StepRecord>)> {
@@ -233,7 +250,7 @@ fn run_one(
         run.seq_len,
         selected.reason
     );
-    let config = sim_config(run, optimizer, lr, aggregate_topk);
+    let config = sim_config(run, optimizer, lr, extras);
     let mut sim = match saving.as_ref().and_then(|s| s.resume) {
         Some(dir) => {
             let ck = Checkpoint::load(dir)
@@ -354,6 +371,9 @@ fn merge(a: SimSummary, b: SimSummary) -> SimSummary {
         },
         allreduce_bytes_per_peer: b.allreduce_bytes_per_peer,
         tokens: a.tokens + b.tokens,
+        bad_updates_sent: a.bad_updates_sent + b.bad_updates_sent,
+        bad_updates_accepted: a.bad_updates_accepted + b.bad_updates_accepted,
+        honest_updates_rejected: a.honest_updates_rejected + b.honest_updates_rejected,
         wall_s: a.wall_s + b.wall_s,
     }
 }
@@ -419,7 +439,7 @@ fn plot(path: &Path, title: &str, runs: &[Series]) -> Result<()> {
     draw().map_err(|e| anyhow::anyhow!("cannot draw {}: {e}", path.display()))
 }
 
-fn distro_optimizer(topk: usize, values: ValueEncoding) -> SimOptimizer {
+pub fn distro_optimizer(topk: usize, values: ValueEncoding) -> SimOptimizer {
     SimOptimizer::Distro(DistroConfig {
         topk,
         values,
@@ -463,7 +483,15 @@ pub fn run_sim(a: &SimArgs) -> Result<()> {
         }
         return compare_capped(&label, &setup, optimizer, lr, k, &a.out);
     }
-    let (s, _) = run_one(&label, &setup, optimizer, lr, None, &a.out, Some(saving))?;
+    let (s, _) = run_one(
+        &label,
+        &setup,
+        optimizer,
+        lr,
+        Extras::default(),
+        &a.out,
+        Some(saving),
+    )?;
     say!(
         "final eval loss {:.4}; {:.0} B/peer/step vs {} B for fp32 all-reduce ({:.1}x fewer); {:.0} s; records in {}",
         s.final_eval_loss,
@@ -508,6 +536,7 @@ pub fn run_bench(cmd: BenchCommand) -> Result<()> {
     let a = match cmd {
         BenchCommand::Convergence(a) => a,
         BenchCommand::Swarm(a) => return crate::swarm_bench_cmd::run(&a),
+        BenchCommand::Robust(a) => return crate::robust_bench_cmd::run(&a),
     };
     let model = load_model(&a.run.model)?;
     let store = load_data(&a.run, &model)?;
@@ -545,7 +574,11 @@ pub fn run_bench(cmd: BenchCommand) -> Result<()> {
         let dir = a
             .out
             .join(format!("{label}-lr{lr:e}").replace([' ', '/', '='], "_"));
-        let (s, r) = run_one(&label, &setup, optimizer, lr, cap, &dir, None)?;
+        let extras = Extras {
+            aggregate_topk: cap,
+            ..Extras::default()
+        };
+        let (s, r) = run_one(&label, &setup, optimizer, lr, extras, &dir, None)?;
         done.push((label, lr, s, r));
     }
     let best_adamw = done
@@ -625,15 +658,25 @@ fn compare_capped(
     k: usize,
     out: &Path,
 ) -> Result<()> {
-    let (exact, exact_steps) =
-        run_one(label, setup, optimizer, lr, None, &out.join("exact"), None)?;
+    let (exact, exact_steps) = run_one(
+        label,
+        setup,
+        optimizer,
+        lr,
+        Extras::default(),
+        &out.join("exact"),
+        None,
+    )?;
     let capped_label = format!("{label} cap {k}");
     let (capped, capped_steps) = run_one(
         &capped_label,
         setup,
         optimizer,
         lr,
-        Some(k),
+        Extras {
+            aggregate_topk: Some(k),
+            ..Extras::default()
+        },
         &out.join("capped"),
         None,
     )?;

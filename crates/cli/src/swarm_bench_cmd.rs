@@ -58,6 +58,10 @@ pub struct SwarmBenchArgs {
     /// around bad providers.
     #[arg(long, default_value_t = 0)]
     pub corrupt_relays: usize,
+    /// How many of the volunteers (the last ones) send empty updates, as
+    /// throwaway identities flooding a round would.
+    #[arg(long, default_value_t = 0)]
+    pub empty_updates: usize,
 }
 
 pub fn run(args: &SwarmBenchArgs) -> Result<()> {
@@ -82,6 +86,7 @@ pub fn run(args: &SwarmBenchArgs) -> Result<()> {
         dir: args.dir.clone(),
         join,
         corrupt_relays: args.corrupt_relays,
+        empty_updates: args.empty_updates,
     };
     if !args.json {
         say!(

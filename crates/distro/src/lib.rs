@@ -16,6 +16,8 @@
 //! - [`DistroOptimizer`]: momentum, `step` (what to send), `apply` (the round's update);
 //! - [`wire`]: the compact, checked byte format of an update, and
 //!   [`wire::aggregate`] that of a round's merged updates;
+//! - [`robust`]: the coordinator's screen of a round's updates (empty,
+//!   copied, oversized or contrary ones left out; the rest clipped);
 //! - [`cap`]: the coordinator's optional top-K of that aggregate, with the
 //!   remainder carried to the next round;
 //! - [`budget`]: bytes per step, and the top-k that fits a bandwidth budget;
@@ -29,6 +31,7 @@ pub mod dct;
 #[cfg(feature = "gpu")]
 pub mod gpu;
 pub mod optimizer;
+pub mod robust;
 pub mod sign;
 pub mod sparse;
 pub mod sparse_file;
@@ -46,6 +49,7 @@ pub use optimizer::{
     ApplyError, ApplyReport, DistroConfig, DistroOptimizer, IncomingUpdate, ModelLayout,
     OutgoingUpdate, PeerId, StepError, StepOptions, TensorLayout,
 };
+pub use robust::{Rejection, RobustConfig, Screening, Verdict, screen};
 pub use sparse::{SparseError, SparseTensor, ValueEncoding};
 
 /// BLAKE3 digest of a model's weights (each tensor's little-endian f32 bytes, in

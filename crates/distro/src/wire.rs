@@ -95,6 +95,56 @@ impl DecodedUpdate {
     }
 }
 
+/// Why a well-formed update does not fit the run it was sent to: what a
+/// member's own encoder can never produce, so a fault of its sender.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum RunMismatch {
+    /// The values travel in another encoding than the run's.
+    #[error("values travel as {got}, the run sends {expected}")]
+    Values {
+        /// The run's encoding.
+        expected: &'static str,
+        /// The update's.
+        got: &'static str,
+    },
+    /// A tensor declares more coefficients per chunk than the run's top-k.
+    #[error("tensor {tensor} carries top-{k}, the run allows {max}")]
+    TopK {
+        /// Tensor index.
+        tensor: usize,
+        /// Its top-k.
+        k: usize,
+        /// The run's, for this tensor's chunks.
+        max: usize,
+    },
+}
+
+impl DecodedUpdate {
+    /// Checks that this update is one a member of a run with these
+    /// settings can send: the run's value encoding, and no tensor over the
+    /// run's top-k (fewer, as a member on a slow link sends, is fine).
+    pub fn check_run(&self, values: ValueEncoding, topk: usize) -> Result<(), RunMismatch> {
+        if self.values != values {
+            return Err(RunMismatch::Values {
+                expected: values.name(),
+                got: self.values.name(),
+            });
+        }
+        for (tensor, t) in self.tensors.iter().enumerate() {
+            let max = t.grid.clamp_topk(topk);
+            if t.k > max {
+                return Err(RunMismatch::TopK {
+                    tensor,
+                    k: t.k,
+                    max,
+                });
+            }
+        }
+        Ok(())
+    }
+}
+
 /// Why an update could not be encoded.
 #[derive(Debug, thiserror::Error, PartialEq)]
 #[non_exhaustive]
@@ -733,6 +783,30 @@ mod tests {
         out.extend_from_slice(&body);
         out.extend_from_slice(&[0; 4]);
         reseal(out)
+    }
+
+    #[test]
+    fn an_update_over_the_runs_topk_or_in_another_encoding_does_not_fit_it() {
+        let bytes = encode(&header(), &update(ValueEncoding::Bf16)).expect("encode");
+        let d = decode(&bytes, &DecodeLimits::default()).expect("decode");
+        assert_eq!(d.check_run(ValueEncoding::Bf16, 32), Ok(()));
+        // Fewer coefficients than the run's top-k is a slow link, not a fault.
+        assert_eq!(d.check_run(ValueEncoding::Bf16, 64), Ok(()));
+        assert_eq!(
+            d.check_run(ValueEncoding::Bf16, 3),
+            Err(RunMismatch::TopK {
+                tensor: 0,
+                k: 4,
+                max: 3
+            })
+        );
+        assert_eq!(
+            d.check_run(ValueEncoding::Sign, 32),
+            Err(RunMismatch::Values {
+                expected: "sign",
+                got: "bf16"
+            })
+        );
     }
 
     #[test]

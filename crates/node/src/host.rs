@@ -17,7 +17,7 @@
 //! tasks, are in `host/control.rs`.
 
 use std::{
-    collections::{BTreeMap, HashMap},
+    collections::{BTreeMap, HashMap, VecDeque},
     net::SocketAddr,
     path::{Path, PathBuf},
     sync::{Arc, Mutex},
@@ -46,7 +46,7 @@ mod control;
 mod round;
 
 pub(crate) use collect::Accepted;
-pub(crate) use round::{accepted_list, split_outliers};
+pub(crate) use round::{accepted_list, robust_config, screen_round};
 
 use control::{Shared, answer};
 
@@ -255,6 +255,19 @@ fn json_err(path: &Path) -> impl FnOnce(serde_json::Error) -> HostError + '_ {
     }
 }
 
+/// Record a fault in `round` in a member's recent `faults` (rounds, oldest
+/// first), forget those `window` or more rounds old, and count the rest.
+fn count_fault(faults: &mut VecDeque<u64>, round: u64, window: u64) -> u32 {
+    faults.push_back(round);
+    while faults
+        .front()
+        .is_some_and(|&r| round.saturating_sub(r) >= window)
+    {
+        faults.pop_front();
+    }
+    u32::try_from(faults.len()).unwrap_or(u32::MAX)
+}
+
 fn load_or_create_key(dir: &Path) -> Result<SecretKey, HostError> {
     let path = dir.join(KEY_FILE);
     crate::keyfile::load_or_create(&path).map_err(|source| HostError::Key { path, source })
@@ -272,7 +285,10 @@ pub struct Host {
     replica: SharedReplica,
     out: mpsc::UnboundedSender<NodeEvent>,
     name: String,
-    faults: HashMap<EndpointId, u32>,
+    /// The rounds of each member's recent faults, oldest first.
+    faults: HashMap<EndpointId, VecDeque<u64>>,
+    /// The screen's size reference from the last round.
+    reference: Option<f32>,
     digests: BTreeMap<u64, u64>,
     max_rounds: Option<u64>,
     /// What the aggregate cap carried into the next round (`None`: no cap).
@@ -385,6 +401,7 @@ impl Host {
             out,
             name,
             faults: HashMap::new(),
+            reference: None,
             digests: BTreeMap::new(),
             max_rounds: opts.max_rounds,
             residual: None,
@@ -704,7 +721,9 @@ impl Host {
     }
 
     /// Log a fault of `peer` in `round`; drop it from the run once it has
-    /// made `max_faults`.
+    /// made `max_faults` within the last `fault_window` rounds (older
+    /// faults are forgiven: a member whose link once garbled a blob is not
+    /// banned for it months later).
     fn fault(&mut self, round: u64, peer: EndpointId, reason: String) {
         self.emit(NodeEvent::Rejected {
             node: self.name.clone(),
@@ -712,10 +731,13 @@ impl Host {
             peer: short(&peer),
             reason,
         });
-        let faults = self.faults.entry(peer).or_insert(0);
-        *faults += 1;
-        let faults = *faults;
-        if faults >= self.state.spec.rounds.max_faults {
+        let rounds = &self.state.spec.rounds;
+        let faults = count_fault(
+            self.faults.entry(peer).or_default(),
+            round,
+            rounds.fault_window,
+        );
+        if faults >= rounds.max_faults {
             let mut shared = self.shared();
             if shared.dropped.insert(peer) {
                 drop(shared);

@@ -12,7 +12,7 @@
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use starling_distro::wire::{
-    self, DecodeError, DecodeLimits, EncodeError, UpdateHeader,
+    self, DecodeError, DecodeLimits, EncodeError, RunMismatch, UpdateHeader,
     aggregate::{self, AggregateHeader},
 };
 use starling_distro::{
@@ -121,6 +121,9 @@ pub enum UpdateError {
     /// Shapes, indices or values do not fit the model.
     #[error("update does not fit the model: {0}")]
     Model(#[source] ApplyError),
+    /// Its encoding or top-k is not one the run's members send.
+    #[error("update does not fit the run: {0}")]
+    Run(#[source] RunMismatch),
     /// An aggregate says it merges another number of updates than its manifest.
     #[error("the aggregate merges {got} updates, its manifest says {expected}")]
     UpdateCount {
@@ -131,13 +134,11 @@ pub enum UpdateError {
     },
 }
 
-/// A checked update and its L2 norm (for robust aggregation).
+/// An update that checked against the run and the model.
 #[derive(Clone, Debug)]
 pub struct CheckedUpdate {
-    /// The update, ready to apply.
+    /// The update, ready to screen and merge.
     pub update: IncomingUpdate,
-    /// L2 norm of its values.
-    pub norm: f32,
 }
 
 /// What one training step produced.
@@ -319,7 +320,8 @@ impl Replica {
     }
 
     /// Fully check an update received for `round` from `sender`: wire format,
-    /// header, shapes, index ranges and finite values.
+    /// header, the run's encoding and top-k, shapes, index ranges and finite
+    /// values.
     pub fn check(
         &self,
         bytes: &[u8],
@@ -337,21 +339,15 @@ impl Replica {
         if h.sender != sender {
             return Err(UpdateError::Header("sender"));
         }
+        decoded
+            .check_run(self.peer.layout().config().values, self.spec.run.topk)
+            .map_err(UpdateError::Run)?;
         let update = decoded.into_incoming();
         self.peer
             .layout()
             .merge(std::slice::from_ref(&update), 0.0)
             .map_err(UpdateError::Model)?;
-        let sum: f64 = update
-            .tensors
-            .iter()
-            .flat_map(|t| t.values.iter())
-            .map(|v| f64::from(*v) * f64::from(*v))
-            .sum();
-        Ok(CheckedUpdate {
-            update,
-            norm: sum.sqrt() as f32,
-        })
+        Ok(CheckedUpdate { update })
     }
 
     /// Most bytes the shared checkpoint (the weights alone) of this model

@@ -147,10 +147,17 @@ pub struct RoundsSection {
     pub eval_every: u64,
     /// Largest update accepted, in bytes.
     pub max_update_bytes: u64,
-    /// Drop updates whose norm exceeds this multiple of the round's median (0: off).
+    /// Leave out updates whose values (RMS) are over this multiple of the
+    /// round's median, and clip the rest to the median (0: neither).
     pub robust_norm_factor: f32,
-    /// Invalid updates after which a member is removed from the run.
+    /// Leave out updates whose signs agree with the others' this many
+    /// standard errors below half the round's median agreement (0: off).
+    pub robust_min_agreement: f32,
+    /// Malformed updates within `fault_window` rounds after which a member
+    /// is removed from the run.
     pub max_faults: u32,
+    /// Rounds a fault counts for.
+    pub fault_window: u64,
     /// Cap the round's aggregate at this many coefficients per chunk, the
     /// rest carried to the next round (`None`: send the exact aggregate).
     /// Fixes what every volunteer downloads per round, whatever the member
@@ -179,7 +186,9 @@ impl Default for RoundsSection {
             eval_every: 5,
             max_update_bytes: 8 << 20,
             robust_norm_factor: 5.0,
+            robust_min_agreement: starling_distro::robust::DEFAULT_MIN_AGREEMENT,
             max_faults: 3,
+            fault_window: 50,
             aggregate_topk: None,
         }
     }
@@ -346,6 +355,12 @@ impl RunSpec {
         }
         if !(rd.robust_norm_factor.is_finite() && rd.robust_norm_factor >= 0.0) {
             return bad("rounds.robust_norm_factor must be 0 (off) or positive");
+        }
+        if !(rd.robust_min_agreement.is_finite() && rd.robust_min_agreement >= 0.0) {
+            return bad("rounds.robust_min_agreement must be 0 (off) or positive");
+        }
+        if rd.max_faults == 0 || rd.fault_window == 0 {
+            return bad("rounds.max_faults and rounds.fault_window must be at least 1");
         }
         if rd.aggregate_topk == Some(0) {
             return bad("rounds.aggregate_topk must be at least 1 (or left out)");

@@ -73,6 +73,10 @@ pub struct SwarmBenchOptions {
     /// serve their own updates honestly): the adversary the tree must route
     /// around.
     pub corrupt_relays: usize,
+    /// How many of the volunteers (the last ones) send empty updates:
+    /// throwaway identities flooding the round, which the host's screen
+    /// must leave out without holding them against anyone.
+    pub empty_updates: usize,
 }
 
 /// One round as measured.
@@ -297,8 +301,9 @@ fn spawn_volunteers(
         } else {
             Serving::Honest
         };
+        let empty = index >= opts.volunteers.saturating_sub(opts.empty_updates);
         tasks.spawn(async move {
-            synthetic_volunteer(index, ticket, rounds, serving, shared, all_done)
+            synthetic_volunteer(index, ticket, rounds, serving, empty, shared, all_done)
                 .await
                 .map_err(|message| SwarmBenchError::Volunteer { index, message })
         });
@@ -422,28 +427,36 @@ pub fn process_rss() -> Option<u64> {
 }
 
 /// A random update of the layout's shapes with `topk` entries per chunk,
-/// values as `values` sends them.
+/// values as `values` sends them. Positions and sizes are random; each
+/// coefficient's sign is the same in every synthetic update, so that they
+/// agree where they overlap as honest members' updates do, and pass the
+/// host's screen as theirs would.
 fn synthetic_update(layout: &ModelLayout, topk: usize, rng: &mut StdRng) -> OutgoingUpdate {
     let values = layout.config().values;
     let tensors = layout
         .tensors()
         .iter()
-        .map(|t| {
+        .enumerate()
+        .map(|(tensor, t)| {
             let elems = t.grid.chunk_elems();
             let k = topk.clamp(1, elems);
             let mut offsets = vec![0u32];
             let mut indices = Vec::new();
             let mut vals = Vec::new();
-            for _ in 0..t.grid.num_chunks() {
+            for chunk in 0..t.grid.num_chunks() {
                 let mut chosen: Vec<u32> = sample(rng, elems, k)
                     .into_iter()
                     .map(|i| i as u32)
                     .collect();
                 chosen.sort_unstable();
                 for i in chosen {
-                    let v: f32 = rng.random_range(-1.0..1.0);
-                    // Sign drops exact zeros; a random value is never one.
-                    if let Some(q) = values.quantize(if v == 0.0 { 0.5 } else { v }) {
+                    let size: f32 = rng.random_range(0.05..1.0);
+                    let v = if shared_sign(tensor, chunk, i) {
+                        size
+                    } else {
+                        -size
+                    };
+                    if let Some(q) = values.quantize(v) {
                         indices.push(i);
                         vals.push(q);
                     }
@@ -463,6 +476,16 @@ fn synthetic_update(layout: &ModelLayout, topk: usize, rng: &mut StdRng) -> Outg
     OutgoingUpdate { values, tensors }
 }
 
+/// The sign every synthetic update gives coefficient `index` of `chunk` of
+/// `tensor` (a hash of the three: positive or negative half the time).
+fn shared_sign(tensor: usize, chunk: usize, index: u32) -> bool {
+    let key = ((tensor as u64) << 44) ^ ((chunk as u64) << 16) ^ u64::from(index);
+    let mut z = key.wrapping_add(0x9E37_79B9_7F4A_7C15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    (z ^ (z >> 31)) & 1 == 0
+}
+
 /// One volunteer that plays the protocol with synthetic updates until it
 /// has seen `rounds` manifests.
 async fn synthetic_volunteer(
@@ -470,6 +493,7 @@ async fn synthetic_volunteer(
     ticket: Ticket,
     rounds: u64,
     serving: Serving,
+    empty: bool,
     shared: Arc<Mutex<Shared>>,
     all_done: Arc<Barrier>,
 ) -> Result<(), String> {
@@ -502,7 +526,14 @@ async fn synthetic_volunteer(
         .collect();
     let layout = ModelLayout::new(&shapes, spec.distro().map_err(|e| e.to_string())?);
     let mut rng = StdRng::seed_from_u64(index as u64);
-    let template = synthetic_update(&layout, spec.run.topk, &mut rng);
+    let mut template = synthetic_update(&layout, spec.run.topk, &mut rng);
+    if empty {
+        for t in &mut template.tensors {
+            t.offsets.iter_mut().for_each(|o| *o = 0);
+            t.indices.clear();
+            t.values.clear();
+        }
+    }
     let mut opens: BTreeMap<u64, RoundOpen> = BTreeMap::new();
     let mut manifests: BTreeMap<u64, Manifest> = BTreeMap::new();
     let mut rosters: BTreeMap<u64, Roster> = BTreeMap::new();

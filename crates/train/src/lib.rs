@@ -26,5 +26,8 @@ pub use device::{DeviceChoice, DeviceError, SelectedDevice, select_device};
 pub use export::{ExportError, export_hf};
 pub use model::Llama;
 pub use optim::{AdamW, AdamWConfig, AdamWState, DistroPeer, OptimError};
-pub use sim::{SimConfig, SimError, SimOptimizer, SimSummary, Simulation, StepRecord, simulate};
+pub use sim::{
+    Adversary, Attack, SimConfig, SimError, SimOptimizer, SimSummary, Simulation, StepRecord,
+    simulate,
+};
 pub use trainer::{Batch, Schedule, StepGrads, TrainError, Trainer, initial_params};

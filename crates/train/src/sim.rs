@@ -9,12 +9,17 @@
 //! `aggregate_topk` per chunk when asked, as a run's host does), which goes
 //! through its own wire format and is applied by all peers alike, so one
 //! weight replica stands for all of them (the distro crate's tests prove the
-//! replicas bit-identical). With AdamW-DDP the peers' full fp32 gradients are
+//! replicas bit-identical). With `robust` on, the updates first go through
+//! the host's screen ([`starling_distro::robust`]), and with an
+//! [`Adversary`] the last peers send attacks in place of their updates: how
+//! `starling bench robust` measures what the screen keeps out and what
+//! gets in costs. With AdamW-DDP the peers' full fp32 gradients are
 //! averaged, as an all-reduce would, and one AdamW step follows.
 
 use std::time::Instant;
 
 use serde::Serialize;
+use starling_distro::robust::{self, RobustConfig};
 use starling_distro::wire::{
     self, DecodeError, DecodeLimits, EncodeError, UpdateHeader,
     aggregate::{self, AggregateHeader},
@@ -26,6 +31,11 @@ use crate::data::sampling::{Sampler, SamplerError};
 use crate::data::shards::TokenStore;
 use crate::optim::{AdamW, AdamWConfig, DistroPeer, OptimError};
 use crate::trainer::{Batch, Schedule, StepGrads, TrainError, Trainer, clip_global_norm};
+
+mod adversary;
+
+use adversary::Attackers;
+pub use adversary::{Adversary, Attack};
 
 /// Which optimizer the simulated peers use.
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -68,6 +78,11 @@ pub struct SimConfig {
     /// chunk, carrying the rest to the next step, as a run's host does with
     /// `aggregate_topk` (`None`: the exact aggregate).
     pub aggregate_topk: Option<usize>,
+    /// DisTrO only: screen each step's updates as a run's host does before
+    /// merging them (`None`: DeMo's plain scatter-mean of every update).
+    pub robust: Option<RobustConfig>,
+    /// DisTrO only: some peers attack (`None`: all are honest).
+    pub adversary: Option<Adversary>,
 }
 
 /// What happened in one step.
@@ -90,6 +105,11 @@ pub struct StepRecord {
     pub bytes_received_per_peer: u64,
     /// Bytes a fp32 all-reduce sends per peer per step (4 bytes a parameter).
     pub allreduce_bytes_per_peer: u64,
+    /// DisTrO: updates merged into the step's aggregate.
+    pub updates_merged: usize,
+    /// DisTrO with the screen: the lowest sign agreement of an honest
+    /// update with the others' (from -1 to 1), when computed.
+    pub honest_agreement_min: Option<f32>,
     /// Seconds since the simulation started.
     pub wall_s: f64,
 }
@@ -182,6 +202,12 @@ pub struct SimSummary {
     pub allreduce_bytes_per_peer: u64,
     /// Tokens trained on, all peers together.
     pub tokens: u64,
+    /// Updates the attackers sent.
+    pub bad_updates_sent: u64,
+    /// Attackers' updates merged into an aggregate.
+    pub bad_updates_accepted: u64,
+    /// Honest updates the screen left out.
+    pub honest_updates_rejected: u64,
     /// Wall time in seconds.
     pub wall_s: f64,
 }
@@ -203,6 +229,11 @@ impl SimConfig {
         }
         if self.aggregate_topk == Some(0) {
             return bad("the aggregate's top-k must be at least 1");
+        }
+        if let Some(a) = &self.adversary
+            && a.attackers >= self.peers
+        {
+            return bad("at least one peer must be honest (attackers < peers)");
         }
         Ok(())
     }
@@ -230,7 +261,18 @@ impl Simulation {
                     (Some(k), Some(p)) => Some((Residual::zeros(p.layout()), k)),
                     _ => None,
                 };
-                Method::Distro(peers, d.step_options(), cap)
+                Method::Distro(Box::new(DistroSim {
+                    peers,
+                    options: d.step_options(),
+                    values: d.values,
+                    cap,
+                    robust: config.robust,
+                    reference: None,
+                    attackers: config
+                        .adversary
+                        .as_ref()
+                        .map(|a| (a.attackers, Attackers::new(a, config.seed))),
+                }))
             }
             SimOptimizer::AdamWDdp(a) => Method::AdamW(AdamW::new(trainer, a)),
         };
@@ -261,11 +303,11 @@ impl Simulation {
             source,
         };
         match (&mut sim.method, &checkpoint.optimizer) {
-            (Method::Distro(peers, _, _), OptimizerSnapshot::Distro(momenta)) => {
-                if peers.len() != momenta.len() {
+            (Method::Distro(d), OptimizerSnapshot::Distro(momenta)) => {
+                if d.peers.len() != momenta.len() {
                     return mismatch("it holds another number of peers");
                 }
-                for (p, m) in peers.iter_mut().zip(momenta) {
+                for (p, m) in d.peers.iter_mut().zip(momenta) {
                     p.set_momentum(m).map_err(state)?;
                 }
             }
@@ -291,8 +333,8 @@ impl Simulation {
     pub fn checkpoint(&self, trainer: &Trainer, seed: u64) -> Result<Checkpoint, SimError> {
         let step = self.next_step;
         let optimizer = match &self.method {
-            Method::Distro(peers, _, _) => OptimizerSnapshot::Distro(
-                peers
+            Method::Distro(d) => OptimizerSnapshot::Distro(
+                d.peers
                     .iter()
                     .map(DistroPeer::momentum)
                     .collect::<Result<_, _>>()
@@ -345,6 +387,7 @@ impl Simulation {
         let first = self.next_step;
         let mut sent_total = 0u64;
         let mut received_total = 0u64;
+        let (mut bad_sent, mut bad_accepted, mut honest_rejected) = (0, 0, 0);
         let mut eval_loss = None;
         for step in first..until {
             let lr = config.schedule.lr(step);
@@ -357,10 +400,13 @@ impl Simulation {
                 peer_gradients(trainer, store, &sampler, config, step, clip).map_err(train)?;
             let loss = grads.iter().map(|g| g.loss).sum::<f32>() / config.peers as f32;
             let grad_norm = grads.iter().map(|g| g.norm).sum::<f32>() / config.peers as f32;
-            let (sent, received) = self.method.step(trainer, grads, lr, step, config.clip)?;
+            let outcome = self.method.step(trainer, grads, lr, step, config.clip)?;
             self.next_step = step + 1;
-            sent_total += sent;
-            received_total += received;
+            sent_total += outcome.sent;
+            received_total += outcome.received;
+            bad_sent += outcome.bad_sent;
+            bad_accepted += outcome.bad_accepted;
+            honest_rejected += outcome.honest_rejected;
             let evaluate = step + 1 == config.steps
                 || (config.eval_every > 0 && (step + 1) % config.eval_every == 0);
             let this_eval = if evaluate {
@@ -379,9 +425,11 @@ impl Simulation {
                 loss,
                 eval_loss: this_eval,
                 grad_norm,
-                bytes_sent_per_peer: sent,
-                bytes_received_per_peer: received,
+                bytes_sent_per_peer: outcome.sent,
+                bytes_received_per_peer: outcome.received,
                 allreduce_bytes_per_peer: allreduce,
+                updates_merged: outcome.merged,
+                honest_agreement_min: outcome.honest_agreement_min,
                 wall_s: start.elapsed().as_secs_f64(),
             });
         }
@@ -401,6 +449,9 @@ impl Simulation {
             bytes_received_per_peer_per_step: received_total as f64 / steps.max(1) as f64,
             allreduce_bytes_per_peer: allreduce,
             tokens: steps * (config.peers * config.batch * config.seq_len) as u64,
+            bad_updates_sent: bad_sent,
+            bad_updates_accepted: bad_accepted,
+            honest_updates_rejected: honest_rejected,
             wall_s: start.elapsed().as_secs_f64(),
         })
     }
@@ -438,10 +489,43 @@ fn peer_gradients(
 }
 
 enum Method {
-    /// The peers, the options of each of their steps (the run's top-k), and
-    /// the aggregate's cap with its residual, when capped.
-    Distro(Vec<DistroPeer>, StepOptions, Option<(Residual, usize)>),
+    Distro(Box<DistroSim>),
     AdamW(AdamW),
+}
+
+/// The DisTrO peers and what a run's host would keep between rounds.
+struct DistroSim {
+    peers: Vec<DistroPeer>,
+    /// Every step's options (the run's top-k).
+    options: StepOptions,
+    /// How values travel.
+    values: starling_distro::ValueEncoding,
+    /// The aggregate's cap with its residual, when capped.
+    cap: Option<(Residual, usize)>,
+    /// The host's screen, when on.
+    robust: Option<RobustConfig>,
+    /// The screen's size reference from the last step.
+    reference: Option<f32>,
+    /// How many of the last peers attack, and their memory.
+    attackers: Option<(usize, Attackers)>,
+}
+
+/// What one step moved and decided.
+#[derive(Default)]
+struct StepOutcome {
+    /// Mean bytes a peer sent.
+    sent: u64,
+    /// Bytes a peer received.
+    received: u64,
+    /// Updates merged.
+    merged: usize,
+    /// Lowest agreement of an honest update, when screened.
+    honest_agreement_min: Option<f32>,
+    /// Updates attackers sent, and how many were merged.
+    bad_sent: u64,
+    bad_accepted: u64,
+    /// Honest updates left out.
+    honest_rejected: u64,
 }
 
 /// A fixed run id for simulated updates.
@@ -453,8 +537,137 @@ fn peer_id(slot: usize) -> [u8; 32] {
     id
 }
 
+impl DistroSim {
+    /// One round as a run plays it: every peer's update through the wire
+    /// format and the host's checks, the screen (when on), one aggregate
+    /// (capped when asked) through its own wire format, applied once.
+    fn step(
+        &mut self,
+        trainer: &mut Trainer,
+        grads: &[StepGrads],
+        lr: f32,
+        step: u64,
+    ) -> Result<StepOutcome, SimError> {
+        let optim = |source| SimError::Optim { step, source };
+        let honest_peers = self.peers.len() - self.attackers.as_ref().map_or(0, |(a, _)| *a);
+        let mut outcome = StepOutcome::default();
+        let mut incoming: Vec<IncomingUpdate> = Vec::with_capacity(self.peers.len());
+        let mut is_bad: Vec<bool> = Vec::with_capacity(self.peers.len());
+        let mut first_honest = None;
+        let mut bytes = 0u64;
+        for (slot, (peer, g)) in self.peers.iter_mut().zip(grads).enumerate() {
+            let mut update = peer.step(g, lr, self.options).map_err(optim)?;
+            let bad = slot >= honest_peers;
+            if slot == 0 {
+                first_honest = Some(update.clone());
+            }
+            if bad && let Some((_, attackers)) = &mut self.attackers {
+                update = attackers.corrupt(slot - honest_peers, update, first_honest.as_ref());
+                outcome.bad_sent += 1;
+            }
+            let header = UpdateHeader {
+                run_id: SIM_RUN,
+                round: step,
+                sender: peer_id(slot),
+            };
+            let encoded = wire::encode(&header, &update).map_err(|source| SimError::Encode {
+                step,
+                peer: slot,
+                source,
+            })?;
+            bytes += encoded.len() as u64;
+            let decoded = wire::decode(&encoded, &DecodeLimits::default()).map_err(|source| {
+                SimError::Decode {
+                    step,
+                    peer: slot,
+                    source,
+                }
+            })?;
+            if decoded.header != header {
+                return Err(SimError::WireHeader { step, peer: slot });
+            }
+            // The host's check of what a member of the run can send; an
+            // honest update always passes it.
+            if let Err(e) = decoded.check_run(self.values, self.options.topk) {
+                if bad {
+                    continue;
+                }
+                return Err(SimError::Aggregate {
+                    step,
+                    reason: format!("peer {slot}'s own update does not fit the run: {e}"),
+                });
+            }
+            incoming.push(decoded.into_incoming());
+            is_bad.push(bad);
+        }
+        let first = self
+            .peers
+            .first()
+            .ok_or_else(|| SimError::Config("no peers".into()))?;
+        // The screen, in arrival order (honest peers first: a copy comes
+        // after what it copies).
+        if let Some(config) = &self.robust {
+            let refs: Vec<&IncomingUpdate> = incoming.iter().collect();
+            let screening = robust::screen(&refs, config, self.reference);
+            self.reference = screening.reference;
+            let mut kept = Vec::with_capacity(incoming.len());
+            let mut kept_bad = Vec::with_capacity(incoming.len());
+            for ((u, bad), v) in incoming.into_iter().zip(is_bad).zip(&screening.verdicts) {
+                if !bad && let Some(a) = v.agreement {
+                    outcome.honest_agreement_min =
+                        Some(outcome.honest_agreement_min.map_or(a, |m: f32| m.min(a)));
+                }
+                match v.result {
+                    Ok(scale) => {
+                        kept.push(robust::scaled(u, scale));
+                        kept_bad.push(bad);
+                    }
+                    Err(_) if !bad => outcome.honest_rejected += 1,
+                    Err(_) => {}
+                }
+            }
+            incoming = kept;
+            is_bad = kept_bad;
+        }
+        outcome.bad_accepted = is_bad.iter().filter(|b| **b).count() as u64;
+        outcome.merged = incoming.len();
+        outcome.sent = bytes / self.peers.len() as u64;
+        if incoming.is_empty() {
+            // Nothing to apply: the weights stay as they are this round.
+            return Ok(outcome);
+        }
+        // As in a run: one aggregate of the accepted updates (capped when
+        // asked), through its wire format, applied as one update.
+        let mut merged = first
+            .layout()
+            .merge(&incoming, lr)
+            .map_err(|e| optim(e.into()))?;
+        if let Some((residual, k)) = &mut self.cap {
+            merged = residual
+                .cap(step, &merged, *k)
+                .map_err(|source| SimError::Cap { step, source })?;
+        }
+        let header = AggregateHeader {
+            run_id: SIM_RUN,
+            round: step,
+            updates: incoming.len() as u32,
+        };
+        let failed = |reason: String| SimError::Aggregate { step, reason };
+        let encoded = aggregate::encode(&header, &merged).map_err(|e| failed(e.to_string()))?;
+        let decoded = aggregate::decode(&encoded, &DecodeLimits::default())
+            .map_err(|e| failed(e.to_string()))?;
+        let one = IncomingUpdate {
+            sender: [0; 32],
+            tensors: decoded.tensors,
+        };
+        first.apply(trainer, &[one], lr).map_err(optim)?;
+        outcome.received = encoded.len() as u64;
+        Ok(outcome)
+    }
+}
+
 impl Method {
-    /// Applies one step; returns the mean bytes a peer sent and received.
+    /// Applies one step.
     fn step(
         &mut self,
         trainer: &mut Trainer,
@@ -462,70 +675,10 @@ impl Method {
         lr: f32,
         step: u64,
         clip: f32,
-    ) -> Result<(u64, u64), SimError> {
+    ) -> Result<StepOutcome, SimError> {
         let optim = |source| SimError::Optim { step, source };
         match self {
-            Method::Distro(peers, options, cap) => {
-                let mut incoming: Vec<IncomingUpdate> = Vec::with_capacity(peers.len());
-                let mut bytes = 0u64;
-                for (slot, (peer, g)) in peers.iter_mut().zip(&grads).enumerate() {
-                    let update = peer.step(g, lr, *options).map_err(optim)?;
-                    let header = UpdateHeader {
-                        run_id: SIM_RUN,
-                        round: step,
-                        sender: peer_id(slot),
-                    };
-                    let encoded =
-                        wire::encode(&header, &update).map_err(|source| SimError::Encode {
-                            step,
-                            peer: slot,
-                            source,
-                        })?;
-                    bytes += encoded.len() as u64;
-                    let decoded =
-                        wire::decode(&encoded, &DecodeLimits::default()).map_err(|source| {
-                            SimError::Decode {
-                                step,
-                                peer: slot,
-                                source,
-                            }
-                        })?;
-                    if decoded.header != header {
-                        return Err(SimError::WireHeader { step, peer: slot });
-                    }
-                    incoming.push(decoded.into_incoming());
-                }
-                let first = peers
-                    .first()
-                    .ok_or_else(|| SimError::Config("no peers".into()))?;
-                // As in a run: one aggregate of the accepted updates (capped
-                // when asked), through its wire format, applied as one update.
-                let mut merged = first
-                    .layout()
-                    .merge(&incoming, lr)
-                    .map_err(|e| optim(e.into()))?;
-                if let Some((residual, k)) = cap {
-                    merged = residual
-                        .cap(step, &merged, *k)
-                        .map_err(|source| SimError::Cap { step, source })?;
-                }
-                let header = AggregateHeader {
-                    run_id: SIM_RUN,
-                    round: step,
-                    updates: incoming.len() as u32,
-                };
-                let failed = |reason: String| SimError::Aggregate { step, reason };
-                let encoded =
-                    aggregate::encode(&header, &merged).map_err(|e| failed(e.to_string()))?;
-                let decoded = aggregate::decode(&encoded, &DecodeLimits::default())
-                    .map_err(|e| failed(e.to_string()))?;
-                let one = IncomingUpdate {
-                    sender: [0; 32],
-                    tensors: decoded.tensors,
-                };
-                first.apply(trainer, &[one], lr).map_err(optim)?;
-                Ok((bytes / peers.len() as u64, encoded.len() as u64))
-            }
+            Method::Distro(d) => d.step(trainer, &grads, lr, step),
             Method::AdamW(adamw) => {
                 let n = grads.len() as f32;
                 let mut sum: Option<Vec<burn::tensor::Tensor<2>>> = None;
@@ -544,7 +697,12 @@ impl Method {
                     .map_err(|source| SimError::Train { step, source })?;
                 adamw.step(trainer, &mean, lr).map_err(optim)?;
                 let all_reduce = 4 * trainer.config().param_count() as u64;
-                Ok((all_reduce, all_reduce))
+                Ok(StepOutcome {
+                    sent: all_reduce,
+                    received: all_reduce,
+                    merged: n as usize,
+                    ..StepOutcome::default()
+                })
             }
         }
     }
@@ -581,6 +739,8 @@ mod tests {
             eval_fraction: 0.1,
             eval_sequences: 4,
             aggregate_topk: None,
+            robust: None,
+            adversary: None,
             eval_every: 4,
         }
     }
@@ -622,6 +782,59 @@ mod tests {
         );
         assert!(sd.bytes_per_peer_per_step * 20.0 < sa.bytes_per_peer_per_step);
         assert!(rd.iter().all(|r| r.bytes_sent_per_peer > 0));
+    }
+
+    /// A DisTrO simulation of 4 peers (f32 values), the last `attackers`
+    /// sending `attack`, screened or not.
+    fn attacked(attack: Option<Attack>, robust: bool) -> SimSummary {
+        let mut config = config(
+            SimOptimizer::Distro(DistroConfig {
+                topk: 4,
+                values: ValueEncoding::F32,
+                ..DistroConfig::default()
+            }),
+            1e-2,
+        );
+        config.peers = 4;
+        config.robust = robust.then(RobustConfig::default);
+        config.adversary = attack.map(|attack| Adversary {
+            attackers: 1,
+            attack,
+        });
+        let mut t = Trainer::new(&tiny(), &cpu(), 1).unwrap();
+        simulate(&mut t, &store(), &config, |_| {}).unwrap()
+    }
+
+    #[test]
+    fn the_screen_keeps_scaled_and_empty_updates_out_and_every_honest_one_in() {
+        let clean = attacked(None, true);
+        assert_eq!(
+            (clean.bad_updates_sent, clean.honest_updates_rejected),
+            (0, 0)
+        );
+        for attack in [Attack::Scale(1000.0), Attack::Empty, Attack::Copy] {
+            let s = attacked(Some(attack), true);
+            assert_eq!(s.bad_updates_sent, 12, "{attack}");
+            assert_eq!(s.bad_updates_accepted, 0, "{attack}");
+            assert_eq!(s.honest_updates_rejected, 0, "{attack}");
+        }
+        // Unscreened, every one of them is merged.
+        let s = attacked(Some(Attack::Scale(1000.0)), false);
+        assert_eq!(s.bad_updates_accepted, 12);
+    }
+
+    #[test]
+    fn attackers_must_leave_an_honest_peer() {
+        let mut c = config(SimOptimizer::Distro(DistroConfig::default()), 1e-2);
+        c.adversary = Some(Adversary {
+            attackers: c.peers,
+            attack: Attack::Negate,
+        });
+        let t = Trainer::new(&tiny(), &cpu(), 1).unwrap();
+        assert!(matches!(
+            Simulation::new(&t, &c),
+            Err(SimError::Config(m)) if m.contains("honest")
+        ));
     }
 
     #[test]

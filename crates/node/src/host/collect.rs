@@ -39,6 +39,9 @@ pub(super) struct Collected {
 
 /// An update accepted into the round.
 pub(crate) struct Accepted {
+    /// Its announce's place among the round's announces (which of two
+    /// copies came first).
+    pub(crate) order: usize,
     pub(crate) sender: EndpointId,
     pub(crate) announce: Announce,
     pub(crate) update: CheckedUpdate,
@@ -73,6 +76,7 @@ impl Refusal {
 
 /// What a fetch task reports: the announce, and the checked update or why not.
 struct Fetched {
+    order: usize,
     sender: EndpointId,
     announce: Announce,
     result: Result<CheckedUpdate, Refusal>,
@@ -167,15 +171,16 @@ impl Host {
             c.seen.insert(sender, ann);
         } else if let Entry::Vacant(v) = c.seen.entry(sender) {
             v.insert(ann.clone());
-            c.fetches.spawn(fetch_and_check(
-                self.net.clone(),
-                self.replica.clone(),
+            let job = FetchJob {
                 round,
+                order: c.seen.len(),
                 sender,
-                ann,
+                announce: ann,
                 max,
-                window,
-            ));
+                time_limit: window,
+            };
+            c.fetches
+                .spawn(fetch_and_check(self.net.clone(), self.replica.clone(), job));
         }
     }
 
@@ -202,10 +207,12 @@ impl Host {
     ) {
         match done {
             Ok(Fetched {
+                order,
                 sender,
                 announce,
                 result: Ok(update),
             }) => accepted.push(Accepted {
+                order,
                 sender,
                 announce,
                 update,
@@ -231,19 +238,32 @@ impl Host {
     }
 }
 
-/// Fetch `sender`'s announced update (at most `max` bytes, within
-/// `time_limit`) and check it on a blocking worker.
-async fn fetch_and_check(
-    net: Arc<Net>,
-    replica: SharedReplica,
+/// One announced update to fetch.
+struct FetchJob {
     round: u64,
+    /// The announce's place in the round.
+    order: usize,
     sender: EndpointId,
     announce: Announce,
+    /// Most bytes accepted.
     max: u64,
+    /// How long the fetch may take.
     time_limit: Duration,
-) -> Fetched {
+}
+
+/// Fetch the job's announced update and check it on a blocking worker.
+async fn fetch_and_check(net: Arc<Net>, replica: SharedReplica, job: FetchJob) -> Fetched {
+    let FetchJob {
+        round,
+        order,
+        sender,
+        announce,
+        max,
+        time_limit,
+    } = job;
     let tag = update_tag(round, &sender);
     let refused = |announce, refusal| Fetched {
+        order,
         sender,
         announce,
         result: Err(refusal),
@@ -277,6 +297,7 @@ async fn fetch_and_check(
         Err(worker) => Err(Refusal::Worker(worker)),
     };
     Fetched {
+        order,
         sender,
         announce,
         result,

@@ -12,6 +12,7 @@
 
 use std::{collections::HashMap, time::Duration};
 
+use starling_distro::{Rejection, RobustConfig, robust};
 use starling_swarm::{
     AcceptedList, Announce, BlobRef, Body, Bytes, EndpointId, Manifest, ManifestEntry, Member,
     Message, Roster, RoundOpen, WeightReport, unix_ms,
@@ -171,22 +172,22 @@ impl Host {
         Ok(Some(signed_open))
     }
 
-    /// Robust aggregation: drop (as faults) updates far above the round's
-    /// median norm; returns the rest in sender order, the manifest's order.
+    /// The screen ([`starling_distro::robust`]): leave out empty, copied,
+    /// oversized and contrary updates (logged, not held against their
+    /// senders: they were well-formed) and clip the rest; returns them in
+    /// sender order, the manifest's order, ready to merge.
     fn robust_filter(&mut self, round: u64, accepted: Vec<Accepted>) -> Vec<Accepted> {
-        let factor = self.state.spec.rounds.robust_norm_factor;
-        let (keep, outliers) = split_outliers(accepted, factor);
-        if let Some((median, outliers)) = outliers {
-            for a in outliers {
-                self.fault(
-                    round,
-                    a.sender,
-                    format!(
-                        "update norm {:.3} is over {factor}x the median {median:.3}",
-                        a.update.norm
-                    ),
-                );
-            }
+        let rounds = &self.state.spec.rounds;
+        let config = robust_config(rounds.robust_norm_factor, rounds.robust_min_agreement);
+        let (keep, left_out, reference) = screen_round(accepted, &config, self.reference);
+        self.reference = reference;
+        for (sender, why) in left_out {
+            self.emit(NodeEvent::Rejected {
+                node: self.name.clone(),
+                round,
+                peer: short(&sender),
+                reason: format!("left out of the merge: {why}"),
+            });
         }
         keep
     }
@@ -385,25 +386,39 @@ impl Host {
     }
 }
 
-/// Split `accepted` into the updates within `factor` times the round's
-/// median norm, in sender order (the manifest's order), and, when robust
-/// filtering applies, that median and the updates over it.
-pub(crate) fn split_outliers(
-    accepted: Vec<Accepted>,
-    factor: f32,
-) -> (Vec<Accepted>, Option<(f32, Vec<Accepted>)>) {
-    let norms: Vec<f32> = accepted.iter().map(|a| a.update.norm).collect();
-    let (mut keep, outliers) = match robust_median(&norms, factor) {
-        Some(median) => {
-            let (keep, over): (Vec<_>, Vec<_>) = accepted
-                .into_iter()
-                .partition(|a| a.update.norm <= factor * median);
-            (keep, Some((median, over)))
+/// The screen's settings from the run's `[rounds]` (0 turns a check off).
+pub(crate) fn robust_config(norm_factor: f32, min_agreement: f32) -> RobustConfig {
+    RobustConfig {
+        norm_factor,
+        min_agreement: (min_agreement > 0.0).then_some(min_agreement),
+    }
+}
+
+/// Screen `accepted` (judged in announce order, which decides which of two
+/// copies stays): the kept updates, clipped and in sender order (the
+/// manifest's order); who was left out and why; the size reference for
+/// the next round.
+pub(crate) fn screen_round(
+    mut accepted: Vec<Accepted>,
+    config: &RobustConfig,
+    previous: Option<f32>,
+) -> (Vec<Accepted>, Vec<(EndpointId, Rejection)>, Option<f32>) {
+    accepted.sort_by_key(|a| a.order);
+    let updates: Vec<_> = accepted.iter().map(|a| &a.update.update).collect();
+    let screening = robust::screen(&updates, config, previous);
+    let mut keep = Vec::with_capacity(accepted.len());
+    let mut left_out = Vec::new();
+    for (mut a, verdict) in accepted.into_iter().zip(screening.verdicts) {
+        match verdict.result {
+            Ok(scale) => {
+                a.update.update = robust::scaled(a.update.update, scale);
+                keep.push(a);
+            }
+            Err(why) => left_out.push((a.sender, why)),
         }
-        None => (accepted, None),
-    };
+    }
     keep.sort_by_key(|a| a.sender);
-    (keep, outliers)
+    (keep, left_out, screening.reference)
 }
 
 /// The list of the round's accepted updates the manifest names.
@@ -419,16 +434,4 @@ pub(crate) fn accepted_list(accepted: &[Accepted]) -> AcceptedList {
             })
             .collect(),
     }
-}
-
-/// The median norm to filter against, when robust filtering applies: a
-/// positive factor and at least three updates (with fewer, the median says
-/// nothing about which one is off). The upper median for an even count.
-pub(super) fn robust_median(norms: &[f32], factor: f32) -> Option<f32> {
-    if !(factor > 0.0 && norms.len() >= 3) {
-        return None;
-    }
-    let mut norms = norms.to_vec();
-    norms.sort_by(f32::total_cmp);
-    norms.get(norms.len() / 2).copied()
 }

@@ -17,8 +17,6 @@ use tokio::sync::{mpsc, watch};
 use super::{
     Accepted, Host, HostError, HostOptions,
     control::{Shared, answer},
-    round::robust_median,
-    split_outliers,
 };
 use crate::{
     MonthlyCap, NodeEvent, RunFile, VolunteerOptions, data::Tokens, replica::Replica,
@@ -131,7 +129,9 @@ async fn attacker(net: Net, host: Member, replica: Replica, mut rx: mpsc::Receiv
                 .await;
             continue;
         };
-        let bytes = if acted == 0 {
+        // Malformed bytes (a fault), then an oversized update (left out, no
+        // fault), then malformed bytes again: the second fault drops it.
+        let bytes = if acted % 2 == 0 {
             (0..5000u32)
                 .map(|i| (i * 7919 % 251) as u8)
                 .collect::<Vec<u8>>()
@@ -273,17 +273,24 @@ async fn hostile_member_is_rejected_logged_and_dropped_while_the_run_goes_on() {
         seen.iter().any(|e| matches!(e, NodeEvent::Rejected { peer, reason, .. } if *peer == bad && reason.contains(needle)))
     };
     assert!(rejected("malformed update"), "{seen:#?}");
-    assert!(rejected("median"), "{seen:#?}");
+    assert!(rejected("typical size"), "{seen:#?}");
     assert!(
         seen.iter().any(
             |e| matches!(e, NodeEvent::Rejected { reason, .. } if reason.contains("bad signature"))
         ),
         "{seen:#?}"
     );
-    assert!(
-        seen.iter()
-            .any(|e| matches!(e, NodeEvent::Dropped { peer, .. } if *peer == bad))
-    );
+    // Dropped after its second malformed update: the oversized one between
+    // them was left out without counting as a fault.
+    let dropped_at = seen
+        .iter()
+        .position(|e| matches!(e, NodeEvent::Dropped { peer, faults: 2, .. } if *peer == bad))
+        .expect("the attacker is dropped");
+    let malformed_before = seen[..dropped_at]
+        .iter()
+        .filter(|e| matches!(e, NodeEvent::Rejected { peer, reason, .. } if *peer == bad && reason.contains("malformed update")))
+        .count();
+    assert_eq!(malformed_before, 2, "{seen:#?}");
     // No round ever applied the attacker's update, and all replicas agree.
     let last: Vec<u64> = seen
         .iter()
@@ -549,57 +556,84 @@ fn announces_over_control_are_verified_then_queued_for_the_round() {
 }
 
 #[test]
-fn robust_filtering_needs_three_updates_and_a_positive_factor() {
-    assert_eq!(robust_median(&[1.0, 2.0], 5.0), None);
-    assert_eq!(robust_median(&[1.0, 2.0, 3.0], 0.0), None);
-    assert_eq!(robust_median(&[3.0, 1.0, 2.0], 5.0), Some(2.0));
-    // The upper median of an even count, whatever the order.
-    assert_eq!(robust_median(&[400.0, 1.0, 3.0, 2.0], 5.0), Some(3.0));
+fn faults_older_than_the_window_are_forgiven() {
+    let mut faults = std::collections::VecDeque::new();
+    assert_eq!(super::count_fault(&mut faults, 10, 50), 1);
+    assert_eq!(super::count_fault(&mut faults, 40, 50), 2);
+    // Round 10's fault is 50 rounds old at round 60: forgiven.
+    assert_eq!(super::count_fault(&mut faults, 60, 50), 2);
+    assert_eq!(super::count_fault(&mut faults, 200, 50), 1);
+    assert_eq!(super::count_fault(&mut faults, u64::MAX, u64::MAX), 2);
 }
 
 #[test]
-fn outliers_are_split_off_and_the_rest_kept_in_sender_order() {
-    let update = |norm: f32| {
-        let sender = SecretKey::generate().public();
-        Accepted {
-            sender,
-            announce: Announce {
-                update: starling_swarm::BlobRef::of(sender.as_bytes()),
-                tokens: 1,
-                loss: 1.0,
+fn the_screen_keeps_the_first_of_two_copies_clips_and_returns_sender_order() {
+    let grid = starling_distro::ChunkGrid::for_shape(&[64, 64], 64);
+    // One 64x64 tensor with the same four coefficients, all positive: the
+    // senders agree, and differ only in size.
+    let update = |order: usize, sender: EndpointId, size: f32| Accepted {
+        order,
+        sender,
+        announce: Announce {
+            update: starling_swarm::BlobRef::of(sender.as_bytes()),
+            tokens: 1,
+            loss: 1.0,
+        },
+        update: crate::replica::CheckedUpdate {
+            update: starling_distro::IncomingUpdate {
+                sender: *sender.as_bytes(),
+                tensors: vec![starling_distro::SparseTensor {
+                    shape: vec![64, 64],
+                    grid,
+                    k: 4,
+                    offsets: vec![0, 4],
+                    indices: vec![0, 1, 2, 3],
+                    values: vec![size; 4],
+                }],
             },
-            update: crate::replica::CheckedUpdate {
-                update: starling_distro::IncomingUpdate {
-                    sender: *sender.as_bytes(),
-                    tensors: Vec::new(),
-                },
-                norm,
-            },
-        }
+        },
     };
-    let norms = |a: &[Accepted]| a.iter().map(|a| a.update.norm).collect::<Vec<_>>();
-    let senders = |a: &[Accepted]| a.iter().map(|a| a.sender).collect::<Vec<_>>();
-
-    let (keep, outliers) = split_outliers(
-        vec![update(1.0), update(100.0), update(2.0), update(3.0)],
-        5.0,
+    let mut keys: Vec<EndpointId> = (0..6).map(|_| SecretKey::generate().public()).collect();
+    keys.sort();
+    let round = vec![
+        update(0, keys[1], 1.0),
+        update(1, keys[2], 2.0),
+        update(2, keys[3], 3.0),
+        update(3, keys[4], 4.0),
+        update(4, keys[5], 100.0),
+        // A copy of the first, announced last, under the name that sorts first.
+        update(5, keys[0], 1.0),
+    ];
+    let config = super::round::robust_config(5.0, 4.0);
+    let (keep, left_out, reference) = super::round::screen_round(round, &config, None);
+    let reasons: Vec<(EndpointId, String)> = left_out
+        .iter()
+        .map(|(who, why)| (*who, why.to_string()))
+        .collect();
+    assert_eq!(reasons.len(), 2, "{reasons:?}");
+    assert!(reasons.contains(&(
+        keys[0],
+        "the update is a copy of one taken before it".into()
+    )));
+    assert!(
+        reasons
+            .iter()
+            .any(|(who, why)| *who == keys[5] && why.contains("typical size")),
+        "{reasons:?}"
     );
-    let (median, over) = outliers.expect("four updates are filtered");
-    assert_eq!(median, 3.0);
-    assert_eq!(norms(&over), [100.0]);
-    let mut sorted = senders(&keep);
-    sorted.sort();
-    assert_eq!(senders(&keep), sorted, "kept in sender order");
-    let mut kept = norms(&keep);
-    kept.sort_by(f32::total_cmp);
-    assert_eq!(kept, [1.0, 2.0, 3.0]);
-
-    // Two updates: nothing to compare with, both kept, still in order.
-    let (keep, outliers) = split_outliers(vec![update(1.0), update(100.0)], 5.0);
-    assert!(outliers.is_none());
-    let mut sorted = senders(&keep);
-    sorted.sort();
-    assert_eq!((keep.len(), senders(&keep)), (2, sorted));
+    let senders: Vec<EndpointId> = keep.iter().map(|a| a.sender).collect();
+    assert_eq!(
+        senders,
+        keys[1..5],
+        "the original kept, all in sender order"
+    );
+    // The median of 1, 2, 3, 4 and 100 is 3: the 4 is clipped to it.
+    assert_eq!(reference, Some(3.0));
+    let sizes: Vec<f32> = keep
+        .iter()
+        .map(|a| a.update.update.tensors[0].values[0])
+        .collect();
+    assert_eq!(sizes, [1.0, 2.0, 3.0, 3.0]);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -25,7 +25,7 @@ use starling_train::{DeviceChoice, select_device};
 use super::{SwarmBenchError, SwarmBenchOptions, run_file, synthetic_update};
 use crate::{
     data::Tokens,
-    host::{Accepted, accepted_list, split_outliers},
+    host::{Accepted, accepted_list, robust_config, screen_round},
     replica::Replica,
 };
 
@@ -124,18 +124,24 @@ pub fn measure(opts: &SwarmBenchOptions, members: usize) -> Result<Bookkeeping, 
     }
     let verified = Instant::now();
     let mut accepted = Vec::with_capacity(members);
-    for ((sender, announce), (_, _, bytes)) in announces.into_iter().zip(&sent) {
+    for (order, ((sender, announce), (_, _, bytes))) in announces.into_iter().zip(&sent).enumerate()
+    {
         let update = replica
             .check(bytes, round, *sender.as_bytes())
             .map_err(|e| failed("check", &e))?;
         accepted.push(Accepted {
+            order,
             sender,
             announce,
             update,
         });
     }
     let checked = Instant::now();
-    let (accepted, _) = split_outliers(accepted, spec.rounds.robust_norm_factor);
+    let config = robust_config(
+        spec.rounds.robust_norm_factor,
+        spec.rounds.robust_min_agreement,
+    );
+    let (accepted, _, _) = screen_round(accepted, &config, None);
     let filtered = Instant::now();
     let held_update_bytes = accepted
         .iter()
@@ -190,6 +196,7 @@ mod tests {
             dir: std::env::temp_dir().join("starling-bookkeeping-test"),
             join: None,
             corrupt_relays: 0,
+            empty_updates: 0,
         }
     }
 
