@@ -17,6 +17,7 @@ use starling_distro::wire::{
 };
 use starling_distro::{
     ApplyError, CapError, IncomingUpdate, Residual, StepOptions, TensorBudget, budget_topk,
+    update_wire_bytes,
 };
 use starling_train::{
     Batch, Checkpoint, CheckpointError, DistroPeer, OptimError, OptimizerSnapshot, Sampler,
@@ -189,13 +190,17 @@ impl Replica {
             .map_err(ReplicaError::Train)?;
         let distro = spec.distro().map_err(ReplicaError::Spec)?;
         let peer = DistroPeer::new(&trainer, distro).map_err(ReplicaError::Optim)?;
-        let budgets = trainer
+        let budgets: Vec<TensorBudget> = trainer
             .shapes()
             .iter()
             .map(|s| TensorBudget::for_shape(s, distro.chunk))
             .collect();
+        // No update a member of this run can send is larger than a full
+        // top-k update of this model, whatever the spec allows.
+        let implied = update_wire_bytes(&budgets, spec.run.topk, distro.values);
         let limits = DecodeLimits {
-            max_bytes: usize::try_from(spec.rounds.max_update_bytes).unwrap_or(usize::MAX),
+            max_bytes: usize::try_from(spec.rounds.max_update_bytes.min(implied))
+                .unwrap_or(usize::MAX),
             ..DecodeLimits::default()
         };
         Ok(Self {
@@ -566,5 +571,30 @@ mod tests {
             most - weights < 2 << 20,
             "{most} allows too much over {weights}"
         );
+    }
+
+    #[test]
+    fn an_update_larger_than_the_runs_top_k_implies_is_refused_whatever_the_spec_allows() {
+        let (mut spec, tokens) = RunFile::default()
+            .resolve(std::path::Path::new("."))
+            .expect("the default run");
+        spec.rounds.max_update_bytes = 1 << 40;
+        let device = select_device(DeviceChoice::Cpu).expect("the CPU");
+        let mut replica =
+            Replica::new(&spec, &device, [1; 16], [2; 32], Tokens::All(tokens)).expect("replica");
+        // A real, full top-k update checks...
+        let trained = replica.train(0, 0, spec.run.topk).expect("train");
+        let values = replica.layout().config().values;
+        let implied = update_wire_bytes(&replica.budgets, spec.run.topk, values);
+        assert!(trained.bytes.len() as u64 <= implied);
+        replica
+            .check(&trained.bytes, 0, [2; 32])
+            .expect("a member's own update checks");
+        // ...and one byte over the bound is refused before it is read.
+        let over = vec![0u8; implied as usize + 1];
+        assert!(matches!(
+            replica.check(&over, 0, [2; 32]),
+            Err(UpdateError::Wire(DecodeError::Oversized { .. }))
+        ));
     }
 }
