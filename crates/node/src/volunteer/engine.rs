@@ -56,6 +56,9 @@ const ROUNDS_FIRST: Duration = Duration::from_secs(60);
 const LINGER_QUIET: Duration = Duration::from_secs(3);
 /// Ask the coordinator directly after this long without news.
 const POLL_AFTER: Duration = Duration::from_secs(3);
+/// How often the data-use ledger is written between rounds (a round's
+/// traffic is written when it is applied, and everything at exit).
+const LEDGER_EVERY: Duration = Duration::from_secs(10);
 
 /// Why a volunteer stopped.
 #[derive(Debug, thiserror::Error)]
@@ -224,7 +227,10 @@ struct Volunteer {
     /// it is wanted.
     pending_checkpoint: Option<(u64, BlobRef, Instant)>,
     applied: u64,
+    /// Traffic totals (up, down) when the last round was reported.
     counters: (u64, u64),
+    /// Traffic totals (up, down) when the ledger was last written.
+    ledgered: (u64, u64),
     /// This month's data use and where it is kept.
     usage: Option<(PathBuf, Usage)>,
     monthly_cap: MonthlyCap,
@@ -296,6 +302,7 @@ pub async fn run_volunteer(
         pending_checkpoint: None,
         applied: 0,
         counters: (0, 0),
+        ledgered: (0, 0),
         usage: None,
         monthly_cap: opts.monthly_cap,
         memory_budget: opts.memory_budget,
@@ -311,6 +318,11 @@ pub async fn run_volunteer(
         r = v.run(opts.max_rounds) => r,
         _ = stop.wait_for(|s| *s) => Ok(()),
     };
+    // What moved since the last write (a checkpoint cut short by the stop,
+    // say) is counted before leaving.
+    if let Err(e) = v.write_ledger() {
+        v.warn(e.to_string());
+    }
     v.state(NodeState::Stopped, format!("left before round {}", v.next));
     if let Ok(net) = Arc::try_unwrap(v.net) {
         net.shutdown().await;
@@ -371,6 +383,7 @@ impl Volunteer {
         );
         self.sync().await?;
         let mut last_news = Instant::now();
+        let mut last_ledger = Instant::now();
         let mut tick = tokio::time::interval(Duration::from_secs(1));
         loop {
             if max_rounds.is_some_and(|m| self.applied >= m) {
@@ -404,6 +417,10 @@ impl Volunteer {
                     }
                 }
                 _ = tick.tick() => {
+                    if last_ledger.elapsed() >= LEDGER_EVERY {
+                        self.write_ledger()?;
+                        last_ledger = Instant::now();
+                    }
                     self.deliver_announce().await;
                     if last_news.elapsed() > POLL_AFTER {
                         match self.sync().await {
@@ -1091,8 +1108,8 @@ impl Volunteer {
             node: self.name.clone(),
             peers,
         });
-        self.account(up - self.counters.0, down - self.counters.1)?;
         self.counters = (up, down);
+        self.write_ledger()?;
         self.my_digests.insert(round, digest);
         while self.my_digests.len() > 64 {
             self.my_digests.pop_first();
@@ -1116,16 +1133,27 @@ impl Volunteer {
         }
     }
 
-    /// Add a round's traffic to this month's ledger and report it.
-    fn account(&mut self, up: u64, down: u64) -> Result<(), VolunteerError> {
+    /// Add the traffic since the last write to this month's ledger, save
+    /// it and report it.
+    fn write_ledger(&mut self) -> Result<(), VolunteerError> {
+        let traffic = self.net.traffic();
+        let (up, down) = (traffic.total.up(), traffic.total.down());
         let Some((path, usage)) = &mut self.usage else {
             return Ok(());
         };
-        usage.add(unix_ms() / 1000, up, down);
+        let (new_up, new_down) = (
+            up.saturating_sub(self.ledgered.0),
+            down.saturating_sub(self.ledgered.1),
+        );
+        if new_up == 0 && new_down == 0 {
+            return Ok(());
+        }
+        usage.add(unix_ms() / 1000, new_up, new_down);
         usage.save(path).map_err(|source| VolunteerError::Usage {
             path: path.clone(),
             source,
         })?;
+        self.ledgered = (up, down);
         let event = NodeEvent::Usage {
             node: self.name.clone(),
             month: usage.month.clone(),
