@@ -548,7 +548,12 @@ fn volunteers_train_on_shards_fetched_by_range_and_take_new_caps_live() {
         .output()
         .unwrap();
     assert!(prepared.status.success(), "{prepared:?}");
-    let run = RUN.replace("corpus_bytes = 262144", "data = \"shards\"");
+    // Both volunteers in every round, round 0 included: it opens only once
+    // both have joined.
+    let run = format!(
+        "{}min_members = 2\n",
+        RUN.replace("corpus_bytes = 262144", "data = \"shards\"")
+    );
     let (mut host, ticket) = start_host(&dir, &run, &["--rounds", "4"]);
     // v0 also takes its caps from a file, changed while it runs.
     let caps = dir.join("v0-caps.json").display().to_string();
