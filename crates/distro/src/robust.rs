@@ -70,9 +70,10 @@ impl Default for RobustConfig {
 }
 
 /// Standard errors below half the round's median agreement at which an
-/// update is left out by default: an honest update falls that far about
-/// once in 30,000 rounds, while one with random signs and a full top-k on
-/// the nano model falls far below it (docs/BENCHMARKS.md).
+/// update is left out by default: were an honest update's agreement as
+/// noisy as a fair coin's, it would fall that far about once in 30,000
+/// updates; honest updates of the nano model agree at 0.25 or more while
+/// random signs agree at about 0 (docs/BENCHMARKS.md).
 pub const DEFAULT_MIN_AGREEMENT: f32 = 4.0;
 
 /// Why an update was left out of the merge.
