@@ -72,7 +72,7 @@ impl Default for RobustConfig {
 /// Standard errors below half the round's median agreement at which an
 /// update is left out by default: were an honest update's agreement as
 /// noisy as a fair coin's, it would fall that far about once in 30,000
-/// updates; honest updates of the nano model agree at 0.25 or more while
+/// updates; honest updates of the nano model agreed at 0.24 or more while
 /// random signs agree at about 0 (docs/BENCHMARKS.md).
 pub const DEFAULT_MIN_AGREEMENT: f32 = 4.0;
 
