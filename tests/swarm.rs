@@ -150,6 +150,22 @@ fn join(dir: &Path, ticket: &str, name: &str, extra: &[&str]) -> Node {
     Node::spawn(&args, dir.join(format!("{name}.log")))
 }
 
+/// Start `starling bench swarm --join TICKET ARGS`: synthetic volunteers
+/// (in one process, `--json`, state under `dir/bench`) joining the run.
+/// Returns the process and its log (`dir/NAME.log`).
+fn synthetic_volunteers(dir: &Path, ticket: &str, name: &str, args: &[&str]) -> (Child, PathBuf) {
+    let log = dir.join(format!("{name}.log"));
+    let child = Command::new(BIN)
+        .args(["bench", "swarm", "--join", ticket.trim(), "--json", "--dir"])
+        .arg(dir.join("bench"))
+        .args(args)
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(&log).expect("log file"))
+        .spawn()
+        .expect("start the synthetic volunteers");
+    (child, log)
+}
+
 fn applied(events: &[Value], round: u64) -> Option<&Value> {
     events
         .iter()
@@ -710,22 +726,12 @@ fn a_round_of_three_hundred_members_and_a_crowded_join() {
     let real: Vec<Node> = (0..2)
         .map(|i| join(&dir, &ticket, &format!("v{i}"), &["--rounds", "2"]))
         .collect();
-    let crowd_log = dir.join("crowd.log");
-    let mut crowd = Command::new(BIN)
-        .args([
-            "bench",
-            "swarm",
-            "--join",
-            ticket.trim(),
-            "--volunteers",
-            "310",
-        ])
-        .args(["--rounds", "2", "--json", "--dir"])
-        .arg(dir.join("bench"))
-        .stdout(Stdio::null())
-        .stderr(std::fs::File::create(&crowd_log).expect("log file"))
-        .spawn()
-        .expect("start the crowd");
+    let (mut crowd, crowd_log) = synthetic_volunteers(
+        &dir,
+        &ticket,
+        "crowd",
+        &["--volunteers", "310", "--rounds", "2"],
+    );
 
     // A join carrying 1,000 addresses, from a node of its own.
     let runtime = tokio::runtime::Runtime::new().unwrap();
@@ -833,16 +839,19 @@ fn a_member_relaying_corrupted_blobs_is_bypassed() {
     let real: Vec<Node> = (0..2)
         .map(|i| join(&dir, &ticket, &format!("v{i}"), &["--rounds", "3"]))
         .collect();
-    let liars_log = dir.join("liars.log");
-    let mut liars = Command::new(BIN)
-        .args(["bench", "swarm", "--join", ticket.trim()])
-        .args(["--volunteers", "20", "--corrupt-relays", "20"])
-        .args(["--rounds", "3", "--json", "--dir"])
-        .arg(dir.join("bench"))
-        .stdout(Stdio::null())
-        .stderr(std::fs::File::create(&liars_log).expect("log file"))
-        .spawn()
-        .expect("start the liars");
+    let (mut liars, liars_log) = synthetic_volunteers(
+        &dir,
+        &ticket,
+        "liars",
+        &[
+            "--volunteers",
+            "20",
+            "--corrupt-relays",
+            "20",
+            "--rounds",
+            "3",
+        ],
+    );
 
     let limit = Duration::from_secs(600);
     let mut host_events = Vec::new();
@@ -898,16 +907,19 @@ fn a_flood_of_empty_updates_is_left_out_and_bans_nobody() {
     let real: Vec<Node> = (0..2)
         .map(|i| join(&dir, &ticket, &format!("v{i}"), &["--rounds", "3"]))
         .collect();
-    let flood_log = dir.join("flood.log");
-    let mut flood = Command::new(BIN)
-        .args(["bench", "swarm", "--join", ticket.trim()])
-        .args(["--volunteers", "20", "--empty-updates", "20"])
-        .args(["--rounds", "3", "--json", "--dir"])
-        .arg(dir.join("bench"))
-        .stdout(Stdio::null())
-        .stderr(std::fs::File::create(&flood_log).expect("log file"))
-        .spawn()
-        .expect("start the flood");
+    let (mut flood, flood_log) = synthetic_volunteers(
+        &dir,
+        &ticket,
+        "flood",
+        &[
+            "--volunteers",
+            "20",
+            "--empty-updates",
+            "20",
+            "--rounds",
+            "3",
+        ],
+    );
 
     let limit = Duration::from_secs(600);
     let mut host_events = Vec::new();
