@@ -8,10 +8,11 @@ cd "$(dirname "$0")/.."
 # lavapipe for wgpu; WebKitGTK, the tray library and friends for the Tauri
 # app; Node.js for its page (Debian's nodejs if the machine has none).
 need=()
-# Xvfb, D-Bus and WebKitWebDriver for the app's end-to-end test.
+# Xvfb, D-Bus and WebKitWebDriver for the app's end-to-end test; iproute2 for
+# the ledger check in a network namespace.
 pkgs=(mesa-vulkan-drivers libvulkan1 libwebkit2gtk-4.1-dev libayatana-appindicator3-dev
   librsvg2-dev libxdo-dev libssl-dev build-essential pkg-config
-  xvfb xauth dbus-daemon webkit2gtk-driver)
+  xvfb xauth dbus-daemon webkit2gtk-driver iproute2)
 command -v npm >/dev/null 2>&1 || pkgs+=(nodejs npm)
 for pkg in "${pkgs[@]}"; do
   dpkg -s "$pkg" >/dev/null 2>&1 || need+=("$pkg")
@@ -42,6 +43,10 @@ cargo clippy --workspace --all-targets -- -D warnings
 # CI has lavapipe, so the GPU tests must run rather than skip.
 export STARLING_REQUIRE_GPU=1
 cargo test --workspace
+
+# A volunteer's ledger against the kernel's counters, in a network
+# namespace (skipped with a message where namespaces are not allowed).
+bash scripts/netns-ledger.sh "${CARGO_TARGET_DIR:-target}/debug/starling"
 
 # The real app window, driven through WebDriver against a local run
 # (screenshots in runs/e2e-screenshots).

@@ -101,11 +101,12 @@ eval_loss: number | null,
  */
 digest: number,
 /**
- * Bytes this node sent during the round.
+ * Bytes this node sent during the round, on the wire (every
+ * datagram with its IP and UDP headers, not only the blobs).
  */
 bytes_up: number,
 /**
- * Bytes this node received during the round.
+ * Bytes this node received during the round, on the wire.
  */
 bytes_down: number,
 /**
@@ -580,11 +581,11 @@ endpoint_id: string,
  */
 ticket: string | null,
 /**
- * Bytes sent since the volunteer started.
+ * Bytes sent on the wire since the volunteer started.
  */
 bytes_up: number,
 /**
- * Bytes received since the volunteer started.
+ * Bytes received on the wire since the volunteer started.
  */
 bytes_down: number,
 /**

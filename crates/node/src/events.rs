@@ -113,9 +113,10 @@ pub enum NodeEvent {
         eval_loss: Option<f32>,
         /// Weight digest after applying.
         digest: u64,
-        /// Bytes this node sent during the round.
+        /// Bytes this node sent during the round, on the wire (every
+        /// datagram with its IP and UDP headers, not only the blobs).
         bytes_up: u64,
-        /// Bytes this node received during the round.
+        /// Bytes this node received during the round, on the wire.
         bytes_down: u64,
         /// Bytes a fp32 all-reduce would have moved per member.
         allreduce_bytes: u64,

@@ -67,16 +67,24 @@ impl Usage {
     /// Count traffic at `unix_secs`.
     pub fn add(&mut self, unix_secs: u64, up: u64, down: u64) {
         self.roll(unix_secs);
-        self.month_up += up;
-        self.month_down += down;
-        self.day_bytes += up + down;
-        self.total_up += up;
-        self.total_down += down;
+        // Saturating: the ledger is a file, and a damaged one must not
+        // panic the node.
+        self.month_up = self.month_up.saturating_add(up);
+        self.month_down = self.month_down.saturating_add(down);
+        self.day_bytes = self.day_bytes.saturating_add(up.saturating_add(down));
+        self.total_up = self.total_up.saturating_add(up);
+        self.total_down = self.total_down.saturating_add(down);
+    }
+
+    /// Whether this month's use (at `unix_secs`) has reached `cap`.
+    pub fn over(&mut self, unix_secs: u64, cap: Option<u64>) -> bool {
+        self.roll(unix_secs);
+        cap.is_some_and(|cap| self.month_bytes() >= cap)
     }
 
     /// Bytes both ways this month.
     pub fn month_bytes(&self) -> u64 {
-        self.month_up + self.month_down
+        self.month_up.saturating_add(self.month_down)
     }
 }
 

@@ -231,9 +231,9 @@ pub struct Status {
     pub endpoint_id: String,
     /// The run joined, if any.
     pub ticket: Option<String>,
-    /// Bytes sent since the volunteer started.
+    /// Bytes sent on the wire since the volunteer started.
     pub bytes_up: u64,
-    /// Bytes received since the volunteer started.
+    /// Bytes received on the wire since the volunteer started.
     pub bytes_down: u64,
     /// The settings in force.
     pub settings: Settings,
@@ -553,8 +553,8 @@ impl Volunteer {
             node: self.shared.name.clone(),
             endpoint_id: self.shared.key.public().to_string(),
             ticket: inner.settings.ticket.clone(),
-            bytes_up: self.shared.traffic.total.up(),
-            bytes_down: self.shared.traffic.total.down(),
+            bytes_up: self.shared.traffic.wire.up(),
+            bytes_down: self.shared.traffic.wire.down(),
             settings: inner.settings.clone(),
         }
     }

@@ -10,7 +10,7 @@
 use std::{
     sync::{
         Arc, Mutex,
-        atomic::{AtomicU64, Ordering},
+        atomic::{AtomicBool, AtomicU64, Ordering},
     },
     time::Duration,
 };
@@ -149,8 +149,15 @@ pub struct Traffic {
     pub up: RateLimiter,
     /// Download bucket.
     pub down: RateLimiter,
-    /// Bytes moved since the node started.
+    /// Blob payload bytes moved since the node started (what the transfers
+    /// took tokens for).
     pub total: Arc<Counters>,
+    /// Bytes on the wire since the node started: every datagram its socket
+    /// sent or received, whatever it carried, with its IP and UDP headers.
+    /// What a metered link bills, hence what the ledger counts.
+    pub wire: Arc<Counters>,
+    /// What may still move this month (the monthly cap's remainder).
+    pub budget: Budget,
 }
 
 impl Traffic {
@@ -160,6 +167,8 @@ impl Traffic {
             up: RateLimiter::new(up_mbit.map(mbit_to_bytes_per_sec)),
             down: RateLimiter::new(down_mbit.map(mbit_to_bytes_per_sec)),
             total: Arc::new(Counters::default()),
+            wire: Arc::new(Counters::default()),
+            budget: Budget::default(),
         }
     }
 
@@ -167,6 +176,205 @@ impl Traffic {
     pub fn set_caps(&self, up_mbit: Option<f64>, down_mbit: Option<f64>) {
         self.up.set_rate(up_mbit.map(mbit_to_bytes_per_sec));
         self.down.set_rate(down_mbit.map(mbit_to_bytes_per_sec));
+    }
+}
+
+/// A limit on the bytes a node may still move, both ways together, as
+/// counted on the wire ([`Traffic::wire`]): what keeps a monthly cap from
+/// being overshot by the round in flight when it is reached.
+///
+/// Blob transfers take from it before moving bytes and fail, rather than
+/// wait, once it would be exceeded; once it is spent the node's endpoint
+/// closes (within the wire meter's 50 ms), so gossip and control traffic
+/// stop too, and a capped node leaves the run until the month changes.
+/// What counts against the limit is the wire so far plus what transfers
+/// were granted and have not moved yet.
+#[derive(Clone, Debug, Default)]
+pub struct Budget {
+    inner: Arc<BudgetInner>,
+}
+
+#[derive(Debug)]
+struct BudgetInner {
+    /// The most the wire total may reach (`u64::MAX`: no limit); grants
+    /// stop [`BUDGET_HEADROOM`] short of it.
+    limit: AtomicU64,
+    /// The wire total (up plus down) at the wire meter's last reading.
+    wire: AtomicU64,
+    /// Granted and not known to be on the wire count yet, framing
+    /// allowance included.
+    pending: AtomicU64,
+    /// Of `pending`: moved since the meter's last reading, and moved before
+    /// it. Moved bytes leave `pending` only at the second reading after
+    /// they moved, when the wire count surely holds them.
+    moving: AtomicU64,
+    aged: AtomicU64,
+    /// Whether a transfer was refused, or the limit was reached.
+    spent: AtomicBool,
+}
+
+impl Default for BudgetInner {
+    fn default() -> Self {
+        Self {
+            limit: AtomicU64::new(u64::MAX),
+            wire: AtomicU64::new(0),
+            pending: AtomicU64::new(0),
+            moving: AtomicU64::new(0),
+            aged: AtomicU64::new(0),
+            spent: AtomicBool::new(false),
+        }
+    }
+}
+
+/// Budget kept free of grants for what moves without one while the last
+/// granted transfers finish (acknowledgements, gossip, control answers):
+/// measured at 4 to 7 kB in a round of nano, so a few times that.
+pub const BUDGET_HEADROOM: u64 = 32 * 1024;
+
+/// Payload bytes with a sixteenth more for the framing and headers they
+/// travel in (QUIC and IP/UDP over ~1,200-byte datagrams): what blob
+/// transfers take from the caps and the budget.
+pub(crate) fn with_framing(n: u64) -> u64 {
+    n.saturating_add(n / 16)
+}
+
+impl Budget {
+    /// Let the wire total (up plus down) reach `limit` (`None`: no limit).
+    /// A new limit clears a refusal when it leaves room; the same limit
+    /// again changes nothing.
+    pub fn set_limit(&self, limit: Option<u64>) {
+        let limit = limit.unwrap_or(u64::MAX);
+        if self.inner.limit.swap(limit, Ordering::SeqCst) != limit {
+            self.inner
+                .spent
+                .store(self.used() >= self.grant_limit(), Ordering::SeqCst);
+        }
+    }
+
+    /// What grants may bring `used` up to.
+    fn grant_limit(&self) -> u64 {
+        let limit = self.inner.limit.load(Ordering::SeqCst);
+        if limit == u64::MAX {
+            limit
+        } else {
+            limit.saturating_sub(BUDGET_HEADROOM)
+        }
+    }
+
+    /// The limit, if any.
+    pub fn limit(&self) -> Option<u64> {
+        Some(self.inner.limit.load(Ordering::SeqCst)).filter(|&l| l != u64::MAX)
+    }
+
+    /// Bytes counted against the limit: the wire so far plus what was
+    /// granted and has not moved yet.
+    pub fn used(&self) -> u64 {
+        let i = &self.inner;
+        i.wire
+            .load(Ordering::SeqCst)
+            .saturating_add(i.pending.load(Ordering::SeqCst))
+    }
+
+    /// Grant `n` payload bytes (and their framing) if they fit under the
+    /// limit; otherwise grant nothing, remember the refusal and return
+    /// false. Whoever moves them calls [`Budget::moved`] as they go.
+    pub fn try_take(&self, n: u64) -> bool {
+        let i = &self.inner;
+        let cost = with_framing(n);
+        let limit = self.grant_limit();
+        let taken = i
+            .pending
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |pending| {
+                let after = pending.checked_add(cost)?;
+                let used = i.wire.load(Ordering::SeqCst).saturating_add(after);
+                (used <= limit).then_some(after)
+            })
+            .is_ok();
+        if !taken {
+            i.spent.store(true, Ordering::SeqCst);
+        }
+        taken
+    }
+
+    /// `n` granted payload bytes moved: once the wire count holds them
+    /// (two meter readings on), they no longer count as pending.
+    pub fn moved(&self, n: u64) {
+        self.moved_framed(with_framing(n));
+    }
+
+    fn moved_framed(&self, cost: u64) {
+        self.inner.moving.fetch_add(cost, Ordering::SeqCst);
+    }
+
+    /// `n` granted payload bytes will not move (their transfer ended).
+    pub fn unused(&self, n: u64) {
+        self.settle(with_framing(n));
+    }
+
+    fn settle(&self, cost: u64) {
+        let _ = self
+            .inner
+            .pending
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |p| {
+                Some(p.saturating_sub(cost))
+            });
+    }
+
+    /// A grant for one download of `n` payload bytes (see [`Grant`]), or
+    /// `None` (refused) when it does not fit.
+    pub fn grant(&self, n: u64) -> Option<Grant> {
+        self.try_take(n).then(|| Grant {
+            budget: self.clone(),
+            left: AtomicU64::new(with_framing(n)),
+        })
+    }
+
+    /// The wire meter's reading of the wire total (up plus down).
+    pub fn observe(&self, wire: u64) {
+        let i = &self.inner;
+        i.wire.fetch_max(wire, Ordering::SeqCst);
+        let just = i.moving.swap(0, Ordering::SeqCst);
+        self.settle(i.aged.swap(just, Ordering::SeqCst));
+        if self.used() >= self.grant_limit() {
+            i.spent.store(true, Ordering::SeqCst);
+        }
+    }
+
+    /// Whether the limit is reached (a transfer was refused for it).
+    pub fn spent(&self) -> bool {
+        self.inner.spent.load(Ordering::SeqCst)
+    }
+}
+
+/// One download's share of a [`Budget`]: received bytes settle it (never
+/// more than it was granted, whatever the transfer's overhead), and what
+/// is left when it is dropped (the download ended, or failed) no longer
+/// counts.
+#[derive(Debug)]
+pub struct Grant {
+    budget: Budget,
+    /// What is granted and not received yet, framing included.
+    left: AtomicU64,
+}
+
+impl Grant {
+    /// `n` payload bytes arrived.
+    pub fn received(&self, n: u64) {
+        let cost = with_framing(n);
+        if let Ok(before) = self
+            .left
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |l| {
+                Some(l.saturating_sub(cost))
+            })
+        {
+            self.budget.moved_framed(before.min(cost));
+        }
+    }
+}
+
+impl Drop for Grant {
+    fn drop(&mut self) {
+        self.budget.settle(*self.left.get_mut());
     }
 }
 
@@ -211,6 +419,56 @@ mod tests {
         assert_eq!(day_of(951_782_400), "2000-02-29");
         assert_eq!(day_of(1_798_761_599), "2026-12-31");
         assert_eq!(day_of(1_798_761_600), "2027-01-01");
+    }
+
+    #[test]
+    fn the_budget_counts_the_wire_plus_what_is_granted_and_not_moved() {
+        let b = Budget::default();
+        assert!(b.try_take(u64::MAX / 2), "no limit: anything goes");
+        let h = BUDGET_HEADROOM;
+        let b = Budget::default();
+        b.set_limit(Some(h + 1_700));
+        // 800 payload bytes cost 850 with their framing; grants stop the
+        // headroom short of the limit.
+        assert!(b.try_take(800));
+        assert!(!b.spent());
+        // 850 + 850 fits exactly; one more byte does not: refused whole.
+        assert!(!b.try_take(801));
+        assert!(b.spent());
+        // The same limit again keeps the refusal; a higher one clears it.
+        b.set_limit(Some(h + 1_700));
+        assert!(b.spent());
+        b.set_limit(Some(h + 3_000));
+        assert!(!b.spent());
+        assert_eq!(b.used(), 850);
+        // The grant moved (850 on the wire), and 400 moved that nobody was
+        // granted (gossip, acknowledgements): both count, once, from the
+        // second reading on (the first may not hold the moved bytes yet).
+        b.moved(800);
+        b.observe(1_250);
+        assert_eq!(b.used(), 1_250 + 850);
+        b.observe(1_250);
+        assert_eq!(b.used(), 1_250);
+        // A download settles its grant as bytes arrive, never beyond it
+        // (its overhead is on the wire count), and gives back the rest
+        // when it ends.
+        let grant = b.grant(1_600).unwrap();
+        assert_eq!(b.used(), 1_250 + 1_700);
+        grant.received(800);
+        b.observe(1_250);
+        b.observe(1_250);
+        assert_eq!(b.used(), 1_250 + 850);
+        grant.received(5_000);
+        b.observe(1_250);
+        b.observe(1_250);
+        assert_eq!(b.used(), 1_250);
+        let grant = b.grant(1_000).unwrap();
+        drop(grant);
+        assert_eq!(b.used(), 1_250);
+        // The wire alone reaching the headroom spends it.
+        b.observe(3_000);
+        assert!(b.spent());
+        assert!(!b.try_take(1));
     }
 
     #[tokio::test(start_paused = true)]

@@ -11,7 +11,7 @@ pub mod message;
 pub mod net;
 pub mod ticket;
 
-pub use bandwidth::{RateLimiter, Traffic};
+pub use bandwidth::{Budget, Grant, RateLimiter, Traffic};
 pub use bytes::Bytes;
 pub use control::{CONTROL_ALPN, Refusal, Request, Response, RunState};
 pub use iroh::{EndpointId, SecretKey};

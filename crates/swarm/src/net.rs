@@ -16,8 +16,16 @@
 //! - `control_rpc`: the coordinator's answer is the reliable channel, and its
 //!   failures say whether to stop, retry later or ask again.
 //! - `peers`: the app's peer list, from transfers that happened anyway.
+//! - `wire`: a metered link bills every packet, so the ledger and the caps
+//!   count what the socket moves, not the blobs alone.
 
-use std::{collections::HashSet, net::SocketAddr, ops::Range, sync::Arc, time::Duration};
+use std::{
+    collections::HashSet,
+    net::SocketAddr,
+    ops::Range,
+    sync::{Arc, Mutex},
+    time::Duration,
+};
 
 use bytes::Bytes;
 use iroh::{
@@ -55,11 +63,13 @@ mod served;
 #[cfg(test)]
 mod tests;
 mod throttle;
+mod wire;
 
 use self::{
     blobs::Blobs,
     control_rpc::ControlProtocol,
     gate::{Gate, GateHook},
+    wire::{AbortOnDrop, DatagramHook, Datagrams, WireMeter},
 };
 pub use self::{
     blobs::{FetchError, ProviderError, ProviderFailure, PublishError},
@@ -176,6 +186,8 @@ pub struct Net {
     key: SecretKey,
     run_id: RunId,
     traffic: Traffic,
+    meter: Arc<Mutex<WireMeter>>,
+    _wire_task: AbortOnDrop,
 }
 
 impl Net {
@@ -194,6 +206,7 @@ impl Net {
             lookup.add_endpoint_info(endpoint_addr(m));
         }
         let addr = config.bind;
+        let datagrams = Arc::new(Datagrams::default());
         let endpoint = Endpoint::builder(presets::Minimal)
             .secret_key(config.secret_key.clone())
             .clear_ip_transports()
@@ -206,10 +219,17 @@ impl Net {
                     .build(),
             )
             .address_lookup(lookup.clone())
+            .hooks(DatagramHook(datagrams.clone()))
             .hooks(GateHook(gate.clone()))
             .bind()
             .await
             .map_err(|source| SpawnError::Bind { addr, source })?;
+        let meter = Arc::new(Mutex::new(WireMeter::new(
+            endpoint.clone(),
+            datagrams,
+            config.traffic.clone(),
+        )));
+        let wire_task = wire::spawn(meter.clone());
         let blobs = Blobs::new(endpoint.clone(), config.traffic.clone());
         let gossip = Gossip::builder()
             .max_message_size(gossip::GOSSIP_MAX_MESSAGE)
@@ -238,6 +258,8 @@ impl Net {
                 key: config.secret_key,
                 run_id: config.run_id,
                 traffic: config.traffic,
+                meter,
+                _wire_task: wire_task,
             },
             events_rx,
         ))
@@ -299,6 +321,15 @@ impl Net {
     /// Caps and counters.
     pub fn traffic(&self) -> &Traffic {
         &self.traffic
+    }
+
+    /// Bring [`Traffic::wire`] up to this moment (it is otherwise read
+    /// every 50 ms): before the ledger is written for the last time.
+    pub fn sample_wire(&self) {
+        self.meter
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .sample();
     }
 
     /// Bytes of `blob` this node has uploaded to peers (0 for a blob it
@@ -411,12 +442,14 @@ impl Net {
         control_rpc::call(self.router.endpoint(), to.id, request).await
     }
 
-    /// Leave the topic, close every connection and stop serving.
-    pub async fn shutdown(self) {
+    /// Leave the topic, close every connection and stop serving; the wire
+    /// counters then hold everything this node sent, goodbyes included.
+    pub async fn shutdown(&self) {
         let _ = self.gossip.shutdown().await;
         if let Err(e) = self.router.shutdown().await {
             debug!("router shutdown: {e}");
         }
+        self.sample_wire();
     }
 }
 

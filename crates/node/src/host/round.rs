@@ -70,7 +70,7 @@ impl Host {
             return Ok(());
         };
         let traffic = self.net.traffic();
-        let (up0, down0) = (traffic.total.up(), traffic.total.down());
+        let (up0, down0) = (traffic.wire.up(), traffic.wire.down());
         let Collected { seen, accepted } = self.collect(round, &members, &signed_open).await;
         let accepted = self.robust_filter(round, accepted);
         let Some(committed) = self.commit(round, accepted).await? else {
@@ -90,8 +90,8 @@ impl Host {
             loss: committed.loss,
             eval_loss: applied.eval_loss,
             digest: applied.digest,
-            bytes_up: self.net.traffic().total.up() - up0,
-            bytes_down: self.net.traffic().total.down() - down0,
+            bytes_up: self.net.traffic().wire.up().saturating_sub(up0),
+            bytes_down: self.net.traffic().wire.down().saturating_sub(down0),
             allreduce_bytes: allreduce,
             tokens: committed.tokens,
             run_tokens: self.state.run_tokens,

@@ -237,100 +237,151 @@ struct Volunteer {
     memory_budget: Option<u64>,
 }
 
-/// Join the run and take part until `stop` turns true or `max_rounds` are applied.
+/// How a stretch of taking part ended.
+enum Ended {
+    /// `max_rounds` were applied, or the node was told to stop.
+    Done,
+    /// This month's data cap is reached: leave the network until it rolls.
+    CapReached,
+}
+
+/// Join the run and take part until `stop` turns true or `max_rounds` are
+/// applied. At the monthly cap the node leaves the network altogether (so
+/// nothing more is counted against the month, not even gossip) and joins
+/// again, catching up from a checkpoint, once the month changes or the cap
+/// is raised.
 pub async fn run_volunteer(
     opts: VolunteerOptions,
     out: mpsc::UnboundedSender<NodeEvent>,
     mut stop: watch::Receiver<bool>,
 ) -> Result<(), VolunteerError> {
-    let host = Member {
-        id: opts.ticket.host,
-        addrs: opts.ticket.addrs.clone(),
-    };
-    let config = |bind| NetConfig {
-        secret_key: opts.key.clone(),
-        bind,
-        run_id: opts.ticket.run_id,
-        traffic: opts.traffic.clone(),
-        open: false,
-        control: None,
-        bootstrap: vec![host.clone()],
-        serving: starling_swarm::Serving::Honest,
-    };
-    let saved_port = opts
-        .port_file
-        .as_deref()
-        .filter(|_| opts.bind.port() == 0)
-        .and_then(|p| std::fs::read_to_string(p).ok())
-        .and_then(|s| s.trim().parse::<u16>().ok())
-        .filter(|&p| p != 0);
-    let spawned = match saved_port {
-        Some(port) => {
-            let mut bind = opts.bind;
-            bind.set_port(port);
-            match Net::spawn(config(bind)).await {
-                Ok(n) => Ok(n),
-                // Taken by another program meanwhile: any port will do.
-                Err(_) => Net::spawn(config(opts.bind)).await,
+    loop {
+        let mut v = Volunteer::start(&opts, out.clone()).await?;
+        let result = tokio::select! {
+            r = v.run(opts.max_rounds) => r,
+            _ = stop.wait_for(|s| *s) => Ok(Ended::Done),
+        };
+        // At the cap the network closes under the node, so whatever failed
+        // then is the cap.
+        let result = match result {
+            Err(_) if v.over_cap() => {
+                v.pause_for_cap();
+                Ok(Ended::CapReached)
+            }
+            r => r,
+        };
+        // What moved since the last write (a checkpoint cut short by the
+        // stop, the goodbyes of the shutdown) is counted before leaving.
+        v.net.shutdown().await;
+        if let Err(e) = v.write_ledger() {
+            v.warn(e.to_string());
+        }
+        let paused = matches!(result, Ok(Ended::CapReached));
+        if !paused {
+            v.state(NodeState::Stopped, format!("left before round {}", v.next));
+        }
+        let usage = v.usage.take();
+        if !paused {
+            return result.map(|_| ());
+        }
+        // Sit out, off the network, until the month rolls or the cap rises.
+        let Some((_, mut usage)) = usage else {
+            return Ok(());
+        };
+        while usage.over(unix_ms() / 1000, opts.monthly_cap.get()) {
+            tokio::select! {
+                _ = tokio::time::sleep(Duration::from_secs(2)) => {}
+                _ = stop.wait_for(|s| *s) => return Ok(()),
             }
         }
-        None => Net::spawn(config(opts.bind)).await,
-    };
-    let (net, rx) = spawned.map_err(|e| VolunteerError::Spawn(Box::new(e)))?;
-    if let (Some(path), Some(addr)) = (&opts.port_file, net.addrs().first()) {
-        // Best effort: without it a restart only reconnects more slowly.
-        let _ = starling_train::atomic::write_atomic(path, addr.port().to_string().as_bytes());
     }
-    let mut v = Volunteer {
-        net: Arc::new(net),
-        rx,
-        host,
-        name: short(&opts.key.public()),
-        out,
-        device: opts.device,
-        replica: None,
-        next: 0,
-        opens: BTreeMap::new(),
-        rosters: BTreeMap::new(),
-        last_eval: None,
-        trained_any: false,
-        manifests: BTreeMap::new(),
-        host_reports: BTreeMap::new(),
-        my_digests: BTreeMap::new(),
-        trained: BTreeSet::new(),
-        announce: None,
-        pending_checkpoint: None,
-        applied: 0,
-        counters: (0, 0),
-        ledgered: (0, 0),
-        usage: None,
-        monthly_cap: opts.monthly_cap,
-        memory_budget: opts.memory_budget,
-    };
-    if let Some(path) = opts.usage_file {
-        let usage = Usage::load(&path).map_err(|source| VolunteerError::Usage {
-            path: path.clone(),
-            source,
-        })?;
-        v.usage = Some((path, usage));
-    }
-    let result = tokio::select! {
-        r = v.run(opts.max_rounds) => r,
-        _ = stop.wait_for(|s| *s) => Ok(()),
-    };
-    // What moved since the last write (a checkpoint cut short by the stop,
-    // say) is counted before leaving.
-    if let Err(e) = v.write_ledger() {
-        v.warn(e.to_string());
-    }
-    v.state(NodeState::Stopped, format!("left before round {}", v.next));
-    if let Ok(net) = Arc::try_unwrap(v.net) {
-        net.shutdown().await;
-    }
-    result
 }
 
 impl Volunteer {
+    /// Bind the network and load the ledger: one stretch of taking part.
+    async fn start(
+        opts: &VolunteerOptions,
+        out: mpsc::UnboundedSender<NodeEvent>,
+    ) -> Result<Self, VolunteerError> {
+        let host = Member {
+            id: opts.ticket.host,
+            addrs: opts.ticket.addrs.clone(),
+        };
+        let config = |bind| NetConfig {
+            secret_key: opts.key.clone(),
+            bind,
+            run_id: opts.ticket.run_id,
+            traffic: opts.traffic.clone(),
+            open: false,
+            control: None,
+            bootstrap: vec![host.clone()],
+            serving: starling_swarm::Serving::Honest,
+        };
+        // The traffic counters may already hold an earlier stretch's bytes
+        // (the app's session keeps them across pause and resume): those are
+        // in the ledger already; what binding and joining moves is not.
+        let wire = (opts.traffic.wire.up(), opts.traffic.wire.down());
+        let saved_port = opts
+            .port_file
+            .as_deref()
+            .filter(|_| opts.bind.port() == 0)
+            .and_then(|p| std::fs::read_to_string(p).ok())
+            .and_then(|s| s.trim().parse::<u16>().ok())
+            .filter(|&p| p != 0);
+        let spawned = match saved_port {
+            Some(port) => {
+                let mut bind = opts.bind;
+                bind.set_port(port);
+                match Net::spawn(config(bind)).await {
+                    Ok(n) => Ok(n),
+                    // Taken by another program meanwhile: any port will do.
+                    Err(_) => Net::spawn(config(opts.bind)).await,
+                }
+            }
+            None => Net::spawn(config(opts.bind)).await,
+        };
+        let (net, rx) = spawned.map_err(|e| VolunteerError::Spawn(Box::new(e)))?;
+        if let (Some(path), Some(addr)) = (&opts.port_file, net.addrs().first()) {
+            // Best effort: without it a restart only reconnects more slowly.
+            let _ = starling_train::atomic::write_atomic(path, addr.port().to_string().as_bytes());
+        }
+        let mut v = Volunteer {
+            net: Arc::new(net),
+            rx,
+            host,
+            name: short(&opts.key.public()),
+            out,
+            device: opts.device.clone(),
+            replica: None,
+            next: 0,
+            opens: BTreeMap::new(),
+            rosters: BTreeMap::new(),
+            last_eval: None,
+            trained_any: false,
+            manifests: BTreeMap::new(),
+            host_reports: BTreeMap::new(),
+            my_digests: BTreeMap::new(),
+            trained: BTreeSet::new(),
+            announce: None,
+            pending_checkpoint: None,
+            applied: 0,
+            counters: wire,
+            ledgered: wire,
+            usage: None,
+            monthly_cap: opts.monthly_cap.clone(),
+            memory_budget: opts.memory_budget,
+        };
+        if let Some(path) = &opts.usage_file {
+            let usage = Usage::load(path).map_err(|source| VolunteerError::Usage {
+                path: path.clone(),
+                source,
+            })?;
+            v.usage = Some((path.clone(), usage));
+        }
+        v.set_budget();
+        Ok(v)
+    }
+
     fn emit(&self, e: NodeEvent) {
         let _ = self.out.send(e);
     }
@@ -376,7 +427,7 @@ impl Volunteer {
         self.replica.clone().ok_or(VolunteerError::NetworkStopped)
     }
 
-    async fn run(&mut self, max_rounds: Option<u64>) -> Result<(), VolunteerError> {
+    async fn run(&mut self, max_rounds: Option<u64>) -> Result<Ended, VolunteerError> {
         self.state(
             NodeState::Connecting,
             format!("joining via {}", short(&self.host.id)),
@@ -388,12 +439,11 @@ impl Volunteer {
         loop {
             if max_rounds.is_some_and(|m| self.applied >= m) {
                 self.linger().await;
-                return Ok(());
+                return Ok(Ended::Done);
             }
             if self.over_cap() {
-                self.pause_for_cap().await?;
-                last_news = Instant::now();
-                continue;
+                self.pause_for_cap();
+                return Ok(Ended::CapReached);
             }
             // A peer or the host that went away mid-transfer is a warning:
             // the next tick tries again instead of leaving the run.
@@ -1072,10 +1122,8 @@ impl Volunteer {
         digest: u64,
         replica: &SharedReplica,
     ) -> Result<(), VolunteerError> {
-        let (up, down) = (
-            self.net.traffic().total.up(),
-            self.net.traffic().total.down(),
-        );
+        let wire = &self.net.traffic().wire;
+        let (up, down) = (wire.up(), wire.down());
         let allreduce = lock(replica).allreduce_bytes();
         self.emit(NodeEvent::RoundApplied {
             node: self.name.clone(),
@@ -1084,8 +1132,8 @@ impl Volunteer {
             loss: manifest.loss,
             eval_loss: None,
             digest,
-            bytes_up: up - self.counters.0,
-            bytes_down: down - self.counters.1,
+            bytes_up: up.saturating_sub(self.counters.0),
+            bytes_down: down.saturating_sub(self.counters.1),
             allreduce_bytes: allreduce,
             tokens: manifest.tokens,
             run_tokens: manifest.run_tokens,
@@ -1136,8 +1184,8 @@ impl Volunteer {
     /// Add the traffic since the last write to this month's ledger, save
     /// it and report it.
     fn write_ledger(&mut self) -> Result<(), VolunteerError> {
-        let traffic = self.net.traffic();
-        let (up, down) = (traffic.total.up(), traffic.total.down());
+        let wire = &self.net.traffic().wire;
+        let (up, down) = (wire.up(), wire.down());
         let Some((path, usage)) = &mut self.usage else {
             return Ok(());
         };
@@ -1166,22 +1214,43 @@ impl Volunteer {
         Ok(())
     }
 
-    /// Whether this month's data use has reached the cap.
+    /// Whether this month's data use has reached the cap, or a transfer
+    /// was refused for the little left of it.
     fn over_cap(&mut self) -> bool {
-        match (&mut self.usage, self.monthly_cap.get()) {
-            (Some((_, usage)), Some(cap)) => {
-                usage.roll(unix_ms() / 1000);
-                usage.month_bytes() >= cap
-            }
-            _ => false,
+        self.set_budget();
+        let cap = self.monthly_cap.get();
+        let spent = self.net.traffic().budget.spent();
+        match &mut self.usage {
+            Some((_, usage)) => spent || usage.over(unix_ms() / 1000, cap),
+            None => false,
         }
     }
 
-    /// Sit out until the month changes, then catch up with the run.
-    async fn pause_for_cap(&mut self) -> Result<(), VolunteerError> {
+    /// Let the transfers move what is left of this month's cap (the cap
+    /// can change at any moment, and the month roll over).
+    fn set_budget(&mut self) {
+        let cap = self.monthly_cap.get();
+        let limit = match (&mut self.usage, cap) {
+            (Some((_, usage)), Some(cap)) => {
+                usage.roll(unix_ms() / 1000);
+                // The ledger holds every byte up to `ledgered`.
+                let counted = self.ledgered.0.saturating_add(self.ledgered.1);
+                Some(counted.saturating_add(cap.saturating_sub(usage.month_bytes())))
+            }
+            _ => None,
+        };
+        self.net.traffic().budget.set_limit(limit);
+    }
+
+    /// Say why the node leaves the network until the month changes.
+    fn pause_for_cap(&mut self) {
+        self.net.sample_wire();
+        if let Err(e) = self.write_ledger() {
+            self.warn(e.to_string());
+        }
         let (used, month) = match &self.usage {
             Some((_, u)) => (u.month_bytes(), u.month.clone()),
-            None => return Ok(()),
+            None => return,
         };
         self.state(
             NodeState::Paused,
@@ -1190,18 +1259,6 @@ impl Volunteer {
                 self.monthly_cap.get().unwrap_or(0)
             ),
         );
-        while self.over_cap() {
-            tokio::time::sleep(Duration::from_secs(2)).await;
-            // Keep the event queue from filling while we sit out.
-            while self.rx.try_recv().is_ok() {}
-        }
-        self.opens.clear();
-        self.manifests.clear();
-        self.state(
-            NodeState::CatchingUp,
-            "a new month: catching up with the run".into(),
-        );
-        self.sync().await
     }
 
     /// Compare our digests with the coordinator's reports; on a mismatch,

@@ -157,6 +157,15 @@ async fn join_pause_snooze_resume_rules_and_live_settings() {
         v.status().await.activity,
         Activity::Paused { until_ms: None }
     );
+    // The ledger holds what the wire counters saw, once (the session's
+    // counters outlive each stretch of taking part).
+    let ledger_matches_the_wire = |when: &str| {
+        let usage = crate::usage::Usage::load(&paths.usage).unwrap();
+        let wire = (v.traffic().wire.up(), v.traffic().wire.down());
+        assert!(wire.0 > 0 && wire.1 > 0, "{when}: nothing counted");
+        assert_eq!((usage.total_up, usage.total_down), wire, "{when}");
+    };
+    ledger_matches_the_wire("first pause");
     // Nothing trains while paused (two windows' worth).
     let quiet = tokio::time::timeout(Duration::from_secs(9), async {
         loop {
@@ -230,6 +239,8 @@ async fn join_pause_snooze_resume_rules_and_live_settings() {
     watcher.abort();
 
     v.shutdown().await;
+    // After a snooze, a hold and three resumes: still every byte once.
+    ledger_matches_the_wire("shutdown");
 
     // A device limit below the model's need is refused before any download,
     // with the sentence both faces show.

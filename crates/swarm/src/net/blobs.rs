@@ -8,7 +8,7 @@
 //! the difference the caller acts on: a blob nobody delivered is not held
 //! against its sender; one that is not what was announced is.
 
-use std::{error::Error, fmt, future::Future, ops::Range, time::Duration};
+use std::{error::Error, fmt, future::Future, ops::Range, sync::Arc, time::Duration};
 
 use bytes::Bytes;
 use iroh::{
@@ -37,7 +37,7 @@ use super::{
     throttle::{provider_events, throttled_pair},
 };
 use crate::{
-    bandwidth::Traffic,
+    bandwidth::{Grant, Traffic},
     message::{BlobHash, BlobRef},
 };
 
@@ -101,6 +101,12 @@ pub enum FetchError {
         /// other than this node was given).
         #[source]
         last: Option<ProviderError>,
+    },
+    /// Fetching it would take this node's data use past its monthly cap.
+    #[error("fetching {size} bytes would pass this month's data cap")]
+    OverBudget {
+        /// The bytes the fetch needs.
+        size: u64,
     },
     /// The blob store could not protect the blob from garbage collection.
     #[error("blob store: cannot hold blob {} against garbage collection: {source:#}", short(&.blob.hash))]
@@ -477,8 +483,11 @@ impl Blobs {
             self.tag(blob, tag).await?;
             return Ok(bytes);
         }
+        let grant = self
+            .take_budget(blob.size)
+            .ok_or(FetchError::OverBudget { size: blob.size })?;
         self.first_provider(blob, providers, time_limit, |provider| {
-            self.fetch_from(provider, blob, progress)
+            self.fetch_from(provider, blob, progress, &grant)
         })
         .await?;
         self.tag(blob, tag).await?;
@@ -522,9 +531,15 @@ impl Blobs {
                 source: e.into(),
             })?;
         if !local.is_complete() {
+            let size = ranges
+                .iter()
+                .fold(0u64, |n, r| n.saturating_add(r.end - r.start));
+            let grant = self
+                .take_budget(size)
+                .ok_or(FetchError::OverBudget { size })?;
             let request = local.missing();
             self.first_provider(blob, providers, time_limit, |provider| {
-                self.get_from(provider, request.clone())
+                self.get_from(provider, request.clone(), &grant)
             })
             .await?;
         }
@@ -552,6 +567,13 @@ impl Blobs {
             out.push(Bytes::from(bytes));
         }
         Ok(out)
+    }
+
+    /// Take `size` bytes from the monthly budget before a download starts:
+    /// refusing before the first byte is what keeps the cap from being
+    /// overshot by a transfer already under way.
+    fn take_budget(&self, size: u64) -> Option<Arc<Grant>> {
+        self.traffic.budget.grant(size).map(Arc::new)
     }
 
     /// Run `attempt` against each of `providers` but this node in turn, each
@@ -651,6 +673,7 @@ impl Blobs {
         provider: EndpointId,
         blob: &BlobRef,
         progress: &(dyn Fn(u64) + Send + Sync),
+        grant: &Arc<Grant>,
     ) -> Result<(), Attempt> {
         let hash = Hash::from_bytes(blob.hash);
         let (conn, actual) = self.prove_size(provider, blob).await?;
@@ -661,7 +684,7 @@ impl Blobs {
             }));
         }
         let result = async {
-            let pair = throttled_pair(&conn, &self.traffic)
+            let pair = throttled_pair(&conn, &self.traffic, grant)
                 .await
                 .map_err(|source| ProviderFailure::Stream { source })?;
             let mut items = std::pin::pin!(self.store.remote().fetch(pair, hash).stream());
@@ -684,10 +707,15 @@ impl Blobs {
     }
 
     /// Run `request` (the chunks this node lacks) against `provider`.
-    async fn get_from(&self, provider: EndpointId, request: GetRequest) -> Result<(), Attempt> {
+    async fn get_from(
+        &self,
+        provider: EndpointId,
+        request: GetRequest,
+        grant: &Arc<Grant>,
+    ) -> Result<(), Attempt> {
         let conn = self.dial(provider).await?;
         let result = async {
-            let pair = throttled_pair(&conn, &self.traffic)
+            let pair = throttled_pair(&conn, &self.traffic, grant)
                 .await
                 .map_err(|source| ProviderFailure::Stream { source })?;
             let stats = self
