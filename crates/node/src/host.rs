@@ -376,6 +376,7 @@ impl Host {
                     tag: DATA_TAG.into(),
                     source,
                 })?;
+        net.serve_without_limit(&served);
         if served != state.spec.data.blob {
             return Err(HostError::DataHash {
                 served: served.hex(),
@@ -406,6 +407,8 @@ impl Host {
             max_rounds: opts.max_rounds,
             residual: None,
         };
+        host.net
+            .set_stall_timeout(Duration::from_secs_f64(host.state.spec.rounds.stall_secs));
         host.restore().await?;
         host.residual = host.load_residual();
         host.save()?;
@@ -488,6 +491,9 @@ impl Host {
                     tag: CHECKPOINT_TAG.into(),
                     source,
                 })?;
+            // Every joiner, and every volunteer resuming, may need it from
+            // the coordinator, the last resort.
+            self.net.serve_without_limit(&published);
             if published != blob {
                 return Err(HostError::CheckpointChanged { path });
             }
@@ -678,6 +684,7 @@ impl Host {
                 tag: CHECKPOINT_TAG.into(),
                 source,
             })?;
+        self.net.serve_without_limit(&blob);
         let old: Vec<(u64, Vec<u8>)> = std::mem::take(&mut self.state.manifests);
         let previous = self.state.checkpoint.map(|(r, _)| r);
         self.state.checkpoint = Some((round, blob));

@@ -163,6 +163,9 @@ pub struct RoundsSection {
     /// Fixes what every volunteer downloads per round, whatever the member
     /// count.
     pub aggregate_topk: Option<usize>,
+    /// Seconds a provider may send nothing in the middle of a transfer
+    /// before the blob is fetched from the next one.
+    pub stall_secs: f64,
 }
 
 impl RoundsSection {
@@ -190,6 +193,7 @@ impl Default for RoundsSection {
             max_faults: 3,
             fault_window: 50,
             aggregate_topk: None,
+            stall_secs: starling_swarm::DEFAULT_STALL_TIMEOUT.as_secs_f64(),
         }
     }
 }
@@ -364,6 +368,9 @@ impl RunSpec {
         }
         if rd.aggregate_topk == Some(0) {
             return bad("rounds.aggregate_topk must be at least 1 (or left out)");
+        }
+        if !(rd.stall_secs.is_finite() && (0.1..=3600.0).contains(&rd.stall_secs)) {
+            return bad("rounds.stall_secs must be between 0.1 and 3600");
         }
         Ok(())
     }

@@ -21,7 +21,8 @@ pub use message::{
     RunId, WeightReport, unix_ms,
 };
 pub use net::{
-    BroadcastError, ControlError, ControlHandler, FetchError, Net, NetConfig, NetEvent, PeerStats,
-    ProviderError, ProviderFailure, PublishError, Serving, SpawnError,
+    BroadcastError, ControlError, ControlHandler, DEFAULT_STALL_TIMEOUT, FetchError, Net,
+    NetConfig, NetEvent, PeerStats, ProviderError, ProviderFailure, PublishError, Serving,
+    SpawnError,
 };
 pub use ticket::{Ticket, TicketError};

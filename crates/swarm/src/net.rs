@@ -16,6 +16,8 @@
 //! - `control_rpc`: the coordinator's answer is the reliable channel, and its
 //!   failures say whether to stop, retry later or ask again.
 //! - `peers`: the app's peer list, from transfers that happened anyway.
+//! - `fair`: a member may take only a few copies of a blob from a node per
+//!   minute, so nobody can burn a volunteer's upload by asking again.
 //! - `wire`: a metered link bills every packet, so the ledger and the caps
 //!   count what the socket moves, not the blobs alone.
 
@@ -55,6 +57,7 @@ mod blobs;
 mod control_rpc;
 mod corrupt;
 mod dialer;
+mod fair;
 mod gate;
 mod gc;
 mod gossip;
@@ -72,7 +75,7 @@ use self::{
     wire::{AbortOnDrop, DatagramHook, Datagrams, WireMeter},
 };
 pub use self::{
-    blobs::{FetchError, ProviderError, ProviderFailure, PublishError},
+    blobs::{DEFAULT_STALL_TIMEOUT, FetchError, ProviderError, ProviderFailure, PublishError},
     control_rpc::{ControlError, ControlHandler},
     gossip::BroadcastError,
     peers::PeerStats,
@@ -321,6 +324,21 @@ impl Net {
     /// Caps and counters.
     pub fn traffic(&self) -> &Traffic {
         &self.traffic
+    }
+
+    /// Serve `blob` to every member as often as it asks (the run's data,
+    /// read by ranges round after round); other blobs go to each member at
+    /// most a few copies a minute.
+    pub fn serve_without_limit(&self, blob: &BlobRef) {
+        self.blobs.serve_without_limit(blob);
+    }
+
+    /// How long a provider may send nothing in the middle of a transfer
+    /// (or of its size proof) before it is dropped for the next provider
+    /// (default [`DEFAULT_STALL_TIMEOUT`]): a member stalling on purpose
+    /// then costs this, not a fetch's whole time limit.
+    pub fn set_stall_timeout(&self, after: Duration) {
+        self.blobs.set_stall_timeout(after);
     }
 
     /// Bring [`Traffic::wire`] up to this moment (it is otherwise read

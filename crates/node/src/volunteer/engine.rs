@@ -609,6 +609,8 @@ impl Volunteer {
                 device: self.device.name.clone(),
             });
         }
+        self.net
+            .set_stall_timeout(Duration::from_secs_f64(spec.rounds.stall_secs));
         let (device, run_id, id) = (
             self.device.clone(),
             self.net.run_id().0,

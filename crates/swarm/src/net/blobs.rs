@@ -8,7 +8,17 @@
 //! the difference the caller acts on: a blob nobody delivered is not held
 //! against its sender; one that is not what was announced is.
 
-use std::{error::Error, fmt, future::Future, ops::Range, sync::Arc, time::Duration};
+use std::{
+    error::Error,
+    fmt,
+    future::Future,
+    ops::Range,
+    sync::{
+        Arc,
+        atomic::{AtomicU64, Ordering},
+    },
+    time::Duration,
+};
 
 use bytes::Bytes;
 use iroh::{
@@ -30,6 +40,7 @@ use super::{
     CONNECT_TIMEOUT,
     corrupt::{CorruptRelay, Own},
     dialer::Dialer,
+    fair::Fair,
     gate::refused_by_gate,
     gc::{GcGate, gated_store},
     peers::{PeerBook, PeerStats},
@@ -44,6 +55,10 @@ use crate::{
 /// How soon a provider must answer on a connection kept from an earlier
 /// ask before a new connection is dialled (see [`Blobs::prove_size`]).
 const KEPT_ANSWER: Duration = Duration::from_secs(2);
+
+/// How long a provider may send nothing mid-transfer before it is dropped
+/// for the next one, unless the node sets another (`Net::set_stall_timeout`).
+pub const DEFAULT_STALL_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Why a blob could not be published.
 #[derive(Debug, thiserror::Error)]
@@ -242,6 +257,13 @@ pub enum ProviderFailure {
         /// The caller's time limit.
         after: Duration,
     },
+    /// The provider sent nothing for this long in the middle of a
+    /// transfer (or of its size proof): the next provider is asked.
+    #[error("it stalled: nothing for {after:?}")]
+    Stalled {
+        /// The stall timeout.
+        after: Duration,
+    },
 }
 
 impl ProviderFailure {
@@ -350,6 +372,9 @@ pub(super) struct Blobs {
     own: Own,
     pub(super) dialer: Dialer,
     served: Served,
+    fair: Fair,
+    /// The stall timeout, in milliseconds.
+    stall_ms: AtomicU64,
 }
 
 impl Blobs {
@@ -365,7 +390,19 @@ impl Blobs {
             own: Own::default(),
             dialer: Dialer::default(),
             served: Served::default(),
+            fair: Fair::default(),
+            stall_ms: AtomicU64::new(DEFAULT_STALL_TIMEOUT.as_millis() as u64),
         }
+    }
+
+    /// See [`super::Net::set_stall_timeout`].
+    pub(super) fn set_stall_timeout(&self, after: Duration) {
+        let ms = u64::try_from(after.as_millis()).unwrap_or(u64::MAX).max(1);
+        self.stall_ms.store(ms, Ordering::Relaxed);
+    }
+
+    fn stall_timeout(&self) -> Duration {
+        Duration::from_millis(self.stall_ms.load(Ordering::Relaxed))
     }
 
     /// The protocol that serves this store's complete blobs to peers, under
@@ -373,7 +410,11 @@ impl Blobs {
     pub(super) fn protocol(&self) -> BlobsProtocol {
         BlobsProtocol::new(
             &self.store,
-            Some(provider_events(self.traffic.clone(), self.served.clone())),
+            Some(provider_events(
+                self.traffic.clone(),
+                self.served.clone(),
+                self.fair.clone(),
+            )),
         )
     }
 
@@ -382,7 +423,7 @@ impl Blobs {
     pub(super) fn corrupt_relay(&self) -> CorruptRelay {
         CorruptRelay {
             store: (*self.store).clone(),
-            events: provider_events(self.traffic.clone(), self.served.clone()),
+            events: provider_events(self.traffic.clone(), self.served.clone(), self.fair.clone()),
             own: self.own.clone(),
         }
     }
@@ -412,10 +453,16 @@ impl Blobs {
                 source,
             })?;
         self.own.add(hf.hash);
+        self.fair.size(hf.hash, size);
         Ok(BlobRef {
             hash: *hf.hash.as_bytes(),
             size,
         })
+    }
+
+    /// See [`super::Net::serve_without_limit`].
+    pub(super) fn serve_without_limit(&self, blob: &BlobRef) {
+        self.fair.exempt(Hash::from_bytes(blob.hash));
     }
 
     /// See [`super::Net::forget`].
@@ -491,6 +538,7 @@ impl Blobs {
         })
         .await?;
         self.tag(blob, tag).await?;
+        self.fair.size(Hash::from_bytes(blob.hash), blob.size);
         self.store
             .get_bytes(Hash::from_bytes(blob.hash))
             .await
@@ -661,9 +709,11 @@ impl Blobs {
             }
         }
         let conn = self.dial(provider).await?;
-        match get_verified_size(&conn, &hash).await {
-            Ok((size, _)) => Ok((conn, size)),
-            Err(source) => Err(failed(source, &conn)),
+        let stall = self.stall_timeout();
+        match timeout(stall, get_verified_size(&conn, &hash)).await {
+            Ok(Ok((size, _))) => Ok((conn, size)),
+            Ok(Err(source)) => Err(failed(source, &conn)),
+            Err(_) => Err(ProviderFailure::Stalled { after: stall }.into()),
         }
     }
 
@@ -688,7 +738,12 @@ impl Blobs {
                 .await
                 .map_err(|source| ProviderFailure::Stream { source })?;
             let mut items = std::pin::pin!(self.store.remote().fetch(pair, hash).stream());
-            while let Some(item) = items.next().await {
+            let stall = self.stall_timeout();
+            loop {
+                let Ok(item) = timeout(stall, items.next()).await else {
+                    return Err(ProviderFailure::Stalled { after: stall });
+                };
+                let Some(item) = item else { break };
                 match item {
                     GetProgressItem::Progress(bytes) => progress(bytes),
                     GetProgressItem::Done(stats) => {

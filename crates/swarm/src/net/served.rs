@@ -65,6 +65,12 @@ impl Served {
         }
     }
 
+    /// The blob request `request` on `connection` is for, if remembered.
+    pub(super) fn hash_of(&self, connection: u64, request: u64) -> Option<Hash> {
+        let l = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        l.requests.get(&(connection, request)).copied()
+    }
+
     /// Bytes uploaded of `hash` (0 if none, or if it was forgotten).
     pub(super) fn bytes(&self, hash: &Hash) -> u64 {
         let l = self.0.lock().unwrap_or_else(|e| e.into_inner());

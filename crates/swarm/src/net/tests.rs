@@ -496,6 +496,43 @@ async fn a_provider_serving_corrupted_bytes_is_bypassed() {
     let _ = liar.shutdown().await;
 }
 
+/// A provider that starts a transfer and then sends nothing (here: an
+/// upload cap of a few bytes a second, so its first leaf goes out and the
+/// next waits minutes) is dropped after the stall timeout, not after the
+/// fetch's whole time limit, and the blob comes from the next provider.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stalling_provider_is_dropped_after_the_stall_timeout() {
+    let run = RunId([10; 16]);
+    let mut slow_cfg = config(41, run, true, vec![]);
+    slow_cfg.traffic = Traffic::new(Some(0.001), None);
+    let (slow, _) = Net::spawn(slow_cfg).await.unwrap();
+    let (good, _) = Net::spawn(config(42, run, true, vec![])).await.unwrap();
+    let data: Vec<u8> = (0..300_000u32).map(|i| (i % 251) as u8).collect();
+    let blob = slow.publish("agg", data.clone()).await.unwrap();
+    assert_eq!(good.publish("agg", data.clone()).await.unwrap(), blob);
+    let (client, _) = Net::spawn(config(43, run, true, vec![slow.member(), good.member()]))
+        .await
+        .unwrap();
+    client.set_stall_timeout(Duration::from_secs(2));
+    let start = tokio::time::Instant::now();
+    let got = client
+        .fetch(
+            &blob,
+            &[slow.id(), good.id()],
+            1 << 20,
+            "agg",
+            Duration::from_secs(60),
+        )
+        .await
+        .unwrap();
+    assert_eq!(&got[..], &data[..]);
+    let took = start.elapsed();
+    assert!(took < Duration::from_secs(15), "took {took:?}");
+    for n in [slow, good, client] {
+        n.shutdown().await;
+    }
+}
+
 /// A node whose fetch of a blob has begun but whose first bytes have not
 /// arrived (a parent in a round's tree, asked by its children meanwhile)
 /// serves the empty entry its store keeps for the blob: a proof of the

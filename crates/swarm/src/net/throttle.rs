@@ -22,12 +22,12 @@ use iroh::endpoint::{Connection, ConnectionError, RecvStream, SendStream, VarInt
 use iroh_blobs::{
     get::StreamPair,
     provider::events::{
-        AbortReason, EventMask, EventSender, ProviderMessage, RequestMode, RequestUpdate,
-        ThrottleMode,
+        AbortReason, ConnectMode, EventMask, EventSender, ProviderMessage, RequestMode,
+        RequestUpdate, ThrottleMode,
     },
 };
 
-use super::served::Served;
+use super::{fair::Fair, served::Served};
 use crate::bandwidth::{Grant, Traffic, with_framing};
 
 /// A receive stream that takes download tokens before handing bytes on,
@@ -93,17 +93,19 @@ pub(super) async fn throttled_pair(
 const LEAF: u64 = 16 * 1024;
 
 /// The blob provider's event handler: answers its throttle requests from
-/// the upload bucket and counts every byte sent against its blob in
-/// `served` (the provider names the blob once per request, then counts the
-/// request's bytes).
+/// the upload bucket, counts every byte sent against its blob in `served`
+/// (the provider names the blob once per request, then counts the
+/// request's bytes) and ends a transfer past the peer's fair share
+/// (`fair`).
 ///
 /// The provider writes a leaf before it asks to throttle it, so the
 /// monthly budget is paid one leaf ahead: the request's first leaf when
 /// the request arrives, the next one at each throttle; a refusal ends the
 /// request before another leaf goes out, and what was paid ahead and not
 /// sent is given back when the request ends.
-pub(super) fn provider_events(traffic: Traffic, served: Served) -> EventSender {
+pub(super) fn provider_events(traffic: Traffic, served: Served, fair: Fair) -> EventSender {
     let mask = EventMask {
+        connected: ConnectMode::Notify,
         get: RequestMode::InterceptLog,
         throttle: ThrottleMode::Intercept,
         ..EventMask::DEFAULT
@@ -141,11 +143,19 @@ pub(super) fn provider_events(traffic: Traffic, served: Served) -> EventSender {
                         }
                     });
                 }
+                ProviderMessage::ClientConnectedNotify(m) => {
+                    fair.connected(m.inner.connection_id, m.inner.endpoint_id);
+                }
+                ProviderMessage::ConnectionClosed(m) => fair.closed(m.inner.connection_id),
                 ProviderMessage::Throttle(m) => {
                     let key = (m.inner.connection_id, m.inner.request_id);
                     let size = m.inner.size;
+                    // A peer past its copies of the blob gets no more of it.
+                    let fair_share = served
+                        .hash_of(key.0, key.1)
+                        .is_none_or(|hash| fair.allow(key.0, hash, size));
                     // The leaf just written was paid for; pay for the next.
-                    let next = traffic.budget.try_take(LEAF);
+                    let next = fair_share && traffic.budget.try_take(LEAF);
                     let before = paid_ahead(&ahead).insert(key, if next { LEAF } else { 0 });
                     traffic.budget.moved(before.unwrap_or(0));
                     traffic.total.add_up(size);
