@@ -971,3 +971,82 @@ fn a_flood_of_empty_updates_is_left_out_and_bans_nobody() {
     }
     let _ = flood.wait();
 }
+
+/// A hostile coordinator (a real network node in this process answering
+/// joins with the real run's spec) declares a 10 GiB checkpoint for nano,
+/// whose weights take 4.5 MB: the `starling join` process refuses it before
+/// downloading anything, says why, and exits with an error.
+#[test]
+fn a_host_declaring_a_ten_gib_checkpoint_is_refused_before_any_download() {
+    use starling_swarm::{
+        BlobRef, ControlHandler, Net, NetConfig, Response, RunId, RunState, SecretKey, Serving,
+        Ticket, Traffic,
+    };
+    let dir = scratch("hostile-checkpoint");
+    let (spec, _) = starling_node::RunFile::parse(RUN)
+        .expect("run file")
+        .resolve(&dir)
+        .expect("spec");
+    let state = RunState {
+        spec: spec.to_bytes(),
+        checkpoint: Some((
+            4,
+            BlobRef {
+                hash: [7; 32],
+                size: 10 << 30,
+            },
+        )),
+        manifests: Vec::new(),
+        round_open: None,
+        next_round: 5,
+    };
+    let control: ControlHandler = std::sync::Arc::new(move |_, _| {
+        let state = state.clone();
+        Box::pin(async move { Response::State(state) })
+    });
+    let rt = tokio::runtime::Runtime::new().expect("runtime");
+    let run_id = RunId::random();
+    let (host, _events) = rt
+        .block_on(Net::spawn(NetConfig {
+            secret_key: SecretKey::generate(),
+            bind: "127.0.0.1:0".parse().expect("address"),
+            run_id,
+            traffic: Traffic::new(None, None),
+            open: true,
+            control: Some(control),
+            bootstrap: Vec::new(),
+            serving: Serving::Honest,
+        }))
+        .expect("hostile host");
+    let ticket = Ticket {
+        run_id,
+        host: host.id(),
+        addrs: host.addrs(),
+    }
+    .to_string();
+    let mut victim = join(&dir, &ticket, "victim", &[]);
+    let status = victim
+        .wait(Duration::from_secs(120))
+        .expect("the volunteer did not stop");
+    assert!(!status.success(), "it should stop with an error");
+    let log = victim.stderr();
+    assert!(
+        log.contains("10.7 GB") && log.contains("checkpoint"),
+        "no clear reason: {log}"
+    );
+    let mut events = Vec::new();
+    let _ = victim.until(Duration::from_millis(500), &mut events, |_| false);
+    assert!(
+        !events.iter().any(|e| e["event"] == "fetching"),
+        "it downloaded: {}",
+        story(&events)
+    );
+    // Joining cost a few kilobytes on the wire, not the checkpoint.
+    let usage: Value = serde_json::from_slice(
+        &std::fs::read(dir.join("victim").join("usage.json")).expect("ledger"),
+    )
+    .expect("ledger json");
+    let down = usage["month_down"].as_u64().expect("month_down");
+    assert!(down < 64 * 1024, "received {down} bytes");
+    rt.block_on(host.shutdown());
+}
