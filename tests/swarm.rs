@@ -1050,3 +1050,94 @@ fn a_host_declaring_a_ten_gib_checkpoint_is_refused_before_any_download() {
     assert!(down < 64 * 1024, "received {down} bytes");
     rt.block_on(host.shutdown());
 }
+
+/// Eight volunteers, two of them sending their updates negated (`--attack
+/// negate`, a hidden flag for exactly this): the host's screen leaves every
+/// attacker's update out of every round (no round merges more than the six
+/// honest updates), drops nobody (being left out is not a fault), and the
+/// run's training loss falls.
+#[test]
+fn two_attackers_of_eight_are_left_out_and_the_run_still_learns() {
+    let dir = scratch("attackers");
+    let run = RUN.replace("[rounds]\n", "[rounds]\nmin_members = 8\n");
+    let (host, ticket) = start_host(&dir, &run, &[]);
+    let honest: Vec<Node> = (0..6)
+        .map(|i| join(&dir, &ticket, &format!("honest{i}"), &[]))
+        .collect();
+    let attackers: Vec<Node> = (0..2)
+        .map(|i| {
+            join(
+                &dir,
+                &ticket,
+                &format!("attacker{i}"),
+                &["--attack", "negate"],
+            )
+        })
+        .collect();
+    let name = |n: &Node| {
+        let mut seen = Vec::new();
+        n.until(Duration::from_secs(120), &mut seen, |e| {
+            e.iter().any(|v| v["node"].is_string())
+        });
+        seen.iter()
+            .find_map(|v| v["node"].as_str().map(String::from))
+            .expect("the attacker says who it is")
+    };
+    let bad: Vec<String> = attackers.iter().map(name).collect();
+    let rounds = 8;
+    let mut events = Vec::new();
+    assert!(
+        host.until(Duration::from_secs(600), &mut events, |e| applied(
+            e,
+            rounds - 1
+        )
+        .is_some()),
+        "the run stalled: {}",
+        story(&events)
+    );
+    for round in 0..rounds {
+        let merged = applied(&events, round).expect("applied")["updates"]
+            .as_u64()
+            .expect("updates");
+        assert!(
+            (5..=6).contains(&merged),
+            "round {round} merged {merged} updates: {}",
+            story(&events)
+        );
+    }
+    let left_out = events
+        .iter()
+        .filter(|e| {
+            e["event"] == "rejected"
+                && bad.iter().any(|b| e["peer"] == b.as_str())
+                && e["reason"]
+                    .as_str()
+                    .is_some_and(|r| r.contains("left out of the merge"))
+        })
+        .count();
+    // Every attacker update of every round (a slow machine may make one or
+    // two miss a deadline, and they are then not judged at all).
+    eprintln!("{left_out} of {} attacker updates left out", 2 * rounds);
+    assert!(
+        left_out as u64 >= 2 * rounds - 2,
+        "only {left_out} attacker updates were left out: {}",
+        story(&events)
+    );
+    assert!(
+        !events.iter().any(|e| e["event"] == "dropped"),
+        "{}",
+        story(&events)
+    );
+    let loss = |r: u64| {
+        applied(&events, r).expect("applied")["loss"]
+            .as_f64()
+            .expect("loss")
+    };
+    let (first, last) = (
+        (loss(0) + loss(1)) / 2.0,
+        (loss(rounds - 2) + loss(rounds - 1)) / 2.0,
+    );
+    eprintln!("training loss {first:.3} (rounds 0-1) -> {last:.3} (rounds 6-7)");
+    assert!(last < first - 0.1, "loss {first:.3} -> {last:.3}");
+    drop(honest);
+}

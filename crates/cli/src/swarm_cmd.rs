@@ -180,6 +180,11 @@ pub struct JoinArgs {
     /// Pause while the machine runs on battery.
     #[arg(long)]
     pub pause_on_battery: bool,
+    /// Send a corruption of every update instead of the update (scale:F,
+    /// random-signs, negate, empty, stale[:N], copy): a hostile member, for
+    /// tests of the host's screen. Never in a real run.
+    #[arg(long, hide = true)]
+    pub attack: Option<starling_train::sim::Attack>,
     #[command(flatten)]
     pub node: NodeOpts,
 }
@@ -397,6 +402,7 @@ pub fn run_join(args: &JoinArgs) -> Result<()> {
             bind: args.node.listen,
             max_rounds: args.node.rounds,
             metrics_addr: args.node.metrics_addr,
+            attack: args.attack,
             ..VolunteerConfig::new(VolunteerPaths::beside_key(args.key_file.clone(), None))
         };
         let volunteer = Volunteer::open(config, tx).await?;

@@ -22,6 +22,7 @@ use starling_distro::{
 use starling_train::{
     Batch, Checkpoint, CheckpointError, DistroPeer, OptimError, OptimizerSnapshot, Sampler,
     SamplerError, SelectedDevice, TrainError, Trainer,
+    sim::{Adversary, Attack, Attackers},
 };
 
 use crate::data::{DataError, Tokens};
@@ -166,6 +167,8 @@ pub struct Replica {
     sampler: Sampler,
     budgets: Vec<TensorBudget>,
     limits: DecodeLimits,
+    /// Corrupts every trained update (tests and benchmarks of the screen).
+    attacker: Option<Attackers>,
 }
 
 impl Replica {
@@ -213,7 +216,27 @@ impl Replica {
             sampler,
             budgets,
             limits,
+            attacker: None,
         })
+    }
+
+    /// The same replica, sending `attack`'s corruption of every update it
+    /// trains instead of the update (`None`: honest). Its own momentum
+    /// still follows the honest update, as an attacker's would.
+    pub fn with_attack(mut self, attack: Option<Attack>) -> Self {
+        self.attacker = attack.map(|attack| {
+            Attackers::new(
+                &Adversary {
+                    attackers: 1,
+                    attack,
+                },
+                u64::from_le_bytes([
+                    self.id[0], self.id[1], self.id[2], self.id[3], self.id[4], self.id[5],
+                    self.id[6], self.id[7],
+                ]),
+            )
+        });
+        self
     }
 
     /// The run spec.
@@ -310,6 +333,10 @@ impl Replica {
             .peer
             .step(&grads, lr, options)
             .map_err(ReplicaError::Optim)?;
+        let update = match &mut self.attacker {
+            Some(attacker) => attacker.corrupt(0, update, None),
+            None => update,
+        };
         let header = UpdateHeader {
             run_id: self.run_id,
             round,

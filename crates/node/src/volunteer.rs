@@ -331,6 +331,9 @@ pub struct VolunteerConfig {
     /// Share these traffic counters and caps (a host's own trainer) instead
     /// of keeping the volunteer's own.
     pub traffic: Option<Traffic>,
+    /// Send this corruption of every trained update instead of the update
+    /// (`None`: honest). Only for tests and benchmarks of the host's screen.
+    pub attack: Option<starling_train::sim::Attack>,
 }
 
 impl VolunteerConfig {
@@ -344,6 +347,7 @@ impl VolunteerConfig {
             max_rounds: None,
             metrics_addr: None,
             traffic: None,
+            attack: None,
         }
     }
 }
@@ -698,6 +702,7 @@ impl Volunteer {
             port_file: Some(paths.port.clone()),
             monthly_cap: self.shared.monthly_cap.clone(),
             memory_budget,
+            attack: self.shared.config.attack,
         };
         let task = tokio::spawn(run_volunteer(opts, self.shared.out.clone(), stop_rx));
         inner.running = Some(Running { stop, task });

@@ -34,8 +34,7 @@ use crate::trainer::{Batch, Schedule, StepGrads, TrainError, Trainer, clip_globa
 
 mod adversary;
 
-use adversary::Attackers;
-pub use adversary::{Adversary, Attack};
+pub use adversary::{Adversary, Attack, Attackers};
 
 /// Which optimizer the simulated peers use.
 #[derive(Clone, Copy, Debug, PartialEq)]

@@ -206,6 +206,7 @@ async fn hostile_member_is_rejected_logged_and_dropped_while_the_run_goes_on() {
                 port_file: None,
                 monthly_cap: MonthlyCap::default(),
                 memory_budget: None,
+                attack: None,
             },
             tx.clone(),
             stop_rx.clone(),
@@ -335,6 +336,7 @@ async fn a_device_too_small_for_the_model_is_refused_before_any_download() {
             monthly_cap: MonthlyCap::default(),
             // nano needs tens of MB to train; 1 MB is far too little.
             memory_budget: Some(1 << 20),
+            attack: None,
         },
         tx,
         stop_rx,
@@ -408,6 +410,7 @@ async fn a_checkpoint_larger_than_the_model_is_refused_before_any_download() {
                 port_file: None,
                 monthly_cap: MonthlyCap::default(),
                 memory_budget: None,
+                attack: None,
             },
             tx,
             stop_rx,

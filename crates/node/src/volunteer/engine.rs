@@ -198,6 +198,9 @@ pub struct VolunteerOptions {
     /// and the volunteer's limit); a run whose model needs more is refused
     /// before anything is downloaded. `None`: unknown, not checked.
     pub memory_budget: Option<u64>,
+    /// Send this corruption of every trained update (tests and benchmarks
+    /// of the host's screen; `None`: honest).
+    pub attack: Option<starling_train::sim::Attack>,
 }
 
 struct Volunteer {
@@ -235,6 +238,7 @@ struct Volunteer {
     usage: Option<(PathBuf, Usage)>,
     monthly_cap: MonthlyCap,
     memory_budget: Option<u64>,
+    attack: Option<starling_train::sim::Attack>,
 }
 
 /// How a stretch of taking part ended.
@@ -370,6 +374,7 @@ impl Volunteer {
             usage: None,
             monthly_cap: opts.monthly_cap.clone(),
             memory_budget: opts.memory_budget,
+            attack: opts.attack,
         };
         if let Some(path) = &opts.usage_file {
             let usage = Usage::load(path).map_err(|source| VolunteerError::Usage {
@@ -616,8 +621,10 @@ impl Volunteer {
             self.net.run_id().0,
             *self.net.id().as_bytes(),
         );
+        let attack = self.attack;
         let replica = tokio::task::spawn_blocking(move || {
             Replica::new(&spec, &device, run_id, id, Tokens::fetched())
+                .map(|r| r.with_attack(attack))
         })
         .await
         .map_err(VolunteerError::Worker)??;

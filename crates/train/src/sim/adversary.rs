@@ -96,7 +96,7 @@ pub struct Adversary {
 }
 
 /// What the attackers remember between steps.
-pub(super) struct Attackers {
+pub struct Attackers {
     attack: Attack,
     /// Each attacker's past honest updates, oldest first (for `Stale`).
     past: Vec<VecDeque<OutgoingUpdate>>,
@@ -105,7 +105,8 @@ pub(super) struct Attackers {
 }
 
 impl Attackers {
-    pub(super) fn new(adversary: &Adversary, seed: u64) -> Self {
+    /// Attackers as `adversary` says, their random signs seeded by `seed`.
+    pub fn new(adversary: &Adversary, seed: u64) -> Self {
         Self {
             attack: adversary.attack,
             past: vec![VecDeque::new(); adversary.attackers],
@@ -115,7 +116,7 @@ impl Attackers {
 
     /// What attacker `index` sends in place of its `honest` update;
     /// `first_honest` is the first honest peer's update of the step.
-    pub(super) fn corrupt(
+    pub fn corrupt(
         &mut self,
         index: usize,
         honest: OutgoingUpdate,
