@@ -720,9 +720,10 @@ fn join_applies_the_apps_memory_check_and_schedule_rule() {
 fn a_round_of_three_hundred_members_and_a_crowded_join() {
     let dir = scratch("crowd");
     // Synthetic updates agree with each other, not with real training: the
-    // screen's agreement check would leave the two real members out.
+    // screen's agreement check would leave the two real members out; and
+    // their announced losses are made up, which spot checks would catch.
     let run = format!(
-        "{}min_members = 312\nrobust_min_agreement = 0.0\n",
+        "{}min_members = 312\nrobust_min_agreement = 0.0\nspot_check_rate = 0.0\n",
         RUN.replace("window_secs = 8.0", "window_secs = 240.0")
             .replace(
                 "eval_sequences = 8",
@@ -837,9 +838,10 @@ fn a_round_of_three_hundred_members_and_a_crowded_join() {
 fn a_member_relaying_corrupted_blobs_is_bypassed() {
     let dir = scratch("liars");
     // Synthetic updates agree with each other, not with real training: the
-    // screen's agreement check would leave the two real members out.
+    // screen's agreement check would leave the two real members out; and
+    // their announced losses are made up, which spot checks would catch.
     let run = format!(
-        "{}min_members = 22\nrobust_min_agreement = 0.0\n",
+        "{}min_members = 22\nrobust_min_agreement = 0.0\nspot_check_rate = 0.0\n",
         RUN.replace("window_secs = 8.0", "window_secs = 120.0")
     );
     let (host, ticket) = start_host(&dir, &run, &["--rounds", "3"]);
@@ -1054,7 +1056,8 @@ fn a_host_declaring_a_ten_gib_checkpoint_is_refused_before_any_download() {
 /// Eight volunteers, two of them sending their updates negated (`--attack
 /// negate`, a hidden flag for exactly this): the host's screen leaves every
 /// attacker's update out of every round (no round merges more than the six
-/// honest updates), drops nobody (being left out is not a fault), and the
+/// honest updates), drops nobody (being left out is not a fault), finds no
+/// mismatch when it recomputes honest members' announced losses, and the
 /// run's training loss falls.
 #[test]
 fn two_attackers_of_eight_are_left_out_and_the_run_still_learns() {
@@ -1137,6 +1140,23 @@ fn two_attackers_of_eight_are_left_out_and_the_run_still_learns() {
         (loss(0) + loss(1)) / 2.0,
         (loss(rounds - 2) + loss(rounds - 1)) / 2.0,
     );
+    // The host recomputed the loss of some honest updates (a quarter by
+    // default): every one matched what its sender announced.
+    let spot = |key: &str| -> u64 {
+        events
+            .iter()
+            .filter(|e| e["event"] == "spot_checked")
+            .filter_map(|e| e[key].as_u64())
+            .sum()
+    };
+    eprintln!(
+        "spot checks: {} updates, {} mismatches, {} ms",
+        spot("checked"),
+        spot("mismatches"),
+        spot("millis")
+    );
+    assert!(spot("checked") > 0, "no spot check ran");
+    assert_eq!(spot("mismatches"), 0, "{}", story(&events));
     eprintln!("training loss {first:.3} (rounds 0-1) -> {last:.3} (rounds 6-7)");
     assert!(last < first - 0.1, "loss {first:.3} -> {last:.3}");
     drop(honest);

@@ -136,7 +136,27 @@ peer: string,
 /**
  * Why.
  */
-reason: string, } | { "event": "dropped",
+reason: string, } | { "event": "spot_checked",
+/**
+ * The host.
+ */
+node: string,
+/**
+ * The round.
+ */
+round: number,
+/**
+ * Updates checked.
+ */
+checked: number,
+/**
+ * Of those, announced numbers that did not match (faults).
+ */
+mismatches: number,
+/**
+ * What the checks cost, in milliseconds of the host's replica.
+ */
+millis: number, } | { "event": "dropped",
 /**
  * The host.
  */

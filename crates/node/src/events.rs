@@ -136,6 +136,19 @@ pub enum NodeEvent {
         /// Why.
         reason: String,
     },
+    /// The host recomputed the loss and tokens of some of a round's updates.
+    SpotChecked {
+        /// The host.
+        node: String,
+        /// The round.
+        round: u64,
+        /// Updates checked.
+        checked: usize,
+        /// Of those, announced numbers that did not match (faults).
+        mismatches: usize,
+        /// What the checks cost, in milliseconds of the host's replica.
+        millis: u64,
+    },
     /// A member was removed from the run after repeated faults.
     Dropped {
         /// The host.
@@ -290,6 +303,16 @@ impl NodeEvent {
             } => {
                 format!("[{node}] round {round}: rejected {peer}: {reason}")
             }
+            NodeEvent::SpotChecked {
+                node,
+                round,
+                checked,
+                mismatches,
+                millis,
+            } => format!(
+                "[{node}] round {round}: recomputed the loss of {checked} updates in {millis} ms, \
+                 {mismatches} announced other numbers"
+            ),
             NodeEvent::Dropped { node, peer, faults } => {
                 format!("[{node}] removed {peer} from the run after {faults} faults")
             }

@@ -218,6 +218,7 @@ impl Metrics {
             | NodeEvent::Trained { node, .. }
             | NodeEvent::RoundApplied { node, .. }
             | NodeEvent::Rejected { node, .. }
+            | NodeEvent::SpotChecked { node, .. }
             | NodeEvent::Dropped { node, .. }
             | NodeEvent::Diverged { node, .. }
             | NodeEvent::Evaluated { node, .. }

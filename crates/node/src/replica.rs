@@ -351,6 +351,23 @@ impl Replica {
         })
     }
 
+    /// The loss and tokens of the batch that slot `slot` trains on in
+    /// `round`, at the current weights: what its sender must have
+    /// announced (a forward pass; the batch is a pure function of the run's
+    /// seed, the round and the slot).
+    pub fn recompute_loss(&self, round: u64, slot: u32) -> Result<(f32, u64), ReplicaError> {
+        let _guard = TRAIN_LOCK.lock().unwrap_or_else(|e| e.into_inner());
+        let r = &self.spec.run;
+        let offsets = self.sampler.train_windows(round, slot, r.batch);
+        let batch = self.batch(&offsets)?;
+        let loss = self
+            .trainer
+            .eval_loss(&batch, r.micro_batch)
+            .map_err(ReplicaError::Train)?;
+        let tokens = (offsets.len() as u64).saturating_mul(r.seq_len as u64);
+        Ok((loss, tokens))
+    }
+
     /// Fully check an update received for `round` from `sender`: wire format,
     /// header, the run's encoding and top-k, shapes, index ranges and finite
     /// values.
@@ -597,6 +614,39 @@ mod tests {
         assert!(
             most - weights < 2 << 20,
             "{most} allows too much over {weights}"
+        );
+    }
+
+    #[test]
+    fn the_recomputed_loss_and_tokens_are_what_training_announced() {
+        let (spec, tokens) = RunFile::default()
+            .resolve(std::path::Path::new("."))
+            .expect("the default run");
+        let device = select_device(DeviceChoice::Cpu).expect("the CPU");
+        let mut member = Replica::new(
+            &spec,
+            &device,
+            [1; 16],
+            [2; 32],
+            Tokens::All(tokens.clone()),
+        )
+        .expect("member");
+        let host =
+            Replica::new(&spec, &device, [1; 16], [3; 32], Tokens::All(tokens)).expect("host");
+        let trained = member.train(7, 2, 4).expect("train");
+        let (loss, tokens) = host.recompute_loss(7, 2).expect("recompute");
+        assert_eq!(tokens, trained.tokens);
+        assert!(
+            (loss - trained.loss).abs() < 1e-5,
+            "{loss} vs {}",
+            trained.loss
+        );
+        // Another slot's batch is another loss: the check tells them apart.
+        let (other, _) = host.recompute_loss(7, 3).expect("recompute");
+        assert!(
+            (other - trained.loss).abs() > 1e-3,
+            "{other} vs {}",
+            trained.loss
         );
     }
 

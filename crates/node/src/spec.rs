@@ -166,6 +166,10 @@ pub struct RoundsSection {
     /// Seconds a provider may send nothing in the middle of a transfer
     /// before the blob is fetched from the next one.
     pub stall_secs: f64,
+    /// Share of a round's kept updates whose announced loss and tokens the
+    /// host recomputes (a forward pass on the sender's batch each); a
+    /// mismatch is a fault (0: never).
+    pub spot_check_rate: f64,
 }
 
 impl RoundsSection {
@@ -194,6 +198,7 @@ impl Default for RoundsSection {
             fault_window: 50,
             aggregate_topk: None,
             stall_secs: starling_swarm::DEFAULT_STALL_TIMEOUT.as_secs_f64(),
+            spot_check_rate: 0.25,
         }
     }
 }
@@ -371,6 +376,9 @@ impl RunSpec {
         }
         if !(rd.stall_secs.is_finite() && (0.1..=3600.0).contains(&rd.stall_secs)) {
             return bad("rounds.stall_secs must be between 0.1 and 3600");
+        }
+        if !(0.0..=1.0).contains(&rd.spot_check_rate) {
+            return bad("rounds.spot_check_rate must be between 0 and 1");
         }
         Ok(())
     }

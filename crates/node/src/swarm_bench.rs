@@ -279,6 +279,9 @@ fn run_file(opts: &SwarmBenchOptions) -> RunFile {
     file.rounds.eval_every = opts.rounds + 1;
     file.rounds.report_every = opts.rounds + 1;
     file.rounds.aggregate_topk = opts.aggregate_topk;
+    // Synthetic members announce no real loss: recomputing it would fault
+    // them all.
+    file.rounds.spot_check_rate = 0.0;
     file
 }
 

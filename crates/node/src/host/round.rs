@@ -73,6 +73,7 @@ impl Host {
         let (up0, down0) = (traffic.wire.up(), traffic.wire.down());
         let Collected { seen, accepted } = self.collect(round, &members, &signed_open).await;
         let accepted = self.robust_filter(round, accepted);
+        let accepted = self.spot_check(round, &members, accepted).await;
         let Some(committed) = self.commit(round, accepted).await? else {
             // Logged; nothing was saved or announced, so the round is
             // played again under the same number.
@@ -188,6 +189,73 @@ impl Host {
                 peer: short(&sender),
                 reason: format!("left out of the merge: {why}"),
             });
+        }
+        keep
+    }
+
+    /// Recompute the loss and tokens of a sampled share of the kept updates
+    /// (`spot_check_rate`) on the reference replica, whose weights are the
+    /// ones every member trained on this round, and leave out, as a fault,
+    /// an update whose sender announced other numbers. The loss may differ
+    /// by what another device's arithmetic gives (0.2% plus 0.001).
+    async fn spot_check(
+        &mut self,
+        round: u64,
+        members: &[Member],
+        accepted: Vec<Accepted>,
+    ) -> Vec<Accepted> {
+        let rate = self.state.spec.rounds.spot_check_rate;
+        if rate <= 0.0 || accepted.is_empty() {
+            return accepted;
+        }
+        let sampled: Vec<(usize, u32)> = accepted
+            .iter()
+            .enumerate()
+            .filter(|_| rand::random::<f64>() < rate)
+            .filter_map(|(i, a)| {
+                let slot = members.binary_search_by(|m| m.id.cmp(&a.sender)).ok()?;
+                Some((i, u32::try_from(slot).ok()?))
+            })
+            .collect();
+        if sampled.is_empty() {
+            return accepted;
+        }
+        let jobs: Vec<u32> = sampled.iter().map(|&(_, slot)| slot).collect();
+        let started = std::time::Instant::now();
+        let results = replica::blocking(&self.replica, move |r| {
+            jobs.into_iter()
+                .map(|slot| r.recompute_loss(round, slot))
+                .collect::<Result<Vec<_>, _>>()
+        })
+        .await;
+        let results = match results {
+            Ok(r) => r,
+            Err(e) => {
+                // Our own failure: nobody is blamed, nothing is checked.
+                self.warn(format!("round {round}: spot check failed: {e}"));
+                return accepted;
+            }
+        };
+        let liars: Vec<(usize, String)> = sampled
+            .iter()
+            .zip(results)
+            .filter_map(|(&(i, _), (loss, tokens))| {
+                spot_check_mismatch(&accepted[i].announce, loss, tokens).map(|why| (i, why))
+            })
+            .collect();
+        self.emit(NodeEvent::SpotChecked {
+            node: self.name.clone(),
+            round,
+            checked: sampled.len(),
+            mismatches: liars.len(),
+            millis: started.elapsed().as_millis() as u64,
+        });
+        let mut keep = Vec::with_capacity(accepted.len());
+        for (i, a) in accepted.into_iter().enumerate() {
+            match liars.iter().find(|(j, _)| *j == i) {
+                Some((_, why)) => self.fault(round, a.sender, why.clone()),
+                None => keep.push(a),
+            }
         }
         keep
     }
@@ -434,4 +502,17 @@ pub(crate) fn accepted_list(accepted: &[Accepted]) -> AcceptedList {
             })
             .collect(),
     }
+}
+
+/// Why `announce` does not match the `loss` and `tokens` recomputed for its
+/// sender's batch, if it does not: tokens must be exact, the loss within
+/// what another device's arithmetic gives (0.2% plus 0.001).
+pub(crate) fn spot_check_mismatch(announce: &Announce, loss: f32, tokens: u64) -> Option<String> {
+    let close = (announce.loss - loss).abs() <= 0.002 * loss.abs() + 0.001;
+    (announce.tokens != tokens || !close).then(|| {
+        format!(
+            "spot check: announced loss {} and {} tokens, recomputed {loss} and {tokens}",
+            announce.loss, announce.tokens
+        )
+    })
 }

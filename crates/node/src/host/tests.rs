@@ -669,3 +669,29 @@ async fn a_corrupt_state_file_is_an_error_naming_the_file_with_its_source() {
     assert!(source.is::<serde_json::Error>(), "{source}");
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[test]
+fn a_spot_check_flags_a_false_loss_or_token_count_and_tolerates_rounding() {
+    use super::round::spot_check_mismatch;
+    let announce = |loss: f32, tokens: u64| Announce {
+        update: starling_swarm::BlobRef {
+            hash: [1; 32],
+            size: 100,
+        },
+        tokens,
+        loss,
+    };
+    assert_eq!(
+        spot_check_mismatch(&announce(5.4321, 256), 5.4321, 256),
+        None
+    );
+    // Another device's rounding passes.
+    assert_eq!(
+        spot_check_mismatch(&announce(5.4330, 256), 5.4321, 256),
+        None
+    );
+    // A flattering loss, or tokens never trained on, do not.
+    let why = spot_check_mismatch(&announce(3.0, 256), 5.4321, 256).expect("a lie");
+    assert!(why.contains("announced loss 3"), "{why}");
+    assert!(spot_check_mismatch(&announce(5.4321, 1 << 20), 5.4321, 256).is_some());
+}
