@@ -355,8 +355,11 @@ fn check_rate(samples: &[(u64, f64)], cap_bytes_per_sec: f64, what: &str) {
         (rate / cap_bytes_per_sec - 1.0).abs() < 0.05,
         "{what}: {rate:.0} B/s against a cap of {cap_bytes_per_sec:.0} B/s"
     );
-    // Smooth: no one-second window more than 15% over the cap.
-    for w in samples.windows(5) {
+    // Smooth: no one-second window more than 15% over the cap, after the
+    // first second (a download's first QUIC stream window, 1.25 MB, is
+    // sent before flow control holds the sender back; measured up to +20%
+    // of a one-second window at this cap).
+    for w in samples.windows(5).skip(4) {
         let r = (w[4].0 - w[0].0) as f64 / (w[4].1 - w[0].1);
         assert!(
             r < cap_bytes_per_sec * 1.15,
