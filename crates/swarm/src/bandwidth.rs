@@ -261,11 +261,6 @@ impl Budget {
         }
     }
 
-    /// The limit, if any.
-    pub fn limit(&self) -> Option<u64> {
-        Some(self.inner.limit.load(Ordering::SeqCst)).filter(|&l| l != u64::MAX)
-    }
-
     /// Bytes counted against the limit: the wire so far plus what was
     /// granted and has not moved yet.
     pub fn used(&self) -> u64 {
